@@ -1,0 +1,109 @@
+"""Attention over a compressed cache, optionally returning the attention mass each key received.
+
+Each layer holds a different set of tokens, so the mask is built per layer from the cached
+tokens' columns and validity instead of from the model's one shared mask. ``attend`` is the
+reference implementation: SDPA when no scores are needed, explicit softmax in query chunks when
+they are (so H2O and SnapKV work on SDPA models without an eager pass over the whole model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMPLEMENTATION = "squeezekv"
+SCORE_CHUNK_ELEMENTS = 1 << 26  # logits per query chunk while scoring (256 MiB in float32)
+
+
+def layer_mask(
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    query_columns: torch.Tensor,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """``[batch, heads, queries, keys]`` booleans: which cached key each query may attend to.
+
+    A key is visible if it is a real token at or before the query's column (and inside the
+    sliding window, if any). Every query sees its own key, so rows of padding queries are never
+    empty; no real query can see a padding key.
+    """
+    keys, queries = key_positions[:, :, None, :], query_columns[None, None, :, None]
+    allowed = key_valid[:, :, None, :] & (keys <= queries)
+    if sliding_window is not None:
+        allowed &= keys > queries - sliding_window
+    return allowed | (keys == queries)
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    scored_queries: int = 0,
+    query_valid: torch.Tensor | None = None,
+    softcap: float | None = None,
+    explicit: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention output ``[batch, q_heads, queries, dim]`` and, when ``scored_queries > 0``, the
+    attention mass ``[batch, kv_heads, keys]`` that the last ``scored_queries`` real queries gave
+    each key (summed over the query heads that share it).
+
+    ``key``/``value`` have ``kv_heads`` heads (grouped-query attention), ``mask`` has 1 or
+    ``kv_heads`` heads. ``explicit`` forces the softmax path everywhere (as eager attention does);
+    otherwise only the scored queries take it.
+    """
+    queries = query.shape[2]
+    split = 0 if explicit or softcap is not None else queries - scored_queries
+    if split == queries:
+        return _sdpa(query, key, value, mask, scaling), None
+    weight = torch.zeros(query.shape[0], queries - split, dtype=torch.float32, device=query.device)
+    if scored_queries:
+        weight[:, weight.shape[1] - scored_queries :] = 1.0
+        if query_valid is not None:
+            weight *= query_valid[:, split:].to(weight.device, torch.float32)
+    tail, mass = _explicit(query[:, :, split:], key, value, mask[:, :, split:], scaling, softcap, weight)
+    if split == 0:
+        return tail, (mass if scored_queries else None)
+    head = _sdpa(query[:, :, :split], key, value, mask[:, :, :split], scaling)
+    return torch.cat([head, tail], dim=2), mass
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float):
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        mask = mask.repeat_interleave(group, 1) if mask.shape[1] > 1 else mask
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+
+
+def _explicit(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    row_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in query chunks; the mass is the ``row_weight``-weighted sum of each key's
+    attention probability over queries and the query heads of its group."""
+    batch, q_heads, queries, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    grouped = query.view(batch, kv_heads, group, queries, dim)
+    keys_t = key.unsqueeze(2).transpose(-1, -2).float()
+    values = value.unsqueeze(2)
+    mask = mask.unsqueeze(2)
+    output = torch.empty(batch, kv_heads, group, queries, value.shape[-1], dtype=value.dtype, device=value.device)
+    mass = torch.zeros(batch, kv_heads, keys, dtype=torch.float32, device=key.device)
+    chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * q_heads * keys))
+    for start in range(0, queries, chunk):
+        rows = slice(start, min(start + chunk, queries))
+        logits = (grouped[:, :, :, rows].float() @ keys_t) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        probs = torch.softmax(logits.masked_fill(~mask[:, :, :, rows], float("-inf")), dim=-1)
+        output[:, :, :, rows] = probs.to(value.dtype) @ values
+        mass += torch.einsum("bhgqk,bq->bhk", probs, row_weight[:, rows])
+    return output.view(batch, q_heads, queries, -1), mass

@@ -1,0 +1,161 @@
+"""A KV cache whose layers physically shrink to their budgets.
+
+Each layer holds, besides keys and values, the column of every cached token (its index in the
+padded input, which fixes causality and sliding windows after eviction), whether the slot holds a
+real token (left padding and ragged batches leave empty slots), and the policy's running score.
+``get_seq_length`` reports the logical number of columns seen, never a physical length, so
+positions stay true after eviction.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from squeezekv.config import SqueezeConfig
+from squeezekv.policies import POLICIES, LayerView, select
+
+
+class SqueezeLayer(CacheLayerMixin):
+    """One layer's compressed cache: tensors are ``[batch, heads, slots, ...]``.
+
+    ``positions``, ``valid`` and ``scores`` have one head while all heads keep the same tokens.
+    """
+
+    is_sliding = False
+
+    def __init__(self, sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.positions = self.valid = self.scores = None
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, device = key_states.shape[0], key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.positions = torch.zeros(batch, 1, 0, dtype=torch.int64, device=device)
+        self.valid = torch.zeros(batch, 1, 0, dtype=torch.bool, device=device)
+        self.scores = torch.zeros(batch, 1, 0, dtype=torch.float32, device=device)
+        self.is_initialized = True
+
+    def append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, new_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends ``q`` new tokens whose validity is ``new_valid`` (``[batch, q]``)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, q = key_states.shape[:3]
+        columns = torch.arange(self.seen, self.seen + q, device=key_states.device)
+        track_heads = self.positions.shape[1]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, columns.expand(batch, track_heads, q)], dim=-1)
+        self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)[:, None].expand(-1, track_heads, -1)], -1)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, self.scores.shape[1], q)], dim=-1)
+        self.seen += q
+        return self.keys, self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError("SqueezeLayer is updated through SqueezeCache.update")
+
+    def add_mass(self, mass: torch.Tensor, phase: str, config: SqueezeConfig) -> None:
+        """Folds this forward's attention mass per key (``[batch, kv_heads, slots]``) into the scores."""
+        scores = self.scores.expand(-1, mass.shape[1], -1) if self.scores.shape[1] != mass.shape[1] else self.scores
+        self.scores = POLICIES[config.policy].fold(scores, mass.float(), phase, config)
+
+    def evict(self, budget: torch.Tensor, config: SqueezeConfig, phase: str, prompt_columns: int) -> None:
+        """Shrinks every sequence of this layer to at most its budget (``[batch]`` tokens)."""
+        valid = self.valid
+        if self.sliding_window is not None:  # tokens no future query can see are gone for good
+            valid = valid & (self.positions > self.seen - self.sliding_window)
+        held = valid.sum(-1)
+        if bool((held <= budget.to(held.device).view(-1, 1)).all()) and bool(valid.all()):
+            return
+        view = LayerView(self.positions, valid, self.scores, phase, prompt_columns)
+        priority = POLICIES[config.policy].priority(view, budget, config)
+        heads = max(priority.shape[1], self.scores.shape[1])
+        valid = valid.expand(-1, heads, -1)
+        chosen, kept = select(priority.expand(-1, heads, -1), valid, budget)
+        self.positions = self.positions.expand(-1, heads, -1).gather(-1, chosen)
+        self.scores = self.scores.expand(-1, heads, -1).gather(-1, chosen)
+        self.valid = kept & valid.gather(-1, chosen)
+        self.keys = gather_slots(self.keys, chosen)
+        self.values = gather_slots(self.values, chosen)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def held_tokens(self) -> torch.Tensor:
+        """Tokens each sequence really holds: ``[batch]`` (the largest over heads)."""
+        return self.valid.sum(-1).amax(-1)
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+def gather_slots(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``states[b, h, chosen[b, h or 0, k]]``: a new, smaller tensor (the old one can be freed)."""
+    batch, heads, _, dim = states.shape
+    return states.gather(2, chosen.unsqueeze(-1).expand(batch, heads, -1, dim))
+
+
+class SqueezeCache(Cache):
+    """The cache squeezekv installs: one :class:`SqueezeLayer` per decoder layer.
+
+    The model hook calls :meth:`begin_forward` with the new tokens' validity before each forward;
+    budgets (``[batch, layers]``) are set once the prefill has measured every layer.
+    """
+
+    def __init__(self, config: SqueezeConfig, sliding_windows: list[int | None]) -> None:
+        super().__init__(layers=[SqueezeLayer(window) for window in sliding_windows])
+        self.config = config
+        self.budgets: torch.Tensor | None = None
+        self.prompt_columns = 0
+        self.prompt_tokens: torch.Tensor | None = None
+        self.new_valid: torch.Tensor | None = None
+        self.forwards = 0
+
+    @property
+    def phase(self) -> str:
+        return "prefill" if self.forwards <= 1 else "decode"
+
+    def begin_forward(self, new_valid: torch.Tensor) -> None:
+        self.new_valid = new_valid.bool()
+        self.forwards += 1
+        if self.forwards == 1:
+            self.prompt_columns = new_valid.shape[1]
+            self.prompt_tokens = new_valid.sum(-1)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.new_valid is None:
+            raise RuntimeError("SqueezeCache used outside squeezekv.compress(...): the model hook is not installed")
+        return self.layers[layer_idx].append(key_states, value_states, self.new_valid)
+
+    def evict(self) -> None:
+        for index, layer in enumerate(self.layers):
+            layer.evict(self.budgets[:, index], self.config, self.phase, self.prompt_columns)
+
+    def kv_bytes_kept(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kv_bytes_full(self) -> int:
+        """Bytes a plain cache would hold for every column seen, in every layer."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                batch, heads, _, dim = layer.keys.shape
+                total += 2 * batch * heads * layer.seen * dim * layer.keys.element_size()
+        return total
+
+    def held_tokens(self) -> torch.Tensor:
+        """``[batch, layers]``: the tokens each layer really holds for each sequence."""
+        return torch.stack([layer.held_tokens().cpu() for layer in self.layers], dim=1)

@@ -1,0 +1,106 @@
+"""``squeezekv.generate``: ``model.generate`` with a compressed cache, plus what it measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from squeezekv.config import SqueezeConfig
+from squeezekv.session import Session, compress
+
+
+@dataclass
+class GenerationStats:
+    """What one compressed generation did. Per-layer tensors are ``[batch, layers]``."""
+
+    layer_similarity: torch.Tensor
+    layer_budget: torch.Tensor
+    layer_tokens_held: torch.Tensor
+    prompt_tokens: list[int]
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, session: Session) -> GenerationStats:
+        cache = session.cache
+        return cls(
+            layer_similarity=session.similarity,
+            layer_budget=cache.budgets,
+            layer_tokens_held=cache.held_tokens(),
+            prompt_tokens=cache.prompt_tokens.tolist(),
+            kv_bytes_full=cache.kv_bytes_full(),
+            kv_bytes_kept=cache.kv_bytes_kept(),
+            prefill_seconds=session.prefill_seconds,
+            decode_seconds=session.decode_seconds,
+            decode_steps=session.decode_forwards,
+            config=dict(vars(session.config)),
+        )
+
+    @property
+    def kv_fraction_kept(self) -> float:
+        return self.kv_bytes_kept / self.kv_bytes_full if self.kv_bytes_full else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "prompt_tokens": self.prompt_tokens,
+            "layer_similarity": [[round(v, 6) for v in row] for row in self.layer_similarity.tolist()],
+            "layer_budget": self.layer_budget.tolist(),
+            "layer_tokens_held": self.layer_tokens_held.tolist(),
+            "kv_bytes_full": self.kv_bytes_full,
+            "kv_bytes_kept": self.kv_bytes_kept,
+            "kv_fraction_kept": round(self.kv_fraction_kept, 6),
+            "prefill_seconds": round(self.prefill_seconds, 6),
+            "decode_seconds": round(self.decode_seconds, 6),
+            "decode_steps": self.decode_steps,
+        }
+
+
+@dataclass
+class GenerationResult:
+    sequences: torch.Tensor
+    stats: GenerationStats
+
+
+def check_prompt(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Rejects prompts the model cannot take, before any compute is spent."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D (batch x tokens), got shape {tuple(input_ids.shape)}")
+    real = attention_mask.sum(-1) if attention_mask is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
+    if input_ids.numel() == 0 or int(real.min()) == 0:
+        raise ValueError("empty prompt: every sequence needs at least one token")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] > limit:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's maximum of {limit} positions")
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    config: SqueezeConfig,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    **generation_kwargs,
+) -> GenerationResult:
+    """``model.generate`` on a squeezekv cache; ``sequences`` are prompt + new tokens as there."""
+    check_prompt(model, input_ids, attention_mask)
+    real = attention_mask.sum(-1) if attention_mask is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
+    for tokens in real.tolist():
+        config.tokens_per_layer(int(tokens))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"maximum of {limit} positions"
+        )
+    with compress(model, config, max_new_tokens=max_new_tokens) as session:
+        sequences = model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **generation_kwargs
+        )
+        return GenerationResult(sequences=sequences, stats=GenerationStats.of(session))

@@ -1,0 +1,68 @@
+"""Layer importance: how much a layer's attention changes the residual stream during prefill.
+
+For every layer and sequence, the mean over the real prompt tokens of
+cos(residual entering the layer, residual + attention output). A high similarity means the
+attention barely moved the stream, so the layer can live with a smaller cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+def mean_similarity(residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[batch]``: mean over valid tokens of cos(residual, residual + attention_output)."""
+    residual = residual.float()
+    cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
+    weight = valid.to(cosine.device, torch.float32)
+    return (cosine * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+
+
+class ImportanceRecorder:
+    """Hooks that fill ``similarity`` (``[batch, layers]``) during a prefill forward.
+
+    ``active`` says whether the current forward is a prefill; ``valid`` gives its tokens' validity.
+    """
+
+    def __init__(self, num_layers: int, active: Callable[[], bool], valid: Callable[[], torch.Tensor]) -> None:
+        self.num_layers = num_layers
+        self.active, self.valid = active, valid
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.columns: list[torch.Tensor | None] = [None] * num_layers
+
+    def reset(self) -> None:
+        self.residuals.clear()
+        self.columns = [None] * self.num_layers
+
+    def similarity(self) -> torch.Tensor:
+        missing = [index for index, column in enumerate(self.columns) if column is None]
+        if missing:
+            raise RuntimeError(f"no layer similarity was recorded for layers {missing} during prefill")
+        return torch.stack([column.cpu() for column in self.columns], dim=1)
+
+    def attach(self, layers: list[nn.Module], output_modules: list[nn.Module]) -> list[RemovableHandle]:
+        handles = []
+        for index, (layer, output_module) in enumerate(zip(layers, output_modules, strict=True)):
+            handles.append(layer.register_forward_pre_hook(self._keep_residual(index), with_kwargs=True))
+            handles.append(output_module.register_forward_hook(self._measure(index)))
+        return handles
+
+    def _keep_residual(self, index: int):
+        def hook(module, args, kwargs):
+            if self.active():
+                self.residuals[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _measure(self, index: int):
+        def hook(module, args, output):
+            if index in self.residuals:
+                attention_output = output[0] if isinstance(output, tuple) else output
+                self.columns[index] = mean_similarity(self.residuals.pop(index), attention_output, self.valid())
+
+        return hook

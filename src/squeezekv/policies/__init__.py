@@ -1,0 +1,95 @@
+"""Sequence-wise policies: which tokens a layer keeps when it must shrink to its budget.
+
+A policy ranks a layer's cached tokens; :func:`select` keeps the best-ranked ones. Policies that
+rank by attention ask for the attention mass of the last ``scored_queries`` queries of a forward
+and fold it into the layer's running scores. Adding a policy is one small module that calls
+:func:`register_policy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from squeezekv.config import SqueezeConfig
+
+KEEP = float("inf")
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a policy may look at: per slot positions, validity and scores, all ``[batch, heads, slots]``.
+
+    ``heads`` is 1 while every head keeps the same tokens. ``prompt_columns`` is the number of
+    columns the prefill covered; ``phase`` is ``"prefill"`` or ``"decode"``.
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    scores: torch.Tensor
+    phase: str
+    prompt_columns: int
+
+    def recency_rank(self) -> torch.Tensor:
+        """0 for the newest valid token, 1 for the one before, ...; slots are kept in position order."""
+        return self.valid.flip(-1).cumsum(-1).flip(-1) - 1
+
+    def age_rank(self) -> torch.Tensor:
+        """0 for the oldest valid token, 1 for the next, ..."""
+        return self.valid.cumsum(-1) - 1
+
+
+class Policy:
+    """Base class: keeps the most recent tokens, scores nothing."""
+
+    name: ClassVar[str]
+
+    @staticmethod
+    def min_tokens(config: SqueezeConfig) -> int:
+        return 1
+
+    @staticmethod
+    def scored_queries(phase: str, query_length: int, config: SqueezeConfig) -> int:
+        """How many trailing queries of this forward contribute attention mass (0: none)."""
+        return 0
+
+    @staticmethod
+    def fold(scores: torch.Tensor, mass: torch.Tensor, phase: str, config: SqueezeConfig) -> torch.Tensor:
+        """New running scores from the old ones and this forward's attention mass per key."""
+        return scores + mass
+
+    @staticmethod
+    def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
+        """Higher keeps; ``KEEP`` always keeps (within the budget). ``budget`` is ``[batch]``."""
+        return view.positions.to(torch.float64)
+
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def select(priority: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots to keep, in their original order, and which of them hold a kept token.
+
+    ``priority`` and ``valid`` are ``[batch, heads, slots]``; ``keep`` is ``[batch]`` tokens per
+    sequence. Rows keep different numbers of tokens, so the result is as wide as the largest and
+    the surplus slots of other rows are marked invalid. Ties go to the more recent token.
+    """
+    slots = priority.shape[-1]
+    keep = torch.minimum(keep.to(valid.device).view(-1, 1), valid.sum(-1))  # [batch, heads]
+    width = int(keep.max()) if keep.numel() else 0
+    ranked = torch.where(valid, priority.to(torch.float64), -torch.inf).flip(-1)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :width]
+    chosen = slots - 1 - order
+    kept = torch.arange(width, device=valid.device) < keep.unsqueeze(-1)
+    chosen, permutation = torch.sort(chosen, dim=-1)
+    return chosen, kept.gather(-1, permutation)
+
+
+from squeezekv.policies import h2o, snapkv, streaming, window  # noqa: E402,F401  (registers them)

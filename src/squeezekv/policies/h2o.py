@@ -1,0 +1,28 @@
+"""H2O: heavy hitters by attention mass accumulated over every query so far, plus a recent window.
+
+The recent window is ``recent_ratio`` of the layer's budget (at least one token, so the newest
+token is never dropped before it has been attended to).
+"""
+
+import torch
+
+from squeezekv.config import SqueezeConfig
+from squeezekv.policies import KEEP, LayerView, Policy, register_policy
+
+
+def recent_tokens(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
+    return torch.minimum(budget, (budget * config.recent_ratio).floor().long().clamp(min=1))
+
+
+@register_policy
+class H2O(Policy):
+    name = "h2o"
+
+    @staticmethod
+    def scored_queries(phase: str, query_length: int, config: SqueezeConfig) -> int:
+        return query_length
+
+    @staticmethod
+    def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
+        recent = recent_tokens(budget, config).to(view.valid.device).view(-1, 1, 1)
+        return torch.where(view.recency_rank() < recent, KEEP, view.scores.to(torch.float64))
