@@ -1,20 +1,30 @@
 """Layer-wise allocators: how a total KV budget is split across layers.
 
 An allocator is a pure function that turns per-layer similarities into real-valued per-layer
-targets summing to ``num_layers * mean_budget``. :func:`allocate` then makes them whole token
-counts within each layer's floor and cap, sharing any overflow equally and keeping the total.
+targets summing to ``num_layers * mean_budget``, and may name the layers that absorb any
+adjustment first. :func:`allocate` then makes them whole token counts within each layer's floor
+and cap, sharing overflow equally and keeping the total.
 Adding an allocator is one small module that calls :func:`register_allocator`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from squeezekv.config import SqueezeConfig
 
-AllocatorFn = Callable[[torch.Tensor, int, SqueezeConfig], torch.Tensor]
+
+class Targets(NamedTuple):
+    """Real-valued per-layer budgets; overflow and deficits go to ``adjustable`` layers first."""
+
+    values: torch.Tensor
+    adjustable: torch.Tensor | None = None
+
+
+AllocatorFn = Callable[[torch.Tensor, int, SqueezeConfig], Targets]
 ALLOCATORS: dict[str, AllocatorFn] = {}
 
 
@@ -35,10 +45,15 @@ def allocate(
     result lies within ``[min(floor, cap), cap]`` per layer and sums to ``num_layers * mean_budget``
     whenever the caps allow it (never more).
     """
-    targets = ALLOCATORS[config.allocator](similarity.double().cpu(), mean_budget, config)
+    targets, adjustable = ALLOCATORS[config.allocator](similarity.double().cpu(), mean_budget, config)
     caps = caps.to(torch.float64).cpu()
     floors = torch.minimum(torch.full_like(caps, float(floor)), caps)
     total = min(float(mean_budget * similarity.numel()), float(caps.sum()))
+    if adjustable is not None and bool(adjustable.any()):
+        fixed = targets.clamp(floors, caps)
+        first = conserve(targets, total, torch.where(adjustable, floors, fixed), torch.where(adjustable, caps, fixed))
+        if int(first.sum()) == round(total):
+            return first
     return conserve(targets, total, floors, caps)
 
 
@@ -88,7 +103,7 @@ def plan_budgets(
     rows = []
     for row, tokens in zip(similarity, prompt_tokens.tolist(), strict=True):
         reachable = tokens + max_new_tokens
-        caps = torch.tensor([reachable if w is None else min(reachable, w) for w in sliding_windows])
+        caps = torch.tensor([reachable if w is None else min(reachable, max(1, w - 1)) for w in sliding_windows])
         rows.append(allocate(row, config.tokens_per_layer(tokens), floor, caps, config))
     return torch.stack(rows)
 from squeezekv.allocators import pyramid, squeeze, uniform  # noqa: E402,F401  (registers them)

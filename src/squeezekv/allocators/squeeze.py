@@ -7,7 +7,7 @@ share the rest equally, keeping the total at ``L * b``.
 
 import torch
 
-from squeezekv.allocators import register_allocator
+from squeezekv.allocators import Targets, register_allocator
 from squeezekv.config import SqueezeConfig
 
 
@@ -50,12 +50,12 @@ def kmeans_1d(values: list[float], groups: int) -> list[int]:
 
 
 @register_allocator("squeeze")
-def squeeze(similarity: torch.Tensor, mean_budget: int, config: SqueezeConfig) -> torch.Tensor:
+def squeeze(similarity: torch.Tensor, mean_budget: int, config: SqueezeConfig) -> Targets:
     labels = torch.tensor(kmeans_1d(similarity.tolist(), config.groups))
     squeezed = labels == labels.max()
     layers, n_squeezed = similarity.numel(), int(squeezed.sum())
     if n_squeezed == layers:  # one cluster: nothing to tell the layers apart
-        return torch.full_like(similarity, float(mean_budget))
+        return Targets(torch.full_like(similarity, float(mean_budget)))
     low = config.p * mean_budget
     high = (layers * mean_budget - n_squeezed * low) / (layers - n_squeezed)
-    return torch.where(squeezed, low, high).to(torch.float64)
+    return Targets(torch.where(squeezed, low, high).to(torch.float64), adjustable=~squeezed)

@@ -1,0 +1,103 @@
+import pytest
+import torch
+from models import FAMILIES, left_pad, prompts, tiny_model
+
+import squeezekv
+from squeezekv import SqueezeConfig
+
+POLICY_NAMES = sorted(squeezekv.POLICIES)
+ALLOCATOR_NAMES = sorted(squeezekv.ALLOCATORS)
+NEW_TOKENS = 8
+
+
+def implementations(family):
+    return ["eager"] if family == "gemma2" else ["sdpa", "eager"]  # transformers has no SDPA Gemma-2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_keep_everything_budget_is_token_identical_to_plain_generate(family):
+    for implementation in implementations(family):
+        model = tiny_model(family, implementation)
+        ids = prompts([30])[0][None]
+        expected = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        for policy in POLICY_NAMES:
+            for allocator in ALLOCATOR_NAMES:
+                config = SqueezeConfig(budget=200, policy=policy, allocator=allocator)
+                result = squeezekv.generate(model, ids, config, max_new_tokens=NEW_TOKENS, do_sample=False)
+                assert torch.equal(result.sequences, expected), (implementation, policy, allocator)
+                assert result.stats.kv_bytes_kept == result.stats.kv_bytes_full or family in ("mistral", "gemma2", "gemma3")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "falcon", "gpt_neox", "opt", "qwen3"])
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_batch_equals_one_by_one(family, policy):
+    model = tiny_model(family)
+    sequences = prompts([34, 21, 28], seed=1)
+    ids, mask = left_pad(sequences)
+    config = SqueezeConfig(budget=0.4, policy=policy, allocator="squeeze", sinks=2)
+    batched = squeezekv.generate(model, ids, config, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for row, sequence in enumerate(sequences):
+        alone = squeezekv.generate(model, sequence[None], config, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(alone.sequences[0, len(sequence) :], batched.sequences[row, ids.shape[1] :])
+        assert torch.equal(alone.stats.layer_budget[0], batched.stats.layer_budget[row])
+        assert torch.equal(alone.stats.layer_tokens_held[0], batched.stats.layer_tokens_held[row])
+        torch.testing.assert_close(alone.stats.layer_similarity[0], batched.stats.layer_similarity[row])
+
+
+def test_stats_report_budgets_and_memory():
+    model = tiny_model("llama")
+    ids = prompts([40])[0][None]
+    config = SqueezeConfig(budget=0.25, policy="h2o", allocator="squeeze")
+    result = squeezekv.generate(model, ids, config, max_new_tokens=NEW_TOKENS, do_sample=False)
+    stats = result.stats
+    assert stats.layer_similarity.shape == stats.layer_budget.shape == (1, 6)
+    assert int(stats.layer_budget.sum()) == 6 * 10
+    assert torch.equal(stats.layer_tokens_held, stats.layer_budget)
+    assert stats.kv_bytes_kept < stats.kv_bytes_full
+    assert stats.decode_steps == NEW_TOKENS - 1 and stats.prefill_seconds > 0
+    assert set(stats.to_dict()) >= {"layer_similarity", "layer_budget", "kv_bytes_full", "kv_bytes_kept"}
+
+
+def test_model_generate_inside_the_context_manager_and_hooks_removed_after():
+    model = tiny_model("qwen2")
+    ids = prompts([36])[0][None]
+    plain = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    config = SqueezeConfig(budget=0.3, policy="window", allocator="uniform")
+    with squeezekv.compress(model, config) as session:
+        compressed = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert session.cache.held_tokens().tolist() == [[10] * 6]
+        again = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)  # a fresh cache each call
+    assert torch.equal(compressed, again)
+    assert model.config._attn_implementation == "sdpa"
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), plain)
+
+
+def test_hooks_are_removed_when_generation_fails():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="use_cache=False"), squeezekv.compress(model, SqueezeConfig(budget=0.5)):
+        model(prompts([10])[0][None], use_cache=False)
+    assert model.config._attn_implementation == "sdpa" and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.zeros(1, 0, dtype=torch.long), "empty prompt"),
+        (torch.ones(1, 300, dtype=torch.long), "exceeds the model's maximum of 256"),
+    ],
+)
+def test_bad_prompts_are_rejected(ids, message):
+    with pytest.raises(ValueError, match=message):
+        squeezekv.generate(tiny_model("llama"), ids, SqueezeConfig(budget=0.5), max_new_tokens=4)
+
+
+def test_prompt_plus_new_tokens_beyond_the_maximum_is_rejected():
+    with pytest.raises(ValueError, match=r"250 tokens \+ 10 new tokens"):
+        squeezekv.generate(tiny_model("llama"), torch.ones(1, 250, dtype=torch.long), SqueezeConfig(0.5), max_new_tokens=10)
+
+
+def test_fraction_too_small_for_the_prompt_is_rejected_before_running():
+    config = SqueezeConfig(budget=0.05, policy="streaming")
+    with pytest.raises(ValueError, match="too small for policy 'streaming'"):
+        squeezekv.generate(tiny_model("llama"), prompts([40])[0][None], config, max_new_tokens=4)
