@@ -31,13 +31,19 @@ from transformers import (
 )
 
 VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, max_position_embeddings=256)
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, max_position_embeddings=256
+)
 LLAMA_LIKE = dict(COMMON, intermediate_size=96, num_key_value_heads=2)
 
 FAMILIES = {
     "llama": (LlamaForCausalLM, LlamaConfig, LLAMA_LIKE),
     "mistral": (MistralForCausalLM, MistralConfig, dict(LLAMA_LIKE, sliding_window=24)),
-    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral": (
+        MixtralForCausalLM,
+        MixtralConfig,
+        dict(LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    ),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, LLAMA_LIKE),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(LLAMA_LIKE, head_dim=16)),
     "phi3": (Phi3ForCausalLM, Phi3Config, dict(LLAMA_LIKE, pad_token_id=0, bos_token_id=1, eos_token_id=2)),

@@ -25,7 +25,11 @@ def test_keep_everything_budget_is_token_identical_to_plain_generate(family):
                 config = SqueezeConfig(budget=200, policy=policy, allocator=allocator)
                 result = squeezekv.generate(model, ids, config, max_new_tokens=NEW_TOKENS, do_sample=False)
                 assert torch.equal(result.sequences, expected), (implementation, policy, allocator)
-                assert result.stats.kv_bytes_kept == result.stats.kv_bytes_full or family in ("mistral", "gemma2", "gemma3")
+                assert result.stats.kv_bytes_kept == result.stats.kv_bytes_full or family in (
+                    "mistral",
+                    "gemma2",
+                    "gemma3",
+                )
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "falcon", "gpt_neox", "opt", "qwen3"])
@@ -35,7 +39,9 @@ def test_batch_equals_one_by_one(family, policy):
     sequences = prompts([34, 21, 28], seed=1)
     ids, mask = left_pad(sequences)
     config = SqueezeConfig(budget=0.4, policy=policy, allocator="squeeze", sinks=2)
-    batched = squeezekv.generate(model, ids, config, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    batched = squeezekv.generate(
+        model, ids, config, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False
+    )
     for row, sequence in enumerate(sequences):
         alone = squeezekv.generate(model, sequence[None], config, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(alone.sequences[0, len(sequence) :], batched.sequences[row, ids.shape[1] :])
@@ -75,7 +81,10 @@ def test_model_generate_inside_the_context_manager_and_hooks_removed_after():
 
 def test_hooks_are_removed_when_generation_fails():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="use_cache=False"), squeezekv.compress(model, SqueezeConfig(budget=0.5)):
+    with (
+        pytest.raises(ValueError, match="use_cache=False"),
+        squeezekv.compress(model, SqueezeConfig(budget=0.5)),
+    ):
         model(prompts([10])[0][None], use_cache=False)
     assert model.config._attn_implementation == "sdpa" and not model._forward_pre_hooks
 
@@ -94,7 +103,9 @@ def test_bad_prompts_are_rejected(ids, message):
 
 def test_prompt_plus_new_tokens_beyond_the_maximum_is_rejected():
     with pytest.raises(ValueError, match=r"250 tokens \+ 10 new tokens"):
-        squeezekv.generate(tiny_model("llama"), torch.ones(1, 250, dtype=torch.long), SqueezeConfig(0.5), max_new_tokens=10)
+        squeezekv.generate(
+            tiny_model("llama"), torch.ones(1, 250, dtype=torch.long), SqueezeConfig(0.5), max_new_tokens=10
+        )
 
 
 def test_fraction_too_small_for_the_prompt_is_rejected_before_running():

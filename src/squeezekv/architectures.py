@@ -68,7 +68,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma2": Architecture(layers="model.layers", attention_output="post_attention_layernorm"),
     "gemma3_text": Architecture(layers="model.layers", attention_output="post_attention_layernorm"),
     "gpt_neox": Architecture(layers="gpt_neox.layers", attention="attention"),
-    "falcon": Architecture(layers="transformer.h", attention="self_attention", attention_forward=falcon_attention_forward),
+    "falcon": Architecture(
+        layers="transformer.h", attention="self_attention", attention_forward=falcon_attention_forward
+    ),
     "opt": Architecture(layers="model.decoder.layers"),
 }
 
@@ -79,7 +81,8 @@ def architecture_of(model: nn.Module) -> Architecture:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(
-            f"squeezekv does not support model type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"squeezekv does not support model type {model_type!r}; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     if model_type == "falcon" and getattr(config, "alibi", False):
         raise ValueError("squeezekv supports rotary Falcon models only, not ones with alibi=True")

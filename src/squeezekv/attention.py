@@ -92,18 +92,21 @@ def _explicit(
     kv_heads, keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     grouped = query.view(batch, kv_heads, group, queries, dim)
-    keys_t = key.unsqueeze(2).transpose(-1, -2).float()
+    compute = torch.promote_types(query.dtype, torch.float32)
+    keys_t = key.unsqueeze(2).transpose(-1, -2).to(compute)
     values = value.unsqueeze(2)
     mask = mask.unsqueeze(2)
-    output = torch.empty(batch, kv_heads, group, queries, value.shape[-1], dtype=value.dtype, device=value.device)
+    output = torch.empty(
+        batch, kv_heads, group, queries, value.shape[-1], dtype=value.dtype, device=value.device
+    )
     mass = torch.zeros(batch, kv_heads, keys, dtype=torch.float32, device=key.device)
     chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * q_heads * keys))
     for start in range(0, queries, chunk):
         rows = slice(start, min(start + chunk, queries))
-        logits = (grouped[:, :, :, rows].float() @ keys_t) * scaling
+        logits = (grouped[:, :, :, rows].to(compute) @ keys_t) * scaling
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         probs = torch.softmax(logits.masked_fill(~mask[:, :, :, rows], float("-inf")), dim=-1)
         output[:, :, :, rows] = probs.to(value.dtype) @ values
-        mass += torch.einsum("bhgqk,bq->bhk", probs, row_weight[:, rows])
+        mass += torch.einsum("bhgqk,bq->bhk", probs.float(), row_weight[:, rows])
     return output.view(batch, q_heads, queries, -1), mass

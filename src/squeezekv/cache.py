@@ -51,7 +51,9 @@ class SqueezeLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, columns.expand(batch, track_heads, q)], dim=-1)
-        self.valid = torch.cat([self.valid, new_valid.to(self.valid.device)[:, None].expand(-1, track_heads, -1)], -1)
+        self.valid = torch.cat(
+            [self.valid, new_valid.to(self.valid.device)[:, None].expand(-1, track_heads, -1)], -1
+        )
         self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, self.scores.shape[1], q)], dim=-1)
         self.seen += q
         return self.keys, self.values
@@ -61,7 +63,11 @@ class SqueezeLayer(CacheLayerMixin):
 
     def add_mass(self, mass: torch.Tensor, phase: str, config: SqueezeConfig) -> None:
         """Folds this forward's attention mass per key (``[batch, kv_heads, slots]``) into the scores."""
-        scores = self.scores.expand(-1, mass.shape[1], -1) if self.scores.shape[1] != mass.shape[1] else self.scores
+        scores = (
+            self.scores.expand(-1, mass.shape[1], -1)
+            if self.scores.shape[1] != mass.shape[1]
+            else self.scores
+        )
         self.scores = POLICIES[config.policy].fold(scores, mass.float(), phase, config)
 
     def evict(self, budget: torch.Tensor, config: SqueezeConfig, phase: str, prompt_columns: int) -> None:
@@ -137,7 +143,9 @@ class SqueezeCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.new_valid is None:
-            raise RuntimeError("SqueezeCache used outside squeezekv.compress(...): the model hook is not installed")
+            raise RuntimeError(
+                "SqueezeCache used outside squeezekv.compress(...): the model hook is not installed"
+            )
         return self.layers[layer_idx].append(key_states, value_states, self.new_valid)
 
     def evict(self) -> None:

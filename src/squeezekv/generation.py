@@ -72,12 +72,18 @@ def check_prompt(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """Rejects prompts the model cannot take, before any compute is spent."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D (batch x tokens), got shape {tuple(input_ids.shape)}")
-    real = attention_mask.sum(-1) if attention_mask is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
+    real = (
+        attention_mask.sum(-1)
+        if attention_mask is not None
+        else torch.full((input_ids.shape[0],), input_ids.shape[1])
+    )
     if input_ids.numel() == 0 or int(real.min()) == 0:
         raise ValueError("empty prompt: every sequence needs at least one token")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and input_ids.shape[1] > limit:
-        raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's maximum of {limit} positions")
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens exceeds the model's maximum of {limit} positions"
+        )
 
 
 def generate(
@@ -90,7 +96,11 @@ def generate(
 ) -> GenerationResult:
     """``model.generate`` on a squeezekv cache; ``sequences`` are prompt + new tokens as there."""
     check_prompt(model, input_ids, attention_mask)
-    real = attention_mask.sum(-1) if attention_mask is not None else torch.full((input_ids.shape[0],), input_ids.shape[1])
+    real = (
+        attention_mask.sum(-1)
+        if attention_mask is not None
+        else torch.full((input_ids.shape[0],), input_ids.shape[1])
+    )
     for tokens in real.tolist():
         config.tokens_per_layer(int(tokens))
     limit = getattr(model.config, "max_position_embeddings", None)

@@ -15,7 +15,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
-def mean_similarity(residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def mean_similarity(
+    residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """``[batch]``: mean over valid tokens of cos(residual, residual + attention_output)."""
     residual = residual.float()
     cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
@@ -29,7 +31,9 @@ class ImportanceRecorder:
     ``active`` says whether the current forward is a prefill; ``valid`` gives its tokens' validity.
     """
 
-    def __init__(self, num_layers: int, active: Callable[[], bool], valid: Callable[[], torch.Tensor]) -> None:
+    def __init__(
+        self, num_layers: int, active: Callable[[], bool], valid: Callable[[], torch.Tensor]
+    ) -> None:
         self.num_layers = num_layers
         self.active, self.valid = active, valid
         self.residuals: dict[int, torch.Tensor] = {}
@@ -63,6 +67,8 @@ class ImportanceRecorder:
         def hook(module, args, output):
             if index in self.residuals:
                 attention_output = output[0] if isinstance(output, tuple) else output
-                self.columns[index] = mean_similarity(self.residuals.pop(index), attention_output, self.valid())
+                self.columns[index] = mean_similarity(
+                    self.residuals.pop(index), attention_output, self.valid()
+                )
 
         return hook

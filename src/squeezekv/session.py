@@ -49,7 +49,9 @@ def squeezekv_attention(
     cache, config = session.cache, session.config
     layer = cache.layers[module.layer_idx]
     if sliding_window != layer.sliding_window and sliding_window is not None:
-        raise RuntimeError(f"layer {module.layer_idx}: sliding window {sliding_window} != {layer.sliding_window}")
+        raise RuntimeError(
+            f"layer {module.layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
+        )
     queries = query.shape[2]
     columns = torch.arange(layer.seen - queries, layer.seen, device=query.device)
     mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
@@ -104,7 +106,9 @@ class Session:
 
     def install(self) -> None:
         output_modules = [
-            getattr(layer, self.architecture.attention_output) if self.architecture.attention_output else attention
+            getattr(layer, self.architecture.attention_output)
+            if self.architecture.attention_output
+            else attention
             for layer, attention in zip(self.layers, self.attentions, strict=True)
         ]
         self._handles = self.importance.attach(self.layers, output_modules)
@@ -136,7 +140,9 @@ class Session:
         cache = kwargs.get("cache") if cache is None else cache
         if not isinstance(cache, SqueezeCache):
             if isinstance(cache, Cache) and cache.get_seq_length() > 0:
-                raise ValueError("squeezekv cannot continue a cache it did not build; start from an empty cache")
+                raise ValueError(
+                    "squeezekv cannot continue a cache it did not build; start from an empty cache"
+                )
             self._start_generation()
             cache = self.cache
         self.cache = kwargs["cache"] = cache
@@ -160,7 +166,11 @@ class Session:
         if cache.phase == "prefill":
             self.similarity = self.importance.similarity()
             cache.budgets = plan_budgets(
-                self.similarity, cache.prompt_tokens.cpu(), self.config, self.sliding_windows, self.max_new_tokens
+                self.similarity,
+                cache.prompt_tokens.cpu(),
+                self.config,
+                self.sliding_windows,
+                self.max_new_tokens,
             )
         cache.evict()
         elapsed = self._clock(cache.new_valid.device) - self._started

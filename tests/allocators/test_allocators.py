@@ -56,7 +56,9 @@ def test_kmeans_is_optimal_and_ordered_by_centroid(values, groups):
 )
 def test_conserve_keeps_bounds_and_total(targets, floor, ceiling, data):
     layers = len(targets)
-    hi = torch.tensor(data.draw(st.lists(st.integers(floor, floor + ceiling), min_size=layers, max_size=layers)))
+    hi = torch.tensor(
+        data.draw(st.lists(st.integers(floor, floor + ceiling), min_size=layers, max_size=layers))
+    )
     lo = torch.full((layers,), float(floor)).minimum(hi.double())
     total = data.draw(st.integers(0, int(hi.sum()) + 20))
     result = conserve(torch.tensor(targets, dtype=torch.float64), total, lo, hi.double())
@@ -85,13 +87,17 @@ def test_squeeze_redistributes_what_a_capped_layer_cannot_hold():
 
 def test_allocation_never_exceeds_what_layers_can_hold():
     config = SqueezeConfig(budget=50, allocator="squeeze")
-    budgets = allocate(torch.tensor([0.1, 0.2, 0.9]), 50, floor=1, caps=torch.tensor([20, 20, 20]), config=config)
+    budgets = allocate(
+        torch.tensor([0.1, 0.2, 0.9]), 50, floor=1, caps=torch.tensor([20, 20, 20]), config=config
+    )
     assert budgets.tolist() == [20, 20, 20]
 
 
 def test_floor_applies_to_the_squeezed_group():
     config = SqueezeConfig(budget=10, policy="streaming", allocator="squeeze", p=0.1, sinks=4)
-    budgets = allocate(torch.tensor([0.1, 0.2, 0.9, 0.95]), 10, floor=5, caps=torch.full((4,), 100), config=config)
+    budgets = allocate(
+        torch.tensor([0.1, 0.2, 0.9, 0.95]), 10, floor=5, caps=torch.full((4,), 100), config=config
+    )
     assert budgets.min() >= 5 and int(budgets.sum()) == 40
 
 

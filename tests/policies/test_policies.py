@@ -59,10 +59,16 @@ def test_policy_keeps_what_the_reference_keeps(
     valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=batch * slots, max_size=batch * slots)))
     valid = valid.view(batch, 1, slots).expand(batch, heads, slots)
     scores = torch.tensor(
-        data.draw(st.lists(st.integers(0, 4), min_size=batch * heads * slots, max_size=batch * heads * slots)),
+        data.draw(
+            st.lists(st.integers(0, 4), min_size=batch * heads * slots, max_size=batch * heads * slots)
+        ),
         dtype=torch.float32,
     ).view(batch, heads, slots)
-    budget = torch.tensor(data.draw(st.lists(st.integers(POLICIES[policy].min_tokens(config), 30), min_size=batch, max_size=batch)))
+    budget = torch.tensor(
+        data.draw(
+            st.lists(st.integers(POLICIES[policy].min_tokens(config), 30), min_size=batch, max_size=batch)
+        )
+    )
     prompt_columns = int(positions.max()) + 1 - data.draw(st.integers(0, 5))
 
     view = LayerView(positions, valid, scores, phase, prompt_columns)
@@ -75,6 +81,10 @@ def test_policy_keeps_what_the_reference_keeps(
                 (int(positions[b, h, s]), float(scores[b, h, s])) for s in range(slots) if valid[b, h, s]
             ]
             expected = reference_keep(policy, tokens, int(budget[b]), config, phase, prompt_columns)
-            got = {int(positions[b, h, s]) for s, k in zip(chosen[b, h].tolist(), kept[b, h].tolist(), strict=True) if k}
+            got = {
+                int(positions[b, h, s])
+                for s, k in zip(chosen[b, h].tolist(), kept[b, h].tolist(), strict=True)
+                if k
+            }
             assert got == expected
             assert chosen[b, h].tolist() == sorted(chosen[b, h].tolist())  # slots stay in position order

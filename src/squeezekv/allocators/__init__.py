@@ -51,7 +51,9 @@ def allocate(
     total = min(float(mean_budget * similarity.numel()), float(caps.sum()))
     if adjustable is not None and bool(adjustable.any()):
         fixed = targets.clamp(floors, caps)
-        first = conserve(targets, total, torch.where(adjustable, floors, fixed), torch.where(adjustable, caps, fixed))
+        first = conserve(
+            targets, total, torch.where(adjustable, floors, fixed), torch.where(adjustable, caps, fixed)
+        )
         if int(first.sum()) == round(total):
             return first
     return conserve(targets, total, floors, caps)
@@ -84,7 +86,6 @@ def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Te
     return whole.to(torch.int64)
 
 
-
 def plan_budgets(
     similarity: torch.Tensor,
     prompt_tokens: torch.Tensor,
@@ -103,7 +104,11 @@ def plan_budgets(
     rows = []
     for row, tokens in zip(similarity, prompt_tokens.tolist(), strict=True):
         reachable = tokens + max_new_tokens
-        caps = torch.tensor([reachable if w is None else min(reachable, max(1, w - 1)) for w in sliding_windows])
+        caps = torch.tensor(
+            [reachable if w is None else min(reachable, max(1, w - 1)) for w in sliding_windows]
+        )
         rows.append(allocate(row, config.tokens_per_layer(tokens), floor, caps, config))
     return torch.stack(rows)
+
+
 from squeezekv.allocators import pyramid, squeeze, uniform  # noqa: E402,F401  (registers them)

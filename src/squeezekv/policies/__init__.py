@@ -74,7 +74,9 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
-def select(priority: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select(
+    priority: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots to keep, in their original order, and which of them hold a kept token.
 
     ``priority`` and ``valid`` are ``[batch, heads, slots]``; ``keep`` is ``[batch]`` tokens per

@@ -1,0 +1,125 @@
+import pytest
+import torch
+from models import MQA, left_pad, prompts, tiny_model
+
+import squeezekv
+from squeezekv import SqueezeConfig
+
+
+def compressed_forward(model, ids, config, mask=None):
+    """Prefill ``ids`` under ``config``; returns the session (its cache stays readable)."""
+    with squeezekv.compress(model, config) as session:
+        model(ids, attention_mask=mask)
+    return session
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon", "opt", "qwen3"])
+@pytest.mark.parametrize("policy", sorted(squeezekv.POLICIES))
+def test_layers_hold_their_budget_after_prefill_and_never_more(family, policy):
+    model = tiny_model(family)
+    ids, mask = left_pad(prompts([40, 29]))
+    config = SqueezeConfig(budget=0.3, policy=policy, allocator="squeeze", sinks=2)
+    with squeezekv.compress(model, config) as session:
+        output = model(ids, attention_mask=mask)
+        cache = session.cache
+        prompt = mask.sum(-1, keepdim=True)
+        assert torch.equal(cache.held_tokens(), torch.minimum(cache.budgets, prompt))
+        assert (cache.budgets.sum(-1) == 6 * (prompt.squeeze(-1) * 3 // 10)).all()
+        for _ in range(6):
+            token = output.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+            output = model(token, attention_mask=mask, cache=output.cache)
+            assert (cache.held_tokens() <= cache.budgets).all()
+            for layer, budget in zip(cache.layers, cache.budgets.T, strict=True):
+                assert layer.keys.shape[2] == int(budget.max())  # physically no larger than the budget
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon", "gpt_neox"])  # GQA, MQA, MHA
+def test_kv_bytes_kept_is_what_the_tensors_hold(family):
+    model = tiny_model(family)
+    session = compressed_forward(model, prompts([50])[0][None], SqueezeConfig(budget=0.2, policy="h2o"))
+    cache = session.cache
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert cache.kv_bytes_kept() == held
+    config = model.config
+    kv_heads = 1 if family in MQA else getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert cache.kv_bytes_full() == 2 * 6 * kv_heads * 50 * head_dim * 8  # float64, 6 layers
+    assert all(layer.keys.shape[1] == kv_heads for layer in cache.layers)
+
+
+def crop_to(reference, held, compressed):
+    """Cuts a plain cache down to exactly the tokens each compressed layer holds, per head.
+
+    ``held[l]`` (``[1, heads, slots]``) are the positions plain layer ``l`` holds; returns the new ones.
+    """
+    cropped = []
+    for plain, layer, positions in zip(reference.layers, compressed.layers, held, strict=True):
+        heads = plain.keys.shape[1]
+        target = layer.positions.expand(-1, heads, -1).contiguous()
+        slots = torch.searchsorted(positions.expand(-1, heads, -1).contiguous(), target)
+        index = slots.unsqueeze(-1).expand(-1, -1, -1, plain.keys.shape[-1])
+        plain.keys, plain.values = plain.keys.gather(2, index), plain.values.gather(2, index)
+        cropped.append(target)
+    return cropped
+
+
+@pytest.mark.parametrize(
+    ("policy", "allocator", "steps"),
+    [
+        ("streaming", "uniform", 1),
+        ("streaming", "uniform", 5),
+        ("window", "uniform", 1),
+        ("h2o", "squeeze", 1),  # layers and heads keep different tokens
+        ("h2o", "squeeze", 5),
+        ("snapkv", "pyramid", 5),
+    ],
+)
+def test_compressed_cache_continues_like_a_model_run_on_the_kept_tokens(policy, allocator, steps):
+    """Continuing the compressed cache gives the logits of a plain model whose cache holds exactly
+    the kept tokens' keys and values, with new tokens at their true positions. ``steps`` splits
+    the 5 new tokens into that many forwards; the compressed cache evicts after each."""
+    model = tiny_model("llama")
+    ids = prompts([40])[0][None]
+    follow = prompts([5], seed=3)[0][None]
+    config = SqueezeConfig(budget=12, policy=policy, allocator=allocator, sinks=4, snapkv_window=4)
+    reference = model(ids).cache
+    with squeezekv.compress(model, config):
+        compressed = model(ids).cache
+    if policy == "streaming":
+        assert compressed.layers[0].positions[0, 0].tolist() == list(range(4)) + list(range(32, 40))
+    held = [torch.arange(40).view(1, 1, -1)] * len(reference.layers)
+    compressed_logits, reference_logits = [], []
+    for chunk in follow.chunk(steps, dim=1):
+        held = crop_to(reference, held, compressed)
+        new = torch.arange(compressed.get_seq_length(), compressed.get_seq_length() + chunk.shape[1])
+        with squeezekv.compress(model, config):
+            compressed_logits.append(model(chunk, cache=compressed).logits)
+        for i in range(chunk.shape[1]):  # a plain cache with ragged layers takes one token at a time
+            step = slice(i, i + 1)
+            reference_logits.append(
+                model(chunk[:, step], cache=reference, position_ids=new[None, step]).logits
+            )
+        held = [torch.cat([h, new.view(1, 1, -1).expand(1, h.shape[1], -1)], dim=-1) for h in held]
+    torch.testing.assert_close(torch.cat(compressed_logits, 1), torch.cat(reference_logits, 1))
+
+
+def test_multi_token_continuation_on_a_padded_compressed_batch():
+    """A question appended after compressed documents of different lengths, in one forward."""
+    model = tiny_model("mistral")
+    documents = prompts([38, 26], seed=4)
+    question = prompts([6], seed=5)[0]
+    config = SqueezeConfig(budget=0.5, policy="h2o", allocator="squeeze")
+    ids, mask = left_pad(documents)
+    with squeezekv.compress(model, config):
+        cache = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).cache
+        batch_mask = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], dim=1)
+        positions = mask.sum(-1, keepdim=True) + torch.arange(6)
+        batched = model(
+            question.expand(2, -1), attention_mask=batch_mask, cache=cache, position_ids=positions
+        ).logits
+    for row, document in enumerate(documents):
+        with squeezekv.compress(model, config):
+            cache = model(document[None]).cache
+            alone = model(question[None], cache=cache).logits
+        torch.testing.assert_close(alone[0], batched[row])
