@@ -87,15 +87,18 @@ def _explicit(
     row_weight: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in query chunks; the mass is the ``row_weight``-weighted sum of each key's
-    attention probability over queries and the query heads of its group."""
+    attention probability over queries and the query heads of its group.
+
+    The query heads sharing a key head are stacked as extra rows (``[batch, kv_heads, group *
+    queries, dim]``), so keys and values are read once and never copied per query head. Logits are
+    computed in the inputs' precision and normalised in float32, as eager attention does.
+    """
     batch, q_heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
-    grouped = query.view(batch, kv_heads, group, queries, dim)
-    compute = torch.promote_types(query.dtype, torch.float32)
-    keys_t = key.unsqueeze(2).transpose(-1, -2).to(compute)
-    values = value.unsqueeze(2)
-    mask = mask.unsqueeze(2)
+    rows_query = query.reshape(batch, kv_heads, group, queries, dim)
+    mask = mask.unsqueeze(2)  # [batch, 1 or kv_heads, 1, queries, keys]
+    keys_t = key.transpose(-1, -2)
     output = torch.empty(
         batch, kv_heads, group, queries, value.shape[-1], dtype=value.dtype, device=value.device
     )
@@ -103,10 +106,16 @@ def _explicit(
     chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * q_heads * keys))
     for start in range(0, queries, chunk):
         rows = slice(start, min(start + chunk, queries))
-        logits = (grouped[:, :, :, rows].to(compute) @ keys_t) * scaling
+        block = rows_query[:, :, :, rows]
+        width = block.shape[3]
+        logits = (block.reshape(batch, kv_heads, group * width, dim) @ keys_t).view(
+            batch, kv_heads, group, width, keys
+        )
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scaling
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         probs = torch.softmax(logits.masked_fill(~mask[:, :, :, rows], float("-inf")), dim=-1)
-        output[:, :, :, rows] = probs.to(value.dtype) @ values
+        attended = probs.to(value.dtype).reshape(batch, kv_heads, group * width, keys) @ value
+        output[:, :, :, rows] = attended.view(batch, kv_heads, group, width, -1)
         mass += torch.einsum("bhgqk,bq->bhk", probs.float(), row_weight[:, rows])
     return output.view(batch, q_heads, queries, -1), mass

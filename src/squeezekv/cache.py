@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from squeezekv.attention import attend, layer_mask
 from squeezekv.config import SqueezeConfig
 from squeezekv.policies import POLICIES, LayerView, select
 
@@ -121,9 +122,12 @@ class SqueezeCache(Cache):
     budgets (``[batch, layers]``) are set once the prefill has measured every layer.
     """
 
-    def __init__(self, config: SqueezeConfig, sliding_windows: list[int | None]) -> None:
+    def __init__(
+        self, config: SqueezeConfig, sliding_windows: list[int | None], explicit: bool = False
+    ) -> None:
         super().__init__(layers=[SqueezeLayer(window) for window in sliding_windows])
         self.config = config
+        self.explicit = explicit
         self.budgets: torch.Tensor | None = None
         self.prompt_columns = 0
         self.prompt_tokens: torch.Tensor | None = None
@@ -147,6 +151,33 @@ class SqueezeCache(Cache):
                 "SqueezeCache used outside squeezekv.compress(...): the model hook is not installed"
             )
         return self.layers[layer_idx].append(key_states, value_states, self.new_valid)
+
+    def attention(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """Attention of this forward's queries over layer ``layer_idx``, scoring keys if the policy asks."""
+        layer = self.layers[layer_idx]
+        if sliding_window != layer.sliding_window:
+            raise RuntimeError(
+                f"layer {layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
+            )
+        queries = query.shape[2]
+        columns = torch.arange(layer.seen - queries, layer.seen, device=query.device)
+        mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
+        scored = POLICIES[self.config.policy].scored_queries(self.phase, queries, self.config)
+        output, mass = attend(
+            query, key, value, mask, scaling, scored, self.new_valid, softcap, explicit=self.explicit
+        )
+        if mass is not None:
+            layer.add_mass(mass, self.phase, self.config)
+        return output
 
     def evict(self) -> None:
         for index, layer in enumerate(self.layers):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -19,15 +19,14 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
 from squeezekv.allocators import plan_budgets
-from squeezekv.architectures import architecture_of, decoder_layers, sliding_window_of
-from squeezekv.attention import IMPLEMENTATION, attend, layer_mask
+from squeezekv.architectures import Architecture, architecture_of, decoder_layers, sliding_window_of
+from squeezekv.attention import IMPLEMENTATION
 from squeezekv.cache import SqueezeCache
 from squeezekv.config import SqueezeConfig
 from squeezekv.importance import ImportanceRecorder
-from squeezekv.policies import POLICIES
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_SESSION_ATTRIBUTE = "_squeezekv_session"
+_OWNER_ATTRIBUTE = "_squeezekv_owner"
 
 
 def squeezekv_attention(
@@ -43,36 +42,49 @@ def squeezekv_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface entry: attention over this layer's compressed cache."""
-    session: Session | None = getattr(module, _SESSION_ATTRIBUTE, None)
-    if session is None or session.cache is None:
+    owner = getattr(module, _OWNER_ATTRIBUTE, None)
+    if owner is None or owner.cache is None:
         raise RuntimeError("squeezekv attention called outside squeezekv.compress(...)")
-    cache, config = session.cache, session.config
-    layer = cache.layers[module.layer_idx]
-    if sliding_window != layer.sliding_window and sliding_window is not None:
-        raise RuntimeError(
-            f"layer {module.layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
-        )
-    queries = query.shape[2]
-    columns = torch.arange(layer.seen - queries, layer.seen, device=query.device)
-    mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
-    scored = POLICIES[config.policy].scored_queries(cache.phase, queries, config)
-    output, mass = attend(
-        query,
-        key,
-        value,
-        mask,
-        scaling if scaling is not None else query.shape[-1] ** -0.5,
-        scored_queries=scored,
-        query_valid=cache.new_valid,
-        softcap=softcap,
-        explicit=session.explicit,
-    )
-    if mass is not None:
-        layer.add_mass(mass, cache.phase, config)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output = owner.cache.attention(module.layer_idx, query, key, value, scaling, softcap, sliding_window)
     return output.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(IMPLEMENTATION, squeezekv_attention)
+
+
+@contextmanager
+def routed_attention(
+    model: nn.Module, architecture: Architecture, owner: object
+) -> Iterator[list[nn.Module]]:
+    """Sends every attention of ``model`` through squeezekv, which reads the cache from ``owner.cache``.
+
+    Yields the attention modules; restores the model's own attention on exit.
+    """
+    implementation = model.config._attn_implementation
+    attentions = [getattr(layer, architecture.attention) for layer in decoder_layers(model, architecture)]
+    for attention in attentions:
+        setattr(attention, _OWNER_ATTRIBUTE, owner)
+        if architecture.attention_forward is not None:
+            attention.forward = architecture.attention_forward.__get__(attention)
+    model.config._attn_implementation = IMPLEMENTATION
+    try:
+        yield attentions
+    finally:
+        model.config._attn_implementation = implementation
+        for attention in attentions:
+            attention.__dict__.pop(_OWNER_ATTRIBUTE, None)
+            attention.__dict__.pop("forward", None)
+
+
+def checked_implementation(model: nn.Module) -> str:
+    implementation = model.config._attn_implementation
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"squeezekv supports attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, "
+            f"not {implementation!r}; load the model with attn_implementation='sdpa'"
+        )
+    return implementation
 
 
 class Session:
@@ -83,14 +95,7 @@ class Session:
         self.architecture = architecture_of(model)
         self.layers = decoder_layers(model, self.architecture)
         config.check_layers(len(self.layers))
-        implementation = model.config._attn_implementation
-        if implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"squeezekv supports attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, "
-                f"not {implementation!r}; load the model with attn_implementation='sdpa'"
-            )
-        self.implementation = implementation
-        self.explicit = implementation == "eager"
+        self.explicit = checked_implementation(model) == "eager"
         self.attentions = [getattr(layer, self.architecture.attention) for layer in self.layers]
         self.sliding_windows = [sliding_window_of(model, attention) for attention in self.attentions]
         self.cache: SqueezeCache | None = None
@@ -99,35 +104,27 @@ class Session:
         self.prefill_seconds = self.decode_seconds = 0.0
         self.decode_forwards = 0
         self._started = 0.0
-        self._handles = []
+        self._installed = ExitStack()
 
     def _is_prefill(self) -> bool:
         return self.cache is not None and self.cache.forwards == 1
 
     def install(self) -> None:
+        self._installed.enter_context(routed_attention(self.model, self.architecture, self))
         output_modules = [
             getattr(layer, self.architecture.attention_output)
             if self.architecture.attention_output
             else attention
             for layer, attention in zip(self.layers, self.attentions, strict=True)
         ]
-        self._handles = self.importance.attach(self.layers, output_modules)
-        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
-        for attention in self.attentions:
-            setattr(attention, _SESSION_ATTRIBUTE, self)
-            if self.architecture.attention_forward is not None:
-                attention.forward = self.architecture.attention_forward.__get__(attention)
-        self.model.config._attn_implementation = IMPLEMENTATION
+        handles = self.importance.attach(self.layers, output_modules)
+        handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+        for handle in handles:
+            self._installed.callback(handle.remove)
 
     def remove(self) -> None:
-        self.model.config._attn_implementation = self.implementation
-        for attention in self.attentions:
-            attention.__dict__.pop(_SESSION_ATTRIBUTE, None)
-            attention.__dict__.pop("forward", None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._installed.close()
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if kwargs.get("use_cache") is False:
@@ -155,7 +152,7 @@ class Session:
         return args, kwargs
 
     def _start_generation(self) -> None:
-        self.cache = SqueezeCache(self.config, self.sliding_windows)
+        self.cache = SqueezeCache(self.config, self.sliding_windows, self.explicit)
         self.importance.reset()
         self.similarity = None
         self.prefill_seconds = self.decode_seconds = 0.0
