@@ -71,7 +71,14 @@ class SqueezeLayer(CacheLayerMixin):
         )
         self.scores = POLICIES[config.policy].fold(scores, mass.float(), phase, config)
 
-    def evict(self, budget: torch.Tensor, config: SqueezeConfig, phase: str, prompt_columns: int) -> None:
+    def evict(
+        self,
+        budget: torch.Tensor,
+        config: SqueezeConfig,
+        phase: str,
+        prompt_columns: int,
+        first_column: torch.Tensor,
+    ) -> None:
         """Shrinks every sequence of this layer to at most its budget (``[batch]`` tokens)."""
         valid = self.valid
         if self.sliding_window is not None:  # tokens no future query can see are gone for good
@@ -79,7 +86,7 @@ class SqueezeLayer(CacheLayerMixin):
         held = valid.sum(-1)
         if bool((held <= budget.to(held.device).view(-1, 1)).all()) and bool(valid.all()):
             return
-        view = LayerView(self.positions, valid, self.scores, phase, prompt_columns)
+        view = LayerView(self.positions, valid, self.scores, phase, prompt_columns, first_column)
         priority = POLICIES[config.policy].priority(view, budget, config)
         heads = max(priority.shape[1], self.scores.shape[1])
         valid = valid.expand(-1, heads, -1)
@@ -131,6 +138,7 @@ class SqueezeCache(Cache):
         self.budgets: torch.Tensor | None = None
         self.prompt_columns = 0
         self.prompt_tokens: torch.Tensor | None = None
+        self.first_column: torch.Tensor | None = None
         self.new_valid: torch.Tensor | None = None
         self.forwards = 0
 
@@ -144,6 +152,7 @@ class SqueezeCache(Cache):
         if self.forwards == 1:
             self.prompt_columns = new_valid.shape[1]
             self.prompt_tokens = new_valid.sum(-1)
+            self.first_column = self.prompt_columns - self.prompt_tokens
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.new_valid is None:
@@ -181,7 +190,9 @@ class SqueezeCache(Cache):
 
     def evict(self) -> None:
         for index, layer in enumerate(self.layers):
-            layer.evict(self.budgets[:, index], self.config, self.phase, self.prompt_columns)
+            layer.evict(
+                self.budgets[:, index], self.config, self.phase, self.prompt_columns, self.first_column
+            )
 
     def kv_bytes_kept(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

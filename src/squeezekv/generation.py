@@ -68,22 +68,36 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def check_prompt(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-    """Rejects prompts the model cannot take, before any compute is spent."""
+def check_prompt(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    config: SqueezeConfig,
+) -> None:
+    """Rejects prompts the model cannot take and budgets too small for them, before any compute."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D (batch x tokens), got shape {tuple(input_ids.shape)}")
-    real = (
-        attention_mask.sum(-1)
-        if attention_mask is not None
-        else torch.full((input_ids.shape[0],), input_ids.shape[1])
-    )
-    if input_ids.numel() == 0 or int(real.min()) == 0:
+    if attention_mask is None:
+        real = [input_ids.shape[1]] * input_ids.shape[0]
+    else:
+        real = attention_mask.sum(-1).tolist()
+    if input_ids.numel() == 0 or min(real) == 0:
         raise ValueError("empty prompt: every sequence needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 1")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and input_ids.shape[1] > limit:
         raise ValueError(
             f"prompt of {input_ids.shape[1]} tokens exceeds the model's maximum of {limit} positions"
         )
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"maximum of {limit} positions"
+        )
+    for tokens in real:
+        config.tokens_per_layer(int(tokens))
 
 
 def generate(
@@ -95,20 +109,7 @@ def generate(
     **generation_kwargs,
 ) -> GenerationResult:
     """``model.generate`` on a squeezekv cache; ``sequences`` are prompt + new tokens as there."""
-    check_prompt(model, input_ids, attention_mask)
-    real = (
-        attention_mask.sum(-1)
-        if attention_mask is not None
-        else torch.full((input_ids.shape[0],), input_ids.shape[1])
-    )
-    for tokens in real.tolist():
-        config.tokens_per_layer(int(tokens))
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the model's "
-            f"maximum of {limit} positions"
-        )
+    check_prompt(model, input_ids, attention_mask, max_new_tokens, config)
     with compress(model, config, max_new_tokens=max_new_tokens) as session:
         sequences = model.generate(
             input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **generation_kwargs

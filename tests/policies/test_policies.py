@@ -10,7 +10,7 @@ from squeezekv import SqueezeConfig
 from squeezekv.policies import POLICIES, LayerView, select
 
 
-def reference_keep(policy, tokens, budget, config, phase, prompt_columns):
+def reference_keep(policy, tokens, budget, config, phase, prompt_columns, first_column):
     """``tokens``: (position, score) of the valid tokens; returns the kept positions.
 
     Tokens are taken group by group: the group a policy always keeps first, then by its ranking;
@@ -22,7 +22,7 @@ def reference_keep(policy, tokens, budget, config, phase, prompt_columns):
     if policy == "window":
         order = newest_first
     elif policy == "streaming":
-        sinks = sorted(tokens, key=lambda t: t[0])[: config.sinks]
+        sinks = [t for t in tokens if t[0] < first_column + config.sinks]
         order = sorted(sinks, key=lambda t: -t[0]) + [t for t in newest_first if t not in sinks]
     elif policy == "h2o":
         recent = newest_first[: min(budget, max(1, math.floor(budget * config.recent_ratio)))]
@@ -71,7 +71,8 @@ def test_policy_keeps_what_the_reference_keeps(
     )
     prompt_columns = int(positions.max()) + 1 - data.draw(st.integers(0, 5))
 
-    view = LayerView(positions, valid, scores, phase, prompt_columns)
+    first_column = torch.tensor(data.draw(st.lists(st.integers(0, 6), min_size=batch, max_size=batch)))
+    view = LayerView(positions, valid, scores, phase, prompt_columns, first_column)
     priority = POLICIES[policy].priority(view, budget, config).expand(batch, heads, slots)
     chosen, kept = select(priority, valid, budget)
 
@@ -80,7 +81,9 @@ def test_policy_keeps_what_the_reference_keeps(
             tokens = [
                 (int(positions[b, h, s]), float(scores[b, h, s])) for s in range(slots) if valid[b, h, s]
             ]
-            expected = reference_keep(policy, tokens, int(budget[b]), config, phase, prompt_columns)
+            expected = reference_keep(
+                policy, tokens, int(budget[b]), config, phase, prompt_columns, int(first_column[b])
+            )
             got = {
                 int(positions[b, h, s])
                 for s, k in zip(chosen[b, h].tolist(), kept[b, h].tolist(), strict=True)

@@ -23,7 +23,8 @@ class LayerView:
     """What a policy may look at: per slot positions, validity and scores, all ``[batch, heads, slots]``.
 
     ``heads`` is 1 while every head keeps the same tokens. ``prompt_columns`` is the number of
-    columns the prefill covered; ``phase`` is ``"prefill"`` or ``"decode"``.
+    columns the prefill covered, ``first_column`` (``[batch]``) each sequence's first real column;
+    ``phase`` is ``"prefill"`` or ``"decode"``.
     """
 
     positions: torch.Tensor
@@ -31,14 +32,16 @@ class LayerView:
     scores: torch.Tensor
     phase: str
     prompt_columns: int
+    first_column: torch.Tensor
 
     def recency_rank(self) -> torch.Tensor:
         """0 for the newest valid token, 1 for the one before, ...; slots are kept in position order."""
         return self.valid.flip(-1).cumsum(-1).flip(-1) - 1
 
     def age_rank(self) -> torch.Tensor:
-        """0 for the oldest valid token, 1 for the next, ..."""
-        return self.valid.cumsum(-1) - 1
+        """0 for the sequence's first real token, 1 for the next, ...: an absolute place, which a
+        token keeps even when older tokens leave a sliding window."""
+        return self.positions - self.first_column.to(self.positions.device).view(-1, 1, 1)
 
 
 class Policy:

@@ -1,0 +1,330 @@
+"""The fast engine: static-shape decode on preallocated per-layer buffers.
+
+After prefill every layer's budget is fixed, so each layer lives in a buffer of exactly its budget
+plus one slot. A decode step writes the new token into the free slot in place, attends over the
+buffer, updates the policy's scores and frees the slot of the token it evicts: no concatenation,
+no reallocation, the same shapes every step. That makes the step capturable as one CUDA graph; on
+the CPU the same code runs eagerly. It keeps exactly the tokens the simple path keeps.
+
+Prefill runs through the simple path (``squeezekv.compress``) in micro-batches, each compressed
+before the next starts, so the prompt's full cache exists for one micro-batch at a time and the
+decode batch can be as large as the compressed caches allow.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from squeezekv.architectures import architecture_of
+from squeezekv.attention import attend
+from squeezekv.cache import SqueezeCache, SqueezeLayer
+from squeezekv.config import SqueezeConfig
+from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
+from squeezekv.policies import POLICIES, LayerView
+from squeezekv.session import compress, routed_attention
+
+
+@dataclass(frozen=True)
+class BufferView(LayerView):
+    """A :class:`LayerView` of a buffer whose slots are not in position order.
+
+    The recency rank comes from positions instead of slot order. That is exact for the comparison
+    policies make (``rank < n`` for the newest tokens, which they always keep): those tokens are
+    never evicted, so they are the contiguous columns ending at ``last_column``.
+    """
+
+    last_column: torch.Tensor | None = None
+
+    def recency_rank(self) -> torch.Tensor:
+        return self.last_column - self.positions
+
+
+class StaticLayer(CacheLayerMixin):
+    """One layer's buffer: ``[batch, kv_heads, slots, dim]`` keys and values, ``slots`` = budget + 1.
+
+    ``positions``, ``valid`` and ``scores`` are ``[batch, heads, slots]``; ``free`` (``[batch,
+    heads]``) is the slot the next token is written to.
+    """
+
+    is_sliding = False
+    is_compileable = True
+
+    def __init__(self, layer: SqueezeLayer, budget: torch.Tensor, per_head: bool) -> None:
+        super().__init__()
+        self.sliding_window = layer.sliding_window
+        self.budget = budget.to(layer.keys.device)
+        batch, kv_heads, held, dim = layer.keys.shape
+        heads = kv_heads if per_head else max(layer.positions.shape[1], layer.scores.shape[1])
+        slots = int(budget.max()) + 1
+        self.keys = layer.keys.new_zeros(batch, kv_heads, slots, dim)
+        self.values = layer.values.new_zeros(batch, kv_heads, slots, layer.values.shape[-1])
+        self.keys[:, :, :held], self.values[:, :, :held] = layer.keys, layer.values
+        self.positions = layer.positions.new_zeros(batch, heads, slots)
+        self.valid = layer.valid.new_zeros(batch, heads, slots)
+        self.scores = layer.scores.new_zeros(batch, heads, slots)
+        self.positions[..., :held] = layer.positions
+        self.valid[..., :held] = layer.valid
+        self.scores[..., :held] = layer.scores
+        self.free = self.first_free()
+        self.is_initialized = True
+
+    def first_free(self) -> torch.Tensor:
+        return (~self.valid).to(torch.uint8).argmax(-1)
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, column: torch.Tensor) -> None:
+        """Puts the new token (``[batch, kv_heads, 1, dim]``) in the free slot, in place."""
+        kv_slot = self.free.expand(-1, key.shape[1]).unsqueeze(-1)
+        self.keys.scatter_(2, kv_slot.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]), key)
+        self.values.scatter_(2, kv_slot.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1]), value)
+        slot = self.free.unsqueeze(-1)
+        self.positions.scatter_(-1, slot, column.expand_as(slot))
+        self.valid.scatter_(-1, slot, True)
+        self.scores.scatter_(-1, slot, 0.0)
+
+    def evict(self, view: BufferView, config: SqueezeConfig) -> None:
+        """Drops, in rows over budget, the lowest-ranked token (ties: the oldest); frees a slot."""
+        if self.sliding_window is not None:
+            self.valid &= self.positions > view.last_column - self.sliding_window + 1
+        priority = POLICIES[config.policy].priority(view, self.budget, config)
+        priority = torch.where(self.valid, priority, torch.inf)
+        lowest = priority == priority.amin(-1, keepdim=True)
+        oldest = torch.where(lowest & self.valid, self.positions, torch.iinfo(torch.int64).max)
+        victim = oldest.argmin(-1, keepdim=True)
+        over = self.valid.sum(-1, keepdim=True) > self.budget.view(-1, 1, 1)
+        self.valid.scatter_(-1, victim, self.valid.gather(-1, victim) & ~over)
+        self.free.copy_(self.first_free())
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a StaticLayer is built from a prefilled SqueezeLayer")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError("StaticLayer is updated through StaticCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        raise RuntimeError("a StaticCache needs explicit position_ids")
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class StaticCache(Cache):
+    """Per-layer buffers for single-token decode steps with static shapes."""
+
+    def __init__(self, caches: list[SqueezeCache], config: SqueezeConfig) -> None:
+        first = caches[0]
+        per_head = POLICIES[config.policy].scored_queries("decode", 1, config) > 0
+        layers = []
+        for index in range(len(first.layers)):
+            parts = [cache.layers[index] for cache in caches]
+            budget = torch.cat([cache.budgets[:, index] for cache in caches])
+            layers.append(StaticLayer(concatenate(parts), budget, per_head))
+        super().__init__(layers=layers)
+        self.config = config
+        device = layers[0].keys.device
+        self.column = torch.tensor([first.layers[0].seen], device=device)
+        self.first_column = torch.cat([c.prompt_columns - c.prompt_tokens for c in caches]).to(device)
+        self.prompt_columns = first.prompt_columns
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        layer.write(key_states, value_states, self.column)
+        return layer.keys, layer.values
+
+    def attention(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        softcap: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        layer = self.layers[layer_idx]
+        mask = layer.valid
+        if layer.sliding_window is not None:
+            mask = mask & (layer.positions > self.column - layer.sliding_window)
+        policy = POLICIES[self.config.policy]
+        scored = policy.scored_queries("decode", 1, self.config)
+        output, mass = attend(
+            query, key, value, mask.unsqueeze(2), scaling, scored, None, softcap, explicit=True
+        )
+        if mass is not None:  # in place: a captured step must read this step's scores on replay
+            layer.scores.copy_(policy.fold(layer.scores, mass, "decode", self.config))
+        view = BufferView(
+            layer.positions,
+            layer.valid,
+            layer.scores,
+            phase="decode",
+            prompt_columns=self.prompt_columns,
+            first_column=self.first_column,
+            last_column=self.column,
+        )
+        layer.evict(view, self.config)
+        return output
+
+    def advance(self) -> None:
+        self.column += 1
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.column)
+
+    def kv_bytes_kept(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+    def kv_bytes_full(self) -> int:
+        """Bytes a plain cache would hold for every column seen, in every layer."""
+        columns = int(self.column)
+        return sum(2 * layer.keys[:, :, :1].nbytes * columns for layer in self.layers)
+
+    def held_tokens(self) -> torch.Tensor:
+        return torch.stack([layer.valid.sum(-1).amax(-1).cpu() for layer in self.layers], dim=1)
+
+
+def concatenate(layers: list[SqueezeLayer]) -> SqueezeLayer:
+    """One layer holding the rows of several micro-batches (padded to the widest)."""
+    if len(layers) == 1:
+        return layers[0]
+    heads = max(max(layer.positions.shape[1], layer.scores.shape[1]) for layer in layers)
+    width = max(layer.keys.shape[2] for layer in layers)
+
+    def padded(tensor: torch.Tensor, fill) -> torch.Tensor:
+        tensor = tensor.expand(-1, heads, -1) if tensor.dim() == 3 else tensor
+        pad = [0, 0] * (tensor.dim() - 3) + [0, width - tensor.shape[2]]
+        return torch.nn.functional.pad(tensor, pad, value=fill)
+
+    merged = SqueezeLayer(layers[0].sliding_window)
+    merged.keys = torch.cat([padded(layer.keys, 0.0) for layer in layers])
+    merged.values = torch.cat([padded(layer.values, 0.0) for layer in layers])
+    merged.positions = torch.cat([padded(layer.positions, 0) for layer in layers])
+    merged.valid = torch.cat([padded(layer.valid, False) for layer in layers])
+    merged.scores = torch.cat([padded(layer.scores, 0.0) for layer in layers])
+    merged.seen, merged.is_initialized = layers[0].seen, True
+    return merged
+
+
+class FastGenerator:
+    """Greedy generation with squeezekv: micro-batched prefill, then static decode steps
+    (one CUDA graph per step on the GPU)."""
+
+    def __init__(self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True) -> None:
+        self.model, self.config = model, config
+        self.architecture = architecture_of(model)
+        self.cuda_graphs = cuda_graphs
+        self.cache: StaticCache | None = None
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        prefill_batch: int | None = None,
+    ) -> GenerationResult:
+        check_prompt(self.model, input_ids, attention_mask, max_new_tokens, self.config)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        started = time.perf_counter()
+        caches, similarity, first_tokens = self.prefill(
+            input_ids, attention_mask, max_new_tokens, prefill_batch
+        )
+        self.cache = StaticCache(caches, self.config)
+        prefill_seconds = synchronized(input_ids.device) - started
+        new_tokens = torch.empty(
+            input_ids.shape[0], max_new_tokens, dtype=torch.long, device=input_ids.device
+        )
+        new_tokens[:, 0] = first_tokens
+        positions = attention_mask.sum(-1, keepdim=True)
+        started = time.perf_counter()
+        with routed_attention(self.model, self.architecture, self):
+            step = self.decode_steps(new_tokens[:, :1], positions, max_new_tokens - 1)
+            for index in range(1, max_new_tokens):
+                new_tokens[:, index] = step()
+        decode_seconds = synchronized(input_ids.device) - started
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        stats = GenerationStats(
+            layer_similarity=similarity,
+            layer_budget=torch.cat([cache.budgets for cache in caches]),
+            layer_tokens_held=self.cache.held_tokens(),
+            prompt_tokens=attention_mask.sum(-1).tolist(),
+            kv_bytes_full=self.cache.kv_bytes_full(),
+            kv_bytes_kept=self.cache.kv_bytes_kept(),
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            decode_steps=max_new_tokens - 1,
+            config=dict(vars(self.config)),
+        )
+        return GenerationResult(sequences=sequences, stats=stats)
+
+    def prefill(self, input_ids, attention_mask, max_new_tokens, prefill_batch):
+        rows = prefill_batch or input_ids.shape[0]
+        caches, similarity, first_tokens = [], [], []
+        with compress(self.model, self.config, max_new_tokens=max_new_tokens) as session:
+            for start in range(0, input_ids.shape[0], rows):
+                part = slice(start, start + rows)
+                mask = attention_mask[part]
+                output = self.model(
+                    input_ids[part],
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    logits_to_keep=1,
+                )
+                caches.append(session.cache)
+                similarity.append(session.similarity)
+                first_tokens.append(output.logits[:, -1].argmax(-1))
+        return caches, torch.cat(similarity), torch.cat(first_tokens)
+
+    def decode_steps(self, tokens: torch.Tensor, positions: torch.Tensor, steps: int):
+        """A function that runs one decode step and returns the next tokens (``[batch]``).
+
+        Must be built and called with the model's attention routed to this generator.
+        """
+        cache, model = self.cache, self.model
+        tokens, positions = tokens.clone(), positions.clone()
+
+        def step() -> torch.Tensor:
+            logits = model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits
+            tokens.copy_(logits[:, -1:].argmax(-1))
+            positions.add_(1)
+            cache.advance()
+            return tokens[:, 0]
+
+        if not (self.cuda_graphs and tokens.is_cuda) or steps < 3:
+            return lambda: step().clone()
+        return graphed(step)
+
+
+def graphed(step):
+    """Captures ``step`` as a CUDA graph after two warm-up calls, which are real steps."""
+    warmed = []
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            warmed.append(step().clone())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+
+    def run() -> torch.Tensor:
+        if warmed:
+            return warmed.pop(0)
+        graph.replay()
+        return output.clone()
+
+    return run
+
+
+def synchronized(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
