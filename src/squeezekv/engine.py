@@ -28,6 +28,8 @@ from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
 from squeezekv.policies import POLICIES, LayerView
 from squeezekv.session import compress, routed_attention
 
+WARM_STEPS = 2  # eager decode steps before a CUDA graph is captured
+
 
 @dataclass(frozen=True)
 class BufferView(LayerView):
@@ -220,6 +222,7 @@ class FastGenerator:
         self.architecture = architecture_of(model)
         self.cuda_graphs = cuda_graphs
         self.cache: StaticCache | None = None
+        self.steady_step_seconds: float | None = None  # per step, once warm-up and capture are done
 
     @torch.inference_mode()
     def generate(
@@ -247,8 +250,13 @@ class FastGenerator:
         with routed_attention(self.model, self.architecture, self):
             step = self.decode_steps(new_tokens[:, :1], positions, max_new_tokens - 1)
             for index in range(1, max_new_tokens):
+                if index == WARM_STEPS + 1:
+                    steady_started = synchronized(input_ids.device)
                 new_tokens[:, index] = step()
-        decode_seconds = synchronized(input_ids.device) - started
+        finished = synchronized(input_ids.device)
+        decode_seconds = finished - started
+        if max_new_tokens > WARM_STEPS + 1:
+            self.steady_step_seconds = (finished - steady_started) / (max_new_tokens - 1 - WARM_STEPS)
         sequences = torch.cat([input_ids, new_tokens], dim=1)
         stats = GenerationStats(
             layer_similarity=similarity,
@@ -297,18 +305,18 @@ class FastGenerator:
             cache.advance()
             return tokens[:, 0]
 
-        if not (self.cuda_graphs and tokens.is_cuda) or steps < 3:
+        if not (self.cuda_graphs and tokens.is_cuda) or steps <= WARM_STEPS:
             return lambda: step().clone()
         return graphed(step)
 
 
 def graphed(step):
-    """Captures ``step`` as a CUDA graph after two warm-up calls, which are real steps."""
+    """Captures ``step`` as a CUDA graph after ``WARM_STEPS`` warm-up calls, which are real steps."""
     warmed = []
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):
+        for _ in range(WARM_STEPS):
             warmed.append(step().clone())
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
@@ -328,3 +336,30 @@ def synchronized(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def kv_bytes_per_sequence(
+    model: nn.Module, config: SqueezeConfig, prompt_tokens: int, new_tokens: int
+) -> int:
+    """Buffer bytes one sequence needs in the fast engine: each layer's budget plus the free slot.
+
+    Exact when every sequence of a batch gets the same per-layer budgets (a layer's buffer is as
+    wide as the largest budget any sequence gives it).
+    """
+    model_config = model.config.get_text_config()
+    layers = model_config.num_hidden_layers
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = (
+        getattr(model_config, "head_dim", None)
+        or model_config.hidden_size // model_config.num_attention_heads
+    )
+    tokens = min(config.tokens_per_layer(prompt_tokens), prompt_tokens + new_tokens)
+    element = next(model.parameters()).element_size()
+    return (layers * tokens + layers) * 2 * kv_heads * head_dim * element
+
+
+def largest_batch(
+    model: nn.Module, config: SqueezeConfig, prompt_tokens: int, new_tokens: int, kv_memory_bytes: int
+) -> int:
+    """The most sequences whose compressed caches fit in ``kv_memory_bytes``."""
+    return kv_memory_bytes // kv_bytes_per_sequence(model, config, prompt_tokens, new_tokens)
