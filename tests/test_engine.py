@@ -58,3 +58,35 @@ def test_micro_batched_prefill_changes_nothing():
     one_by_one = FastGenerator(model, config).generate(ids, mask, NEW_TOKENS, prefill_batch=1)
     assert torch.equal(whole.sequences, one_by_one.sequences)
     assert torch.equal(whole.stats.layer_budget, one_by_one.stats.layer_budget)
+
+
+def test_chunked_prefill_at_a_keep_everything_budget_matches_model_generate():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([40, 27], seed=4))
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    config = SqueezeConfig(budget=100, policy="h2o")
+    whole = FastGenerator(model, config).generate(ids, mask, NEW_TOKENS)
+    chunked = FastGenerator(model, config).generate(ids, mask, NEW_TOKENS, prefill_chunk=7)
+    assert torch.equal(chunked.sequences, expected)
+    torch.testing.assert_close(chunked.stats.layer_similarity, whole.stats.layer_similarity)
+
+
+@pytest.mark.parametrize("policy", sorted(squeezekv.POLICIES))
+def test_chunked_prefill_holds_at_most_budget_plus_one_chunk(policy):
+    model = tiny_model("qwen2")
+    ids, mask = left_pad(prompts([48, 37], seed=5))
+    config = SqueezeConfig(budget=0.25, policy=policy, sinks=2, snapkv_window=4)
+    widest = []
+    with squeezekv.compress(model, config) as session:
+        handle = model.model.layers[-1].register_forward_hook(  # after every layer appended, before eviction
+            lambda *_: widest.append(max(layer.keys.shape[2] for layer in session.cache.layers))
+        )
+        try:
+            session.prefill(ids, mask, chunk_tokens=8)
+        finally:
+            handle.remove()
+        cache = session.cache
+        assert torch.equal(cache.budgets.sum(-1), 6 * (mask.sum(-1) // 4))  # planned for the whole prompt
+        assert (cache.held_tokens() <= cache.budgets).all()
+    assert len(widest) == 6
+    assert max(widest) <= int(cache.budgets.max()) + 8 < ids.shape[1]

@@ -141,18 +141,24 @@ class SqueezeCache(Cache):
         self.first_column: torch.Tensor | None = None
         self.new_valid: torch.Tensor | None = None
         self.forwards = 0
+        self.prefill_forwards = 1
 
     @property
     def phase(self) -> str:
-        return "prefill" if self.forwards <= 1 else "decode"
+        return "prefill" if self.forwards <= self.prefill_forwards else "decode"
+
+    def expect_prompt(self, valid: torch.Tensor, forwards: int) -> None:
+        """Declares a prompt (``[batch, columns]`` validity) that arrives in ``forwards`` chunks."""
+        self.prompt_columns = valid.shape[1]
+        self.prompt_tokens = valid.sum(-1)
+        self.first_column = self.prompt_columns - self.prompt_tokens
+        self.prefill_forwards = forwards
 
     def begin_forward(self, new_valid: torch.Tensor) -> None:
         self.new_valid = new_valid.bool()
         self.forwards += 1
-        if self.forwards == 1:
-            self.prompt_columns = new_valid.shape[1]
-            self.prompt_tokens = new_valid.sum(-1)
-            self.first_column = self.prompt_columns - self.prompt_tokens
+        if self.forwards == 1 and self.prompt_tokens is None:
+            self.expect_prompt(self.new_valid, forwards=1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.new_valid is None:

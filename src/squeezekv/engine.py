@@ -231,13 +231,19 @@ class FastGenerator:
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
         prefill_batch: int | None = None,
+        prefill_chunk: int | None = None,
     ) -> GenerationResult:
+        """Greedy continuation of a (left-padded) batch.
+
+        The prefill runs ``prefill_batch`` sequences at a time and, with ``prefill_chunk``, that
+        many columns at a time, compressing after each chunk (see :meth:`Session.prefill`).
+        """
         check_prompt(self.model, input_ids, attention_mask, max_new_tokens, self.config)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         started = time.perf_counter()
         caches, similarity, first_tokens = self.prefill(
-            input_ids, attention_mask, max_new_tokens, prefill_batch
+            input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk
         )
         self.cache = StaticCache(caches, self.config)
         prefill_seconds = synchronized(input_ids.device) - started
@@ -272,19 +278,13 @@ class FastGenerator:
         )
         return GenerationResult(sequences=sequences, stats=stats)
 
-    def prefill(self, input_ids, attention_mask, max_new_tokens, prefill_batch):
+    def prefill(self, input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk):
         rows = prefill_batch or input_ids.shape[0]
         caches, similarity, first_tokens = [], [], []
         with compress(self.model, self.config, max_new_tokens=max_new_tokens) as session:
             for start in range(0, input_ids.shape[0], rows):
                 part = slice(start, start + rows)
-                mask = attention_mask[part]
-                output = self.model(
-                    input_ids[part],
-                    attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    logits_to_keep=1,
-                )
+                output = session.prefill(input_ids[part], attention_mask[part], prefill_chunk)
                 caches.append(session.cache)
                 similarity.append(session.similarity)
                 first_tokens.append(output.logits[:, -1].argmax(-1))

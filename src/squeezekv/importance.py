@@ -15,20 +15,29 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
+def summed_similarity(
+    residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch]`` sums over valid tokens of cos(residual, residual + attention_output), and counts."""
+    residual = residual.float()
+    cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
+    weight = valid.to(cosine.device, torch.float32)
+    return (cosine * weight).sum(-1), weight.sum(-1)
+
+
 def mean_similarity(
     residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
     """``[batch]``: mean over valid tokens of cos(residual, residual + attention_output)."""
-    residual = residual.float()
-    cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
-    weight = valid.to(cosine.device, torch.float32)
-    return (cosine * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+    total, count = summed_similarity(residual, attention_output, valid)
+    return total / count.clamp(min=1.0)
 
 
 class ImportanceRecorder:
-    """Hooks that fill ``similarity`` (``[batch, layers]``) during a prefill forward.
+    """Hooks that measure ``similarity`` (``[batch, layers]``) during prefill forwards.
 
-    ``active`` says whether the current forward is a prefill; ``valid`` gives its tokens' validity.
+    ``active`` says whether the current forward is part of the prefill; ``valid`` gives its tokens'
+    validity. A prefill in chunks gives the mean over all its tokens so far.
     """
 
     def __init__(
@@ -37,17 +46,17 @@ class ImportanceRecorder:
         self.num_layers = num_layers
         self.active, self.valid = active, valid
         self.residuals: dict[int, torch.Tensor] = {}
-        self.columns: list[torch.Tensor | None] = [None] * num_layers
+        self.sums: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def reset(self) -> None:
         self.residuals.clear()
-        self.columns = [None] * self.num_layers
+        self.sums = [None] * self.num_layers
 
     def similarity(self) -> torch.Tensor:
-        missing = [index for index, column in enumerate(self.columns) if column is None]
+        missing = [index for index, sums in enumerate(self.sums) if sums is None]
         if missing:
             raise RuntimeError(f"no layer similarity was recorded for layers {missing} during prefill")
-        return torch.stack([column.cpu() for column in self.columns], dim=1)
+        return torch.stack([(total / count.clamp(min=1.0)).cpu() for total, count in self.sums], dim=1)
 
     def attach(self, layers: list[nn.Module], output_modules: list[nn.Module]) -> list[RemovableHandle]:
         handles = []
@@ -67,8 +76,9 @@ class ImportanceRecorder:
         def hook(module, args, output):
             if index in self.residuals:
                 attention_output = output[0] if isinstance(output, tuple) else output
-                self.columns[index] = mean_similarity(
-                    self.residuals.pop(index), attention_output, self.valid()
-                )
+                total, count = summed_similarity(self.residuals.pop(index), attention_output, self.valid())
+                if self.sums[index] is not None:
+                    total, count = total + self.sums[index][0], count + self.sums[index][1]
+                self.sums[index] = (total, count)
 
         return hook

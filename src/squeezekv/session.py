@@ -107,7 +107,40 @@ class Session:
         self._installed = ExitStack()
 
     def _is_prefill(self) -> bool:
-        return self.cache is not None and self.cache.forwards == 1
+        return self.cache is not None and self.cache.phase == "prefill"
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        chunk_tokens: int | None = None,
+    ):
+        """Prefills a prompt on a fresh cache, in chunks of ``chunk_tokens`` columns if given.
+
+        In chunks, importance is the mean over the prompt seen so far, budgets are planned after
+        every chunk for the whole prompt's length and every layer is evicted to them, so the cache
+        never holds more than its budgets plus one chunk. Returns the last chunk's model output.
+        """
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens {chunk_tokens} must be >= 1")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        columns = input_ids.shape[1]
+        chunk = chunk_tokens or columns
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self._start_generation()
+        self.cache.expect_prompt(attention_mask.bool(), forwards=-(-columns // chunk))
+        output = None
+        for start in range(0, columns, chunk):
+            end = min(start + chunk, columns)
+            output = self.model(
+                input_ids[:, start:end],
+                attention_mask=attention_mask[:, :end],
+                position_ids=positions[:, start:end],
+                cache=self.cache,
+                logits_to_keep=1,
+            )
+        return output
 
     def install(self) -> None:
         self._installed.enter_context(routed_attention(self.model, self.architecture, self))
@@ -172,7 +205,7 @@ class Session:
         cache.evict()
         elapsed = self._clock(cache.new_valid.device) - self._started
         if cache.phase == "prefill":
-            self.prefill_seconds = elapsed
+            self.prefill_seconds += elapsed
         else:
             self.decode_seconds += elapsed
             self.decode_forwards += 1
