@@ -76,17 +76,22 @@ def test_chunked_prefill_holds_at_most_budget_plus_one_chunk(policy):
     model = tiny_model("qwen2")
     ids, mask = left_pad(prompts([48, 37], seed=5))
     config = SqueezeConfig(budget=0.25, policy=policy, sinks=2, snapkv_window=4)
-    widest = []
+    widest, planned = [], []
+
+    def widths(*_):
+        return max(layer.keys.shape[2] for layer in session.cache.layers)
+
     with squeezekv.compress(model, config) as session:
-        handle = model.model.layers[-1].register_forward_hook(  # after every layer appended, before eviction
-            lambda *_: widest.append(max(layer.keys.shape[2] for layer in session.cache.layers))
-        )
+        during = model.model.layers[-1].register_forward_hook(lambda *_: widest.append(widths()))
+        after = model.register_forward_hook(lambda *_: planned.append(int(session.cache.budgets.max())))
         try:
             session.prefill(ids, mask, chunk_tokens=8)
         finally:
-            handle.remove()
+            during.remove()
+            after.remove()
         cache = session.cache
         assert torch.equal(cache.budgets.sum(-1), 6 * (mask.sum(-1) // 4))  # planned for the whole prompt
         assert (cache.held_tokens() <= cache.budgets).all()
-    assert len(widest) == 6
-    assert max(widest) <= int(cache.budgets.max()) + 8 < ids.shape[1]
+    assert len(widest) == len(planned) == 6
+    assert all(width <= budget + 8 for width, budget in zip(widest[1:], planned, strict=False))
+    assert max(widest) < ids.shape[1]
