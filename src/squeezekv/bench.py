@@ -233,6 +233,27 @@ def prefill_overhead(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig,
     return {"plain_seconds": plain, "squeezekv_seconds": squeezed, "overhead": squeezed / plain - 1}
 
 
+def prefill_peak_kv(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig, chunk: int | None) -> int:
+    """The most KV bytes any moment of the prefill holds (every layer appended, none evicted yet)."""
+    from squeezekv.architectures import architecture_of, decoder_layers
+    from squeezekv.session import compress
+
+    peak = 0
+
+    def record(*_) -> None:
+        nonlocal peak
+        peak = max(peak, session.cache.kv_bytes_kept())
+
+    last = decoder_layers(model, architecture_of(model))[-1]
+    with compress(model, config) as session:
+        handle = last.register_forward_hook(record)
+        try:
+            session.prefill(ids, chunk_tokens=chunk)
+        finally:
+            handle.remove()
+    return peak
+
+
 def run(config: BenchConfig) -> dict:
     """Runs every path; returns a JSON-ready report."""
     torch.manual_seed(config.seed)
@@ -298,6 +319,13 @@ def run(config: BenchConfig) -> dict:
                             model, i, config.new_tokens, s, n, config.device
                         ),
                     )
+        chunk = max(1, config.prompt_tokens // 8)
+        chunked_memory = {}
+        for policy in config.policies:
+            squeeze = SqueezeConfig(budget=config.budgets[0], policy=policy)
+            whole = prefill_peak_kv(model, reference[:1], squeeze, None)
+            chunked = prefill_peak_kv(model, reference[:1], squeeze, chunk)
+            chunked_memory[policy] = {"chunk_tokens": chunk, "whole_bytes": whole, "chunked_bytes": chunked}
         overhead = {
             policy: prefill_overhead(
                 model, reference[:1], SqueezeConfig(budget=config.budgets[0], policy=policy), config.device
@@ -314,6 +342,7 @@ def run(config: BenchConfig) -> dict:
         "kv_memory_gib": memory / GIB,
         "measurements": [dataclasses.asdict(m) for m in measurements],
         "prefill_overhead": overhead,
+        "chunked_prefill_peak_kv": chunked_memory,
     }
 
 
@@ -364,6 +393,12 @@ def markdown(report: dict) -> str:
         lines.append(
             f"- {policy}: {o['plain_seconds']:.3f} s plain, {o['squeezekv_seconds']:.3f} s squeezekv "
             f"({100 * o['overhead']:+.1f}%)"
+        )
+    lines += ["", "Peak KV memory during the prefill of one prompt, whole vs in chunks:", ""]
+    for policy, m in report["chunked_prefill_peak_kv"].items():
+        lines.append(
+            f"- {policy}: {m['whole_bytes'] / GIB:.2f} GiB whole, {m['chunked_bytes'] / GIB:.2f} GiB "
+            f"in chunks of {m['chunk_tokens']} ({m['chunked_bytes'] / m['whole_bytes']:.2f}x)"
         )
     return "\n".join(lines) + "\n"
 
