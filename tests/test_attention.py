@@ -77,3 +77,20 @@ def test_softcap_and_chunking_match_the_naive_definition(monkeypatch):
     output, mass = attention.attend(query, key, value, allowed, 0.5, scored_queries=5, softcap=2.0)
     torch.testing.assert_close(output, expected)
     torch.testing.assert_close(mass, probabilities.sum((1, 2)).unsqueeze(1).float())
+
+
+def test_plain_causal_matches_an_explicit_causal_mask():
+    _, key, value, *_ = random_case(2, kv_heads=2, group=2)
+    query = torch.randn(2, 4, key.shape[2], 8, dtype=torch.float64)  # as many queries as keys
+    allowed = layer_mask(
+        torch.arange(key.shape[2]).expand(2, 1, -1),
+        torch.ones(2, 1, key.shape[2], dtype=torch.bool),
+        torch.arange(key.shape[2]),
+        sliding_window=None,
+    )
+    expected, probabilities = naive(query, key, value, allowed, 0.4)
+    for scored in (0, 3):
+        output, mass = attend(query, key, value, None, 0.4, scored_queries=scored)
+        torch.testing.assert_close(output, expected)
+        if scored:
+            torch.testing.assert_close(mass, probabilities[:, :, -3:].sum(2).view(2, 2, 2, -1).sum(2).float())

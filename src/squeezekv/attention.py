@@ -38,7 +38,7 @@ def attend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
     scored_queries: int = 0,
     query_valid: torch.Tensor | None = None,
@@ -50,11 +50,16 @@ def attend(
     each key (summed over the query heads that share it).
 
     ``key``/``value`` have ``kv_heads`` heads (grouped-query attention), ``mask`` has 1 or
-    ``kv_heads`` heads. ``explicit`` forces the softmax path everywhere (as eager attention does);
-    otherwise only the scored queries take it.
+    ``kv_heads`` heads; ``None`` means plainly causal, the queries being the last keys (a fresh
+    prompt without padding, which SDPA's fastest kernels then serve). ``explicit`` forces the
+    softmax path everywhere (as eager attention does); otherwise only the scored queries take it.
     """
-    queries = query.shape[2]
+    queries, keys = query.shape[2], key.shape[2]
     split = 0 if explicit or softcap is not None else queries - scored_queries
+    if mask is None and split == queries == keys:
+        return _sdpa(query, key, value, None, scaling), None
+    if mask is None:
+        mask = causal_mask(queries, keys, query.device)
     if split == queries:
         return _sdpa(query, key, value, mask, scaling), None
     weight = torch.zeros(query.shape[0], queries - split, dtype=torch.float32, device=query.device)
@@ -69,12 +74,22 @@ def attend(
     return torch.cat([head, tail], dim=2), mass
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float):
+def causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, queries, keys]``: query ``i`` sees keys up to ``i + keys - queries``."""
+    rows = torch.arange(keys - queries, keys, device=device)[:, None]
+    return (torch.arange(keys, device=device) <= rows)[None, None]
+
+
+def _sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
     group = query.shape[1] // key.shape[1]
     if group > 1:
         key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-        mask = mask.repeat_interleave(group, 1) if mask.shape[1] > 1 else mask
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        mask = mask.repeat_interleave(group, 1) if mask is not None and mask.shape[1] > 1 else mask
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, is_causal=mask is None
+    )
 
 
 def _explicit(

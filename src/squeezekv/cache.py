@@ -142,6 +142,7 @@ class SqueezeCache(Cache):
         self.new_valid: torch.Tensor | None = None
         self.forwards = 0
         self.prefill_forwards = 1
+        self.plainly_causal = False  # a fresh, unpadded prompt: no mask needed
 
     @property
     def phase(self) -> str:
@@ -157,6 +158,7 @@ class SqueezeCache(Cache):
     def begin_forward(self, new_valid: torch.Tensor) -> None:
         self.new_valid = new_valid.bool()
         self.forwards += 1
+        self.plainly_causal = self.forwards == 1 and bool(self.new_valid.all())
         if self.forwards == 1 and self.prompt_tokens is None:
             self.expect_prompt(self.new_valid, forwards=1)
 
@@ -184,8 +186,11 @@ class SqueezeCache(Cache):
                 f"layer {layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
             )
         queries = query.shape[2]
-        columns = torch.arange(layer.seen - queries, layer.seen, device=query.device)
-        mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
+        if self.plainly_causal and layer.sliding_window is None and key.shape[2] == queries:
+            mask = None
+        else:
+            columns = torch.arange(layer.seen - queries, layer.seen, device=query.device)
+            mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
         scored = POLICIES[self.config.policy].scored_queries(self.phase, queries, self.config)
         output, mass = attend(
             query, key, value, mask, scaling, scored, self.new_valid, softcap, explicit=self.explicit
