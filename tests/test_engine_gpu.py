@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("policy", sorted(squeezekv.POLICIES))
 def test_graphed_decode_equals_simple_path_on_the_gpu(policy):
-    model = tiny_model("llama").to("cuda", torch.float32)
+    model = tiny_model("llama", "eager").to("cuda", torch.float32)  # the same softmax path in both
     ids, mask = left_pad(prompts([60, 41, 52], seed=7))
     ids, mask = ids.cuda(), mask.cuda()
     config = SqueezeConfig(budget=0.3, policy=policy, allocator="squeeze", sinks=2, snapkv_window=8)

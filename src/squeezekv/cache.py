@@ -100,6 +100,11 @@ class SqueezeLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
+    def reset(self) -> None:
+        """Drops every tensor, so the memory is freed."""
+        self.keys = self.values = self.positions = self.valid = self.scores = None
+        self.seen, self.is_initialized = 0, False
+
     def get_seq_length(self) -> int:
         return self.seen
 

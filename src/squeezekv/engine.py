@@ -56,22 +56,29 @@ class StaticLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = True
 
-    def __init__(self, layer: SqueezeLayer, budget: torch.Tensor, per_head: bool) -> None:
+    def __init__(self, parts: list[SqueezeLayer], budget: torch.Tensor, per_head: bool) -> None:
+        """Stacks the prefilled layers of several micro-batches (their rows, in order) into one buffer."""
         super().__init__()
-        self.sliding_window = layer.sliding_window
-        self.budget = budget.to(layer.keys.device)
-        batch, kv_heads, held, dim = layer.keys.shape
-        heads = kv_heads if per_head else max(layer.positions.shape[1], layer.scores.shape[1])
+        first = parts[0]
+        self.sliding_window = first.sliding_window
+        self.budget = budget.to(first.keys.device)
+        batch = sum(part.keys.shape[0] for part in parts)
+        kv_heads, dim = first.keys.shape[1], first.keys.shape[-1]
+        heads = kv_heads if per_head else max(max(p.positions.shape[1], p.scores.shape[1]) for p in parts)
         slots = int(budget.max()) + 1
-        self.keys = layer.keys.new_zeros(batch, kv_heads, slots, dim)
-        self.values = layer.values.new_zeros(batch, kv_heads, slots, layer.values.shape[-1])
-        self.keys[:, :, :held], self.values[:, :, :held] = layer.keys, layer.values
-        self.positions = layer.positions.new_zeros(batch, heads, slots)
-        self.valid = layer.valid.new_zeros(batch, heads, slots)
-        self.scores = layer.scores.new_zeros(batch, heads, slots)
-        self.positions[..., :held] = layer.positions
-        self.valid[..., :held] = layer.valid
-        self.scores[..., :held] = layer.scores
+        self.keys = first.keys.new_zeros(batch, kv_heads, slots, dim)
+        self.values = first.values.new_zeros(batch, kv_heads, slots, first.values.shape[-1])
+        self.positions = first.positions.new_zeros(batch, heads, slots)
+        self.valid = first.valid.new_zeros(batch, heads, slots)
+        self.scores = first.scores.new_zeros(batch, heads, slots)
+        row = 0
+        for part in parts:
+            rows, held = slice(row, row + part.keys.shape[0]), part.keys.shape[2]
+            self.keys[rows, :, :held], self.values[rows, :, :held] = part.keys, part.values
+            self.positions[rows, :, :held] = part.positions
+            self.valid[rows, :, :held] = part.valid
+            self.scores[rows, :, :held] = part.scores
+            row = rows.stop
         self.free = self.first_free()
         self.is_initialized = True
 
@@ -122,16 +129,19 @@ class StaticCache(Cache):
 
     def __init__(self, caches: list[SqueezeCache], config: SqueezeConfig) -> None:
         first = caches[0]
+        columns_seen = first.layers[0].seen
         per_head = POLICIES[config.policy].scored_queries("decode", 1, config) > 0
         layers = []
         for index in range(len(first.layers)):
             parts = [cache.layers[index] for cache in caches]
             budget = torch.cat([cache.budgets[:, index] for cache in caches])
-            layers.append(StaticLayer(concatenate(parts), budget, per_head))
+            layers.append(StaticLayer(parts, budget, per_head))
+            for part in parts:  # one layer at a time: the conversion needs one layer's worth of extra memory
+                part.reset()
         super().__init__(layers=layers)
         self.config = config
         device = layers[0].keys.device
-        self.column = torch.tensor([first.layers[0].seen], device=device)
+        self.column = torch.tensor([columns_seen], device=device)
         self.first_column = torch.cat([c.prompt_columns - c.prompt_tokens for c in caches]).to(device)
         self.prompt_columns = first.prompt_columns
 
@@ -189,28 +199,6 @@ class StaticCache(Cache):
 
     def held_tokens(self) -> torch.Tensor:
         return torch.stack([layer.valid.sum(-1).amax(-1).cpu() for layer in self.layers], dim=1)
-
-
-def concatenate(layers: list[SqueezeLayer]) -> SqueezeLayer:
-    """One layer holding the rows of several micro-batches (padded to the widest)."""
-    if len(layers) == 1:
-        return layers[0]
-    heads = max(max(layer.positions.shape[1], layer.scores.shape[1]) for layer in layers)
-    width = max(layer.keys.shape[2] for layer in layers)
-
-    def padded(tensor: torch.Tensor, fill) -> torch.Tensor:
-        tensor = tensor.expand(-1, heads, -1) if tensor.dim() == 3 else tensor
-        pad = [0, 0] * (tensor.dim() - 3) + [0, width - tensor.shape[2]]
-        return torch.nn.functional.pad(tensor, pad, value=fill)
-
-    merged = SqueezeLayer(layers[0].sliding_window)
-    merged.keys = torch.cat([padded(layer.keys, 0.0) for layer in layers])
-    merged.values = torch.cat([padded(layer.values, 0.0) for layer in layers])
-    merged.positions = torch.cat([padded(layer.positions, 0) for layer in layers])
-    merged.valid = torch.cat([padded(layer.valid, False) for layer in layers])
-    merged.scores = torch.cat([padded(layer.scores, 0.0) for layer in layers])
-    merged.seen, merged.is_initialized = layers[0].seen, True
-    return merged
 
 
 class FastGenerator:
