@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from squeezekv import kernels
 from squeezekv.attention import attend, layer_mask
 from squeezekv.config import SqueezeConfig
 from squeezekv.policies import POLICIES, LayerView, select
@@ -190,16 +191,31 @@ class SqueezeCache(Cache):
             raise RuntimeError(
                 f"layer {layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
             )
-        queries = query.shape[2]
-        if self.plainly_causal and layer.sliding_window is None and key.shape[2] == queries:
-            mask = None
-        else:
-            columns = torch.arange(layer.seen - queries, layer.seen, device=query.device)
-            mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
+        queries, first_column = query.shape[2], layer.seen - query.shape[2]
         scored = POLICIES[self.config.policy].scored_queries(self.phase, queries, self.config)
-        output, mass = attend(
-            query, key, value, mask, scaling, scored, self.new_valid, softcap, explicit=self.explicit
-        )
+        fused = scored and queries > 1 and query.is_cuda and not self.explicit and softcap is None
+        if fused and kernels.available(query):
+            weight = torch.zeros(query.shape[0], queries, device=query.device)
+            weight[:, queries - scored :] = self.new_valid[:, queries - scored :].float()
+            output, mass = kernels.attend_scored(
+                query,
+                key,
+                value,
+                layer.positions,
+                layer.valid,
+                first_column,
+                layer.sliding_window,
+                scaling,
+                weight,
+            )
+        else:
+            mask = None
+            if not (self.plainly_causal and layer.sliding_window is None and key.shape[2] == queries):
+                columns = torch.arange(first_column, layer.seen, device=query.device)
+                mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
+            output, mass = attend(
+                query, key, value, mask, scaling, scored, self.new_valid, softcap, explicit=self.explicit
+            )
         if mass is not None:
             layer.add_mass(mass, self.phase, self.config)
         return output
