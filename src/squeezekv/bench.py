@@ -76,7 +76,7 @@ class BenchConfig:
     reference_batch: int = 8
     budgets: tuple[float, ...] = (0.2,)
     policies: tuple[str, ...] = ("h2o", "window")
-    allocators: tuple[str, ...] = ("squeeze",)
+    allocators: tuple[str, ...] = ("squeeze", "uniform")
     baselines: tuple[str, ...] = ("hf_dynamic", "hf_static", "full")
     max_batch: int = 256
     device: str = "cuda"

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from models import tiny_model
+from squeezekv import SqueezeConfig
+from squeezekv.bench import BenchConfig, markdown, run, write_report
+from squeezekv.engine import kv_bytes_per_sequence, largest_batch
+
+
+def test_kv_bytes_per_sequence_counts_each_layer_budget_plus_the_free_slot():
+    model = tiny_model("llama")  # 6 layers, 2 kv heads of 16, float64
+    config = SqueezeConfig(budget=0.25)
+    assert kv_bytes_per_sequence(model, config, 40, 8) == 6 * (10 + 1) * 2 * 2 * 16 * 8
+    assert largest_batch(model, config, 40, 8, 10 * 6 * 11 * 2 * 2 * 16 * 8 + 1) == 10
+
+
+def test_bench_runs_every_path_on_a_small_model(tmp_path):
+    config = BenchConfig(
+        shape="tiny", prompt_tokens=48, new_tokens=6, reference_batch=2, budgets=(0.25,),
+        policies=("window", "h2o"), allocators=("squeeze",), baselines=("hf_dynamic", "full"), device="cpu",
+    )  # fmt: skip
+    report = run(config)
+    paths = [m["path"] for m in report["measurements"]]
+    assert paths == ["hf_dynamic", "full", "squeezekv window/squeeze b=0.25", "squeezekv h2o/squeeze b=0.25"]
+    assert all(m["error"] is None and m["tokens_per_second"] > 0 for m in report["measurements"])
+    compressed = report["measurements"][2]
+    assert compressed["batch"] > config.reference_batch  # compressed caches fit more sequences
+    assert (
+        compressed["kv_gib"] < report["kv_memory_gib"] * 1.5
+    )  # rows' budgets differ: buffers take the widest
+    assert (
+        report["chunked_prefill_peak_kv"]["h2o"]["chunked_bytes"]
+        < report["chunked_prefill_peak_kv"]["h2o"]["whole_bytes"]
+    )
+    json_path, markdown_path = write_report(report, tmp_path)
+    assert json.loads(json_path.read_text())["config"]["shape"] == "tiny"
+    assert markdown_path.read_text() == markdown(report)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_bench_config_is_rejected():
+    with pytest.raises(ValueError, match="shape 'gpt5'"):
+        BenchConfig(shape="gpt5")
+    with pytest.raises(ValueError, match="unknown baselines"):
+        BenchConfig(baselines=("vllm",))
