@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("policy", sorted(squeezekv.POLICIES))
 def test_graphed_decode_equals_simple_path_on_the_gpu(policy):
-    model = tiny_model("llama", "eager").to("cuda", torch.float32)  # the same softmax path in both
+    model = tiny_model("llama", "eager").to("cuda")  # float64: slot order cannot flip a greedy tie
     ids, mask = left_pad(prompts([60, 41, 52], seed=7))
     ids, mask = ids.cuda(), mask.cuda()
     config = SqueezeConfig(budget=0.3, policy=policy, allocator="squeeze", sinks=2, snapkv_window=8)
@@ -24,7 +24,7 @@ def test_graphed_decode_equals_simple_path_on_the_gpu(policy):
         generator = FastGenerator(model, config)
         fast = generator.generate(ids, mask, max_new_tokens=24, prefill_batch=2)
     finally:
-        model.to("cpu", torch.float64)
+        model.to("cpu")
     assert torch.equal(simple.sequences, fast.sequences)
     assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
     assert generator.steady_step_seconds is not None

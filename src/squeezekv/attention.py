@@ -84,11 +84,10 @@ def _sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     group = query.shape[1] // key.shape[1]
-    if group > 1:
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-        mask = mask.repeat_interleave(group, 1) if mask is not None and mask.shape[1] > 1 else mask
+    if group > 1 and mask is not None and mask.shape[1] > 1:
+        mask = mask.repeat_interleave(group, 1)  # per-head masks follow the query heads; keys are not copied
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, is_causal=mask is None
+        query, key, value, attn_mask=mask, scale=scaling, is_causal=mask is None, enable_gqa=group > 1
     )
 
 

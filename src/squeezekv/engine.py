@@ -144,6 +144,7 @@ class StaticCache(Cache):
         self.column = torch.tensor([columns_seen], device=device)
         self.first_column = torch.cat([c.prompt_columns - c.prompt_tokens for c in caches]).to(device)
         self.prompt_columns = first.prompt_columns
+        self.explicit = first.explicit
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
@@ -167,7 +168,7 @@ class StaticCache(Cache):
         policy = POLICIES[self.config.policy]
         scored = policy.scored_queries("decode", 1, self.config)
         output, mass = attend(
-            query, key, value, mask.unsqueeze(2), scaling, scored, None, softcap, explicit=True
+            query, key, value, mask.unsqueeze(2), scaling, scored, None, softcap, explicit=self.explicit
         )
         if mass is not None:  # in place: a captured step must read this step's scores on replay
             layer.scores.copy_(policy.fold(layer.scores, mass, "decode", self.config))

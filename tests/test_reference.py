@@ -1,0 +1,149 @@
+"""The bundled reference model and held-out data load offline and behave like a trained model.
+
+These run on CPU in well under a minute; they guard the artefacts every quality claim in the project
+depends on, and the training code path that rebuilds them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
+
+from squeezekv.reference import (  # noqa: E402
+    REFERENCE_MODEL,
+    load_heldout,
+    passkey_prompt,
+    random_passkey,
+    reference_model_path,
+)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _import_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(reference_model_path()))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = AutoModelForCausalLM.from_pretrained(str(reference_model_path()), dtype=torch.float32)
+    return m.eval()
+
+
+def _nll(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).item()
+
+
+def test_model_path_and_env_override(tmp_path, monkeypatch):
+    path = reference_model_path()
+    assert path.name == REFERENCE_MODEL and (path / "config.json").is_file()
+    monkeypatch.setenv("SQUEEZEKV_MODEL_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="SQUEEZEKV_MODEL_DIR"):
+        reference_model_path()
+
+
+def test_config_shape_and_size(model):
+    cfg = model.config
+    assert isinstance(model, LlamaForCausalLM)
+    assert cfg.num_hidden_layers >= 16
+    assert cfg.max_position_embeddings == 4096
+    assert cfg.num_attention_heads == 8 and cfg.num_key_value_heads == 2
+    assert 20e6 <= sum(p.numel() for p in model.parameters()) <= 25e6
+    size = sum(f.stat().st_size for f in reference_model_path().iterdir() if f.is_file())
+    assert size <= 48 * 1024 * 1024
+
+
+def test_tokenizer_special_tokens(tokenizer):
+    ids = tokenizer("The pass key is 12345.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.eos_token_id is not None and tokenizer.eos_token_id != tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "The pass key is 12345."
+
+
+def test_generate_runs(model, tokenizer):
+    x = tokenizer("The function returns", return_tensors="pt")
+    out = model.generate(**x, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert out.shape[1] == x["input_ids"].shape[1] + 6
+
+
+def test_heldout_splits():
+    long_docs = load_heldout("long")
+    short_docs = load_heldout("short")
+    assert len(long_docs) >= 200 and len(short_docs) >= 100
+    assert {"id", "source", "text"} <= set(long_docs[0])
+    assert not {d["id"] for d in long_docs} & {d["id"] for d in short_docs}
+    with pytest.raises(ValueError, match="long, short"):
+        load_heldout("train")
+
+
+def test_heldout_ppl_far_below_random_init(model, tokenizer):
+    docs = load_heldout("short")[:4]
+    ids = torch.tensor([tokenizer(d["text"])["input_ids"][:256] for d in docs])
+    trained = math.exp(_nll(model, ids))
+    torch.manual_seed(0)
+    random_model = LlamaForCausalLM(model.config).eval()
+    untrained = math.exp(_nll(random_model, ids))
+    assert untrained > 0.5 * model.config.vocab_size  # a random model is about uniform
+    assert trained < untrained / 50
+
+
+def test_passkey_prompt_length(tokenizer):
+    rng = random.Random(0)
+    key = random_passkey(rng)
+    assert len(key) == 5
+    p = passkey_prompt(tokenizer, 1024, depth=0.5, key=key)
+    n = len(tokenizer(p.prompt)["input_ids"])
+    assert 1024 - 40 <= n <= 1024 and key in p.prompt and p.answer.strip().startswith(key)
+    with pytest.raises(ValueError):
+        passkey_prompt(tokenizer, 1024, depth=1.5, key=key)
+
+
+def test_training_smoke_cpu(tmp_path, tokenizer):
+    """A few steps of a tiny model through the same code path as the GPU run."""
+    train_model = _import_script("train_model")
+    text = " ".join(d["text"] for d in load_heldout("short")[:3])
+    ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.uint16)
+    data = tmp_path / "tiny.u16"
+    ids.tofile(data)
+    cfg = train_model.TrainConfig(
+        data=str(data),
+        tokenizer_dir=str(reference_model_path()),
+        out=str(tmp_path / "out"),
+        device="cpu",
+        tiny=True,
+        seq_len=128,
+        batch_size=2,
+        steps=3,
+        warmup_steps=1,
+        synthetic_prob=0.5,
+        synthetic_pool=2,
+        skip_eval=True,
+    )
+    report = train_model.train(cfg)
+    assert report["steps"] == 3 and math.isfinite(report["final_loss"])
+    reloaded = AutoModelForCausalLM.from_pretrained(cfg.out)
+    assert reloaded.config.num_hidden_layers == 2
