@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 BUDGET_HELP = "a fraction of the prompt in (0, 1] (e.g. 0.2), or whole tokens per layer (e.g. 512)"
@@ -63,6 +64,8 @@ def load_model(name: str | None, device: str, dtype: str):
         raise FileNotFoundError(f"model path {name!r} does not exist")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto" and device == "cpu":
+        dtype = "float32"  # bf16 weights run far slower than float32 on a CPU
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -72,18 +75,17 @@ def load_model(name: str | None, device: str, dtype: str):
     return tokenizer, model.to(device).eval()
 
 
+def from_arguments(cls, args: argparse.Namespace):
+    """Builds a configuration dataclass from the parsed options that share its field names."""
+    return cls(
+        **{field.name: getattr(args, field.name) for field in fields(cls) if hasattr(args, field.name)}
+    )
+
+
 def config_from(args: argparse.Namespace):
     from squeezekv import SqueezeConfig
 
-    return SqueezeConfig(
-        budget=args.budget,
-        policy=args.policy,
-        allocator=args.allocator,
-        p=args.p,
-        groups=args.groups,
-        sinks=args.sinks,
-        recent_ratio=args.recent_ratio,
-    )
+    return from_arguments(SqueezeConfig, args)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -152,7 +154,52 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     generate.set_defaults(run=run_generate)
+    from squeezekv.evaluation.commands import add_eval, add_profile
+
+    add_eval(commands)
+    add_profile(commands)
+    bench = commands.add_parser("bench", help="throughput and memory against the full cache and transformers")
+    bench.add_argument(
+        "--shape", default="llama2-7b", help="llama2-7b, mistral-7b, tiny or a config.json path"
+    )
+    bench.add_argument("--prompt-tokens", type=int, default=8192)
+    bench.add_argument("--new-tokens", type=int, default=256)
+    bench.add_argument(
+        "--reference-batch", type=int, default=8, help="the full cache of this batch sets the memory"
+    )
+    bench.add_argument("--budgets", type=parse_list(float), default=(0.2,))
+    bench.add_argument("--policies", type=parse_list(str), default=("h2o", "window"))
+    bench.add_argument("--allocators", type=parse_list(str), default=("squeeze", "uniform"))
+    bench.add_argument("--baselines", type=parse_list(str), default=("hf_dynamic", "hf_static", "full"))
+    bench.add_argument("--max-batch", type=int, default=256)
+    bench.add_argument("--device", default="cuda")
+    bench.add_argument(
+        "--out", default="benchmarks/results", help="directory for the JSON and markdown results"
+    )
+    bench.set_defaults(run=run_bench)
     return parser
+
+
+def parse_list(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(item) for item in text.split(",") if item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {kind.__name__}"
+            ) from None
+
+    return parse
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from squeezekv.bench import BenchConfig, markdown, run, write_report
+
+    config = from_arguments(BenchConfig, args)
+    report = run(config)
+    paths = write_report(report, Path(args.out))
+    print(markdown(report))
+    print("written: " + ", ".join(str(path) for path in paths))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,105 @@
+"""The evaluation grid: which cells a run holds and the configuration it is recorded under."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from squeezekv import SqueezeConfig
+from squeezekv.evaluation.tasks import TaskOptions
+
+FULL = "full"
+OWN = "squeezekv"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One column of results: the full cache, a squeezekv setting, or a peer library's press."""
+
+    method: str
+    policy: str = ""
+    allocator: str = ""
+    budget: float | int | None = None
+
+    @property
+    def key(self) -> str:
+        if self.method == FULL:
+            return FULL
+        if self.method == OWN:
+            return f"{self.policy}/{self.allocator}/{self.budget}"
+        return f"{self.method}:{self.policy}/{self.budget}"
+
+    @property
+    def row(self) -> str:
+        """The summary row the cell belongs to (budgets are the columns)."""
+        if self.method == FULL:
+            return "full cache"
+        if self.method == OWN:
+            return f"{self.policy} × {self.allocator}"
+        return f"{self.method} {self.policy}"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A run's configuration, stored as ``config.json``.
+
+    ``limit``, ``device``, ``batch_size`` and ``peer_python`` say how much of a run to do, where and
+    how fast, not what a result means, so a resumed run may change them (a larger ``limit`` extends
+    a run); every other field must match.
+    """
+
+    task: str
+    model: str
+    budgets: tuple[float | int, ...]
+    policies: tuple[str, ...]
+    allocators: tuple[str, ...]
+    p: float = 0.35
+    limit: int | None = None
+    dtype: str = "auto"
+    options: TaskOptions = field(default_factory=TaskOptions)
+    peer: str | None = None
+    peer_presses: tuple[str, ...] = ()
+    device: str = "auto"
+    batch_size: int = 4
+    peer_python: str | None = None
+
+    RUNTIME: ClassVar[tuple[str, ...]] = ("limit", "device", "batch_size", "peer_python")
+
+    def __post_init__(self) -> None:
+        if not self.budgets or not self.policies or not self.allocators:
+            raise ValueError("--budgets, --policies and --allocators each need at least one value")
+        for budget in self.budgets:
+            for policy in self.policies:
+                for allocator in self.allocators:
+                    SqueezeConfig(budget=budget, policy=policy, allocator=allocator, p=self.p)
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} must be >= 1")
+
+    def cells(self) -> list[Cell]:
+        own = [
+            Cell(OWN, policy, allocator, budget)
+            for policy in self.policies
+            for allocator in self.allocators
+            for budget in self.budgets
+        ]
+        peers = [Cell(self.peer, press, "", budget) for press in self.peer_presses for budget in self.budgets]
+        return [Cell(FULL), *own, *peers]
+
+    def squeeze_config(self, cell: Cell) -> SqueezeConfig | None:
+        if cell.method == FULL:
+            return None
+        return SqueezeConfig(budget=cell.budget, policy=cell.policy, allocator=cell.allocator, p=self.p)
+
+    def identity(self) -> dict:
+        """The fields that decide what a run measures (JSON-shaped, for comparing with a stored run)."""
+        record = to_json(self)
+        return {name: value for name, value in record.items() if name not in self.RUNTIME}
+
+
+def to_json(config: EvalConfig) -> dict:
+    """``config`` as plain JSON types (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -1,0 +1,103 @@
+"""The task registry: each task turns documents into samples and scores one cell on a batch of them.
+
+A task is one small module defining a :class:`Task` subclass decorated with :func:`register_task`.
+``config=None`` always means the full cache. ``prepare`` computes, once per batch, what every cell
+needs from the full cache (e.g. its greedy continuation); ``evaluate`` scores one cell.
+Tasks that a peer library can run describe a peer job per sample and score the peer's raw output
+with the same code as their own cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from squeezekv import SqueezeConfig
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Task settings recorded in the run configuration (``None``: the task's default)."""
+
+    data: str | None = None
+    context: int | None = None
+    score_tokens: int = 256
+    passkey_lengths: tuple[int, ...] | None = None
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One unit of evaluation: its prompt as token ids plus task-specific, JSON-able facts."""
+
+    id: str
+    prompt: list[int]
+    facts: dict = field(default_factory=dict)
+
+
+class Task:
+    """Base class; ``metric`` is the headline metric of the summary."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    peer_supported: ClassVar[bool] = False
+    relative: ClassVar[bool] = False  # the summary also shows the headline metric / full cache's
+    heat_map: ClassVar[tuple[str, str] | None] = None  # result fields for the rows and columns of a heat map
+
+    def __init__(self, options: TaskOptions) -> None:
+        self.options = options
+
+    def samples(self, tokenizer, model: nn.Module) -> list[Sample]:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, tokenizer, samples: list[Sample]) -> list[Any]:
+        return [None] * len(samples)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        tokenizer,
+        samples: list[Sample],
+        prepared: list[Any],
+        config: SqueezeConfig | None,
+    ) -> list[dict]:
+        """One result per sample: ``{"metrics": {...}, "kv_tokens": float, ...}``."""
+        raise NotImplementedError
+
+    def aggregate(self, results: list[dict]) -> dict[str, float]:
+        """Metrics of a cell over samples (plain means unless a task knows better)."""
+        names = results[0]["metrics"].keys()
+        return {name: sum(r["metrics"][name] for r in results) / len(results) for name in names}
+
+    def peer_job(self, sample: Sample) -> dict:
+        raise ValueError(f"task {self.name!r} cannot run on a peer library")
+
+    def peer_result(self, tokenizer, sample: Sample, output: dict) -> dict:
+        raise NotImplementedError
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(task: type[Task]) -> type[Task]:
+    TASKS[task.name] = task
+    return task
+
+
+def task_named(name: str, options: TaskOptions) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](options)
+
+
+def model_context(model: nn.Module, default: int = 2048) -> int:
+    """The model's usable context: its position limit, at most ``default``."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(default, limit) if limit else default
+
+
+from squeezekv.evaluation.tasks import fidelity, longbench, passkey, ppl  # noqa: E402,F401  (registers them)

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from squeezekv.cli import main
+
+
+def test_rerun_with_a_different_configuration_is_refused_and_overwrites_nothing(eval_args, tmp_path, capsys):
+    args = eval_args("ppl")
+    assert main(args) == 0
+    out = tmp_path / "ppl"
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    changed = [*args, "--budgets", "0.25,500"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different configuration (differs in: budgets)" in err
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+    # how much, where and how fast it runs is not part of what it measures: a larger limit extends it
+    assert main([*args, "--batch-size", "1", "--limit", "3"]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3 * 9
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budgets", "1.5"], "budget 1.5 is a fraction"),
+        (["--budgets", "0"], "budget 0 must be >= 1"),
+        (["--budgets", "abc"], "budget 'abc' is not a number"),
+        (["--budgets", "0.05", "--policies", "streaming"], "too small for policy"),
+        (["--policies", "lru"], "unknown policy 'lru'"),
+        (["--allocators", "fair"], "unknown allocator 'fair'"),
+        (["--limit", "0"], "--limit 0 must be >= 1"),
+        (["--context", "2000"], "--context 2000 exceeds the model's maximum of 256"),
+    ],
+)
+def test_bad_options_exit_with_one_line(eval_args, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    assert main([*eval_args("ppl", out=out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_unknown_task_and_missing_model(eval_args, tmp_path, capsys):
+    assert main(eval_args("nope")) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    args = eval_args("ppl")
+    args[args.index("--model") + 1] = str(tmp_path / "missing")
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_foreign_or_corrupt_out_dirs_are_refused(eval_args, tmp_path, capsys):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "results.jsonl").write_text("{}\n")
+    assert main(eval_args("ppl", out=out)) == 2
+    assert "holds results but no config.json" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == "{}\n"
+    good = tmp_path / "good"
+    assert main(eval_args("ppl", out=good)) == 0
+    lines = (good / "results.jsonl").read_text().splitlines()
+    (good / "results.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    assert main(eval_args("ppl", out=good)) == 2
+    assert "results.jsonl:2: not a results line" in capsys.readouterr().err
+
+
+def test_config_json_records_the_run(eval_args, tmp_path):
+    assert main(eval_args("ppl")) == 0
+    config = json.loads((tmp_path / "ppl" / "config.json").read_text())
+    assert config["task"] == "ppl" and config["budgets"] == [0.5, 500]
+    assert config["options"]["context"] == 48 and config["limit"] == 2
