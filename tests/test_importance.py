@@ -3,15 +3,16 @@ from models import prompts, tiny_model
 
 import squeezekv
 from squeezekv import SqueezeConfig
-from squeezekv.importance import mean_similarity
+from squeezekv.importance import summed_similarity
 
 
-def test_mean_similarity_ignores_padding():
+def test_similarity_sums_ignore_padding():
     residual = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     attention = torch.tensor([[[5.0, 5.0], [0.0, 1.0], [0.0, 3.0]]])
     valid = torch.tensor([[False, True, True]])
     expected = (torch.tensor(1 / 2**0.5) + 1.0) / 2
-    torch.testing.assert_close(mean_similarity(residual, attention, valid), expected.view(1))
+    total, count = summed_similarity(residual, attention, valid)
+    torch.testing.assert_close(total / count, expected.view(1))
 
 
 def manual_similarity(model, ids, layers, attention_name):

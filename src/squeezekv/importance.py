@@ -25,14 +25,6 @@ def summed_similarity(
     return (cosine * weight).sum(-1), weight.sum(-1)
 
 
-def mean_similarity(
-    residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """``[batch]``: mean over valid tokens of cos(residual, residual + attention_output)."""
-    total, count = summed_similarity(residual, attention_output, valid)
-    return total / count.clamp(min=1.0)
-
-
 class ImportanceRecorder:
     """Hooks that measure ``similarity`` (``[batch, layers]``) during prefill forwards.
 
