@@ -1,7 +1,7 @@
 import torch
-from models import prompts, tiny_model
 
 import squeezekv
+from models import prompts, tiny_model
 from squeezekv import SqueezeConfig
 from squeezekv.importance import summed_similarity
 
