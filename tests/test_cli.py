@@ -1,10 +1,10 @@
 import json
 
 import pytest
-from models import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from models import tiny_model
 from squeezekv.cli import main
 
 WORDS = [
@@ -48,22 +48,24 @@ def prompt_file(tmp_path):
     return path
 
 
-def test_generate_prints_continuation_and_report(model_dir, prompt_file, capsys):
-    code = main(
+def generate(model_dir, prompt_file, *arguments) -> int:
+    """``squeezekv generate`` on the tiny model, on the CPU, with the given extra options."""
+    return main(
         [
             "generate",
             "--model",
             str(model_dir),
             "--prompt-file",
             str(prompt_file),
-            "--budget",
-            "0.3",
-            "--max-new-tokens",
-            "4",
             "--device",
             "cpu",
+            *arguments,
         ]
     )
+
+
+def test_generate_prints_continuation_and_report(model_dir, prompt_file, capsys):
+    code = generate(model_dir, prompt_file, "--budget", "0.3", "--max-new-tokens", "4")
     out = capsys.readouterr().out
     assert code == 0
     assert "similarity" in out and "KV cache kept:" in out
@@ -71,26 +73,10 @@ def test_generate_prints_continuation_and_report(model_dir, prompt_file, capsys)
 
 
 def test_generate_json_has_the_same_facts(model_dir, prompt_file, capsys):
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(model_dir),
-            "--prompt-file",
-            str(prompt_file),
-            "--budget",
-            "12",
-            "--policy",
-            "snapkv",
-            "--allocator",
-            "pyramid",
-            "--max-new-tokens",
-            "3",
-            "--json",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = generate(
+        model_dir, prompt_file, "--budget", "12", "--policy", "snapkv", "--allocator", "pyramid",
+        "--max-new-tokens", "3", "--json",
+    )  # fmt: skip
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert report["prompt_tokens"] == [60]
@@ -113,18 +99,7 @@ def test_generate_json_has_the_same_facts(model_dir, prompt_file, capsys):
     ],
 )
 def test_bad_options_exit_with_one_readable_line(model_dir, prompt_file, capsys, arguments, message):
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(model_dir),
-            "--prompt-file",
-            str(prompt_file),
-            "--device",
-            "cpu",
-            *arguments,
-        ]
-    )
+    code = generate(model_dir, prompt_file, *arguments)
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err
