@@ -1,10 +1,11 @@
 import pytest
 import torch
-from models import tiny_model
 from transformers import FalconConfig, FalconForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import squeezekv
 from squeezekv import SqueezeConfig
+
+from models import tiny_model
 
 
 def test_unsupported_model_names_the_supported_ones():

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from models import tiny_model
 from squeezekv import SqueezeConfig
-from squeezekv.bench import BenchConfig, markdown, run, write_report
+from squeezekv.bench import GIB, BenchConfig, build_model, full_kv_bytes, markdown, run, write_report
 from squeezekv.engine import kv_bytes_per_sequence, largest_batch
+
+from models import tiny_model
 
 
 def test_kv_bytes_per_sequence_counts_each_layer_budget_plus_the_free_slot():
@@ -44,3 +45,25 @@ def test_bad_bench_config_is_rejected():
         BenchConfig(shape="gpt5")
     with pytest.raises(ValueError, match="unknown baselines"):
         BenchConfig(baselines=("vllm",))
+    with pytest.raises(ValueError, match="tp 0"):
+        BenchConfig(tp=0)
+    with pytest.raises(ValueError, match="choose one"):
+        BenchConfig(tp=2, device_map="balanced", cuda_graphs=False)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        BenchConfig(device_map="balanced")
+
+
+def test_tensor_parallel_bench_reports_per_rank_numbers_from_rank_zero(tmp_path):
+    from squeezekv.cli import main
+
+    argv = ["bench", "--shape", "tiny", "--tp", "2", "--device", "cpu", "--prompt-tokens", "32"]
+    argv += ["--new-tokens", "4", "--reference-batch", "2", "--policies", "window", "--allocators", "squeeze"]
+    argv += ["--baselines", "full", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (json_path,) = tmp_path.glob("tiny-tp2-*.json")
+    report = json.loads(json_path.read_text())
+    assert report["config"]["tp"] == 2 and report["device"].startswith("2x ")
+    assert all(m["error"] is None for m in report["measurements"])
+    whole_model = build_model("tiny", "cpu", max_positions=36)
+    # each rank holds half the heads, so half the full cache
+    assert report["kv_memory_gib"] * GIB == full_kv_bytes(whole_model, batch=2, tokens=36) / 2

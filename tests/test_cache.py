@@ -1,9 +1,10 @@
 import pytest
 import torch
-from models import MQA, left_pad, prompts, tiny_model
 
 import squeezekv
 from squeezekv import SqueezeConfig
+
+from models import MQA, left_pad, prompts, tiny_model
 
 
 def compressed_forward(model, ids, config, mask=None):

@@ -4,8 +4,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from models import tiny_model
 from squeezekv.cli import main
+
+from models import tiny_model
 
 WORDS = [
     "the",

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import squeezekv
-from models import left_pad, prompts, tiny_model
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
+
+from models import left_pad, prompts, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

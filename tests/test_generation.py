@@ -1,9 +1,10 @@
 import pytest
 import torch
-from models import FAMILIES, left_pad, prompts, tiny_model
 
 import squeezekv
 from squeezekv import SqueezeConfig
+
+from models import FAMILIES, left_pad, prompts, tiny_model
 
 POLICY_NAMES = sorted(squeezekv.POLICIES)
 ALLOCATOR_NAMES = sorted(squeezekv.ALLOCATORS)

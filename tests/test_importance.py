@@ -1,9 +1,10 @@
 import torch
 
 import squeezekv
-from models import prompts, tiny_model
 from squeezekv import SqueezeConfig
 from squeezekv.importance import summed_similarity
+
+from models import prompts, tiny_model
 
 
 def test_similarity_sums_ignore_padding():

@@ -9,6 +9,10 @@ side by side:
 - ``full``: squeezekv's fast engine keeping every token, at the reference batch;
 - ``squeezekv``: the fast engine at each budget / policy / allocator, at the largest batch whose
   compressed caches fit the memory the full cache needs for the reference batch.
+
+Across GPUs the model is spread by transformers itself: ``tp`` > 1 shards heads over that many
+ranks (run under ``torchrun``; every number is one rank's, the report comes from rank 0), and
+``device_map`` places layers on the visible GPUs (accelerate), decoding without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import platform
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +31,8 @@ import torch
 from torch import nn
 
 from squeezekv.config import SqueezeConfig
-from squeezekv.engine import FastGenerator, largest_batch, synchronized
+from squeezekv.distributed import is_first_rank, local_parameter_bytes, model_devices, synchronized
+from squeezekv.engine import FastGenerator, kv_bytes_per_token, largest_batch
 
 SHAPES: dict[str, tuple[str, dict]] = {
     "llama2-7b": (
@@ -49,6 +56,17 @@ SHAPES: dict[str, tuple[str, dict]] = {
             num_key_value_heads=8,
             vocab_size=32000,
             sliding_window=None,
+        ),
+    ),
+    "llama2-70b": (
+        "llama",
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
         ),
     ),
     "tiny": (
@@ -81,6 +99,9 @@ class BenchConfig:
     max_batch: int = 256
     device: str = "cuda"
     seed: int = 0
+    tp: int = 1
+    device_map: str | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES and not Path(self.shape).is_file():
@@ -89,6 +110,12 @@ class BenchConfig:
             )
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.reference_batch < 1:
             raise ValueError("prompt_tokens and reference_batch must be >= 1 and new_tokens >= 2")
+        if self.tp < 1:
+            raise ValueError(f"tp {self.tp} must be >= 1")
+        if self.tp > 1 and self.device_map is not None:
+            raise ValueError("tp and device_map are two ways to spread a model: choose one")
+        if self.device_map is not None and self.cuda_graphs:
+            raise ValueError("a device_map decodes across devices, which CUDA graphs cannot capture")
         unknown = set(self.baselines) - {"hf_dynamic", "hf_static", "full"}
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; choose from hf_dynamic, hf_static, full")
@@ -112,8 +139,15 @@ class Measurement:
     extra: dict = field(default_factory=dict)
 
 
-def build_model(shape: str, device: str, max_positions: int) -> nn.Module:
-    """A causal LM of the named shape with random bf16 weights, built directly on ``device``."""
+def build_model(
+    shape: str, device: str, max_positions: int, tp: int = 1, device_map: str | None = None
+) -> nn.Module:
+    """A causal LM of the named shape with random weights (bf16 on a GPU).
+
+    On one device it is built in place. Spread over GPUs, transformers loads it as a user would
+    (``DistributedConfig(tp_size=tp)`` or ``device_map``) from a checkpoint that holds no weights,
+    so every shard is initialised at random on its own device.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape in SHAPES:
@@ -122,18 +156,38 @@ def build_model(shape: str, device: str, max_positions: int) -> nn.Module:
     else:
         config = AutoConfig.from_pretrained(shape)
     config.max_position_embeddings = max(config.max_position_embeddings, max_positions)
-    config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if tp == 1 and device_map is None:
+        config._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        from safetensors.torch import save_file
+        from transformers.distributed import DistributedConfig
+        from transformers.utils import logging
+
+        spread = {"device_map": device_map}
+        if tp > 1:
+            spread = {"distributed_config": DistributedConfig(tp_size=tp)}
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # every weight is missing on purpose: no report of them
+        try:
+            with tempfile.TemporaryDirectory() as weightless:
+                config.save_pretrained(weightless)
+                save_file({}, os.path.join(weightless, "model.safetensors"), metadata={"format": "pt"})
+                model = AutoModelForCausalLM.from_pretrained(
+                    weightless, dtype=dtype, attn_implementation="sdpa", **spread
+                )
+        finally:
+            logging.set_verbosity(verbosity)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     return model.eval()
 
 
-def copy_bandwidth(device: str) -> float:
+def copy_bandwidth(device: torch.device) -> float:
     """Measured device copy bandwidth in bytes/s (read + write of a 1 GiB buffer, median of 5)."""
-    size = 2**26 if device == "cpu" else GIB
+    size = 2**26 if device.type == "cpu" else GIB
     source = torch.empty(size, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     times = []
@@ -144,32 +198,25 @@ def copy_bandwidth(device: str) -> float:
     return 2 * size / sorted(times[1:])[2]
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def full_kv_bytes(model: nn.Module, batch: int, tokens: int) -> int:
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * batch * tokens * kv_heads * head_dim * element
+    return batch * tokens * kv_bytes_per_token(model)
 
 
-def reset_memory(device: str) -> None:
+def reset_memory(devices: list[torch.device]) -> None:
     gc.collect()
-    if device != "cpu":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / GIB if device != "cpu" else None
+def peak_gib(devices: list[torch.device]) -> float | None:
+    """The most memory allocated at once, summed over ``devices`` (``None`` on the CPU)."""
+    gpus = [device for device in devices if device.type == "cuda"]
+    return sum(torch.cuda.max_memory_allocated(device) for device in gpus) / GIB if gpus else None
 
 
-def measure_hf(
-    model: nn.Module, ids: torch.Tensor, new_tokens: int, static: bool, device: str
-) -> Measurement:
+def measure_hf(model: nn.Module, ids: torch.Tensor, new_tokens: int, static: bool) -> Measurement:
     """Decode time from two timed ``generate`` calls (1 token and ``new_tokens``), after a warm-up.
 
     The static cache is sized for the longest call every time, so transformers compiles once.
@@ -177,14 +224,15 @@ def measure_hf(
     kwargs = dict(do_sample=False)
     if static:
         kwargs.update(cache_implementation="static", max_cache_len=ids.shape[1] + new_tokens)
+    devices = model_devices(model)
     model.generate(ids, max_new_tokens=4, **kwargs)  # warm-up (and compilation for the static cache)
-    reset_memory(device)
-    started = synchronized(ids.device)
+    reset_memory(devices)
+    started = synchronized(devices)
     model.generate(ids, max_new_tokens=1, **kwargs)
-    prefill = synchronized(ids.device) - started
-    started = synchronized(ids.device)
+    prefill = synchronized(devices) - started
+    started = synchronized(devices)
     model.generate(ids, max_new_tokens=new_tokens, **kwargs)
-    total = synchronized(ids.device) - started
+    total = synchronized(devices) - started
     step = (total - prefill) / (new_tokens - 1)
     return Measurement(
         path="hf_static" if static else "hf_dynamic",
@@ -193,15 +241,20 @@ def measure_hf(
         decode_ms_per_step=1000 * step,
         tokens_per_second=ids.shape[0] / step,
         kv_gib=full_kv_bytes(model, ids.shape[0], ids.shape[1] + new_tokens) / GIB,
-        peak_gib=peak_gib(device),
+        peak_gib=peak_gib(devices),
     )
 
 
 def measure_engine(
-    model: nn.Module, ids: torch.Tensor, new_tokens: int, config: SqueezeConfig, path: str, device: str
+    model: nn.Module,
+    ids: torch.Tensor,
+    new_tokens: int,
+    config: SqueezeConfig,
+    path: str,
+    cuda_graphs: bool = True,
 ) -> Measurement:
-    generator = FastGenerator(model, config)
-    reset_memory(device)
+    generator = FastGenerator(model, config, cuda_graphs=cuda_graphs)
+    reset_memory(generator.devices)
     result = generator.generate(ids, max_new_tokens=new_tokens, prefill_batch=1)
     step = generator.steady_step_seconds
     return Measurement(
@@ -211,22 +264,24 @@ def measure_engine(
         decode_ms_per_step=1000 * step,
         tokens_per_second=ids.shape[0] / step,
         kv_gib=result.stats.kv_bytes_kept / GIB,
-        peak_gib=peak_gib(device),
+        peak_gib=peak_gib(generator.devices),
         extra={"kv_fraction_kept": result.stats.kv_fraction_kept},
     )
 
 
-def prefill_overhead(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig, device: str) -> dict:
+def prefill_overhead(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig) -> dict:
     """Prefill of one sequence: plain forward vs squeezekv's (importance, planning, eviction)."""
     from squeezekv.session import compress
+
+    devices = model_devices(model)
 
     def timed(run) -> float:
         run()
         times = []
         for _ in range(3):
-            started = synchronized(ids.device)
+            started = synchronized(devices)
             run()
-            times.append(synchronized(ids.device) - started)
+            times.append(synchronized(devices) - started)
         return sorted(times)[1]
 
     with torch.inference_mode():
@@ -265,9 +320,10 @@ def run(config: BenchConfig) -> dict:
     """Runs every path; returns a JSON-ready report."""
     torch.manual_seed(config.seed)
     total_tokens = config.prompt_tokens + config.new_tokens
-    model = build_model(config.shape, config.device, total_tokens)
-    bandwidth = copy_bandwidth(config.device)
-    weights = weight_bytes(model)
+    model = build_model(config.shape, config.device, total_tokens, config.tp, config.device_map)
+    devices = model_devices(model)
+    bandwidth = copy_bandwidth(devices[0])
+    weights = local_parameter_bytes(model)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(config.seed)
     prompts = torch.randint(3, vocab, (config.max_batch, config.prompt_tokens), generator=generator)
@@ -286,22 +342,25 @@ def run(config: BenchConfig) -> dict:
         if measurement.kv_gib is not None and measurement.decode_ms_per_step is not None:
             measurement.roofline_ms = 1000 * (weights + measurement.kv_gib * GIB) / bandwidth
         measurements.append(measurement)
-        print(json.dumps(dataclasses.asdict(measurement)), flush=True)
+        if is_first_rank():
+            print(json.dumps(dataclasses.asdict(measurement)), flush=True)
 
-    reference = prompts[: config.reference_batch].to(config.device)
+    reference = prompts[: config.reference_batch].to(devices[0])
     with torch.inference_mode():
         if "hf_dynamic" in config.baselines:
             attempt(
                 "hf_dynamic",
                 config.reference_batch,
-                lambda: measure_hf(model, reference, config.new_tokens, False, config.device),
+                lambda: measure_hf(model, reference, config.new_tokens, False),
             )
         if "full" in config.baselines:
             keep_all = SqueezeConfig(budget=total_tokens, policy="window", allocator="uniform")
             attempt(
                 "full",
                 config.reference_batch,
-                lambda: measure_engine(model, reference, config.new_tokens, keep_all, "full", config.device),
+                lambda: measure_engine(
+                    model, reference, config.new_tokens, keep_all, "full", config.cuda_graphs
+                ),
             )
         for budget in config.budgets:
             for policy in config.policies:
@@ -311,20 +370,20 @@ def run(config: BenchConfig) -> dict:
                         config.max_batch,
                         largest_batch(model, squeeze, config.prompt_tokens, config.new_tokens, memory),
                     )
-                    ids = prompts[:batch].to(config.device)
+                    ids = prompts[:batch].to(devices[0])
                     name = f"squeezekv {policy}/{allocator} b={budget}"
                     attempt(
                         name,
                         batch,
                         lambda s=squeeze, i=ids, n=name: measure_engine(
-                            model, i, config.new_tokens, s, n, config.device
+                            model, i, config.new_tokens, s, n, config.cuda_graphs
                         ),
                     )
         if "hf_static" in config.baselines:
             attempt(
                 "hf_static",
                 config.reference_batch,
-                lambda: measure_hf(model, reference, config.new_tokens, True, config.device),
+                lambda: measure_hf(model, reference, config.new_tokens, True),
             )
         chunk = max(1, config.prompt_tokens // 8)
         chunked_memory = {}
@@ -333,15 +392,14 @@ def run(config: BenchConfig) -> dict:
             whole = prefill_peak_kv(model, reference[:1], squeeze, None)
             chunked = prefill_peak_kv(model, reference[:1], squeeze, chunk)
             chunked_memory[policy] = {"chunk_tokens": chunk, "whole_bytes": whole, "chunked_bytes": chunked}
-        overhead = {
-            policy: prefill_overhead(
-                model, reference[:1], SqueezeConfig(budget=config.budgets[0], policy=policy), config.device
-            )
-            for policy in config.policies
-        }
+        overhead = {}
+        for policy in config.policies:
+            squeeze = SqueezeConfig(budget=config.budgets[0], policy=policy)
+            overhead[policy] = prefill_overhead(model, reference[:1], squeeze)
+    gpus = len(devices) if config.tp == 1 else config.tp
     return {
         "config": dataclasses.asdict(config),
-        "device": torch.cuda.get_device_name() if config.device != "cpu" else platform.processor() or "cpu",
+        "device": device_name(devices[0], gpus),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "copy_bandwidth_gbps": bandwidth / 1e9,
@@ -353,15 +411,25 @@ def run(config: BenchConfig) -> dict:
     }
 
 
+def device_name(device: torch.device, count: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return f"{count}x {name}" if count > 1 else name
+
+
 def markdown(report: dict) -> str:
     """The report as a markdown table, with ratios against the static-cache path and our full cache."""
     rows = {m["path"]: m for m in report["measurements"]}
     static = rows.get("hf_static", {}).get("tokens_per_second")
     full = rows.get("full", {}).get("tokens_per_second")
     config = report["config"]
+    spread = ""
+    if config.get("tp", 1) > 1:
+        spread = f", tensor parallel over {config['tp']} ranks (memory and bytes per rank)"
+    elif config.get("device_map"):
+        spread = f", device_map={config['device_map']!r} (memory summed over GPUs)"
     lines = [
         f"{config['shape']}, prompt {config['prompt_tokens']} tokens, {config['new_tokens']} new tokens, "
-        f"{report['device']}, torch {report['torch']}, {report['date']}",
+        f"{report['device']}{spread}, torch {report['torch']}, {report['date']}",
         f"KV memory budget: {report['kv_memory_gib']:.1f} GiB (the full cache for "
         f"{config['reference_batch']} sequences); weights {report['weight_gib']:.1f} GiB; "
         f"copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s",
@@ -414,7 +482,10 @@ def write_report(report: dict, directory: Path) -> tuple[Path, Path]:
     """Writes ``<stem>.json`` and ``<stem>.md`` atomically; the stem names shape, device and date."""
     directory.mkdir(parents=True, exist_ok=True)
     device = report["device"].replace(" ", "-")
-    stem = f"{report['config']['shape']}-{device}-{report['date'][:10]}"
+    config = report["config"]
+    spread = f"-tp{config['tp']}" if config.get("tp", 1) > 1 else ""
+    spread += "-device-map" if config.get("device_map") else ""
+    stem = f"{config['shape']}{spread}-{device}-{report['date'][:10]}"
     paths = (directory / f"{stem}.json", directory / f"{stem}.md")
     for path, text in zip(paths, (json.dumps(report, indent=2) + "\n", markdown(report)), strict=True):
         temporary = path.with_suffix(path.suffix + ".tmp")

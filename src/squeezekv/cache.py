@@ -192,11 +192,12 @@ class SqueezeCache(Cache):
                 f"layer {layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
             )
         queries, first_column = query.shape[2], layer.seen - query.shape[2]
+        new_valid = self.new_valid.to(query.device)  # under a device_map, layers sit on several devices
         scored = POLICIES[self.config.policy].scored_queries(self.phase, queries, self.config)
         fused = scored and queries > 1 and query.is_cuda and not self.explicit and softcap is None
         if fused and kernels.available(query):
             weight = torch.zeros(query.shape[0], queries, device=query.device)
-            weight[:, queries - scored :] = self.new_valid[:, queries - scored :].float()
+            weight[:, queries - scored :] = new_valid[:, queries - scored :].float()
             output, mass = kernels.attend_scored(
                 query,
                 key,
@@ -214,7 +215,7 @@ class SqueezeCache(Cache):
                 columns = torch.arange(first_column, layer.seen, device=query.device)
                 mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
             output, mass = attend(
-                query, key, value, mask, scaling, scored, self.new_valid, softcap, explicit=self.explicit
+                query, key, value, mask, scaling, scored, new_valid, softcap, explicit=self.explicit
             )
         if mass is not None:
             layer.add_mass(mass, self.phase, self.config)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -173,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baselines", type=parse_list(str), default=("hf_dynamic", "hf_static", "full"))
     bench.add_argument("--max-batch", type=int, default=256)
     bench.add_argument("--device", default="cuda")
+    spread = bench.add_mutually_exclusive_group()
+    spread.add_argument(
+        "--tp", type=int, default=1, help="tensor parallel over this many GPUs (relaunches under torchrun)"
+    )
+    spread.add_argument(
+        "--device-map", help="spread layers over the GPUs with accelerate, e.g. balanced (decodes eagerly)"
+    )
+    bench.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="decode eagerly on the GPU"
+    )
     bench.add_argument(
         "--out", default="benchmarks/results", help="directory for the JSON and markdown results"
     )
@@ -194,17 +206,33 @@ def parse_list(kind):
 
 def run_bench(args: argparse.Namespace) -> None:
     from squeezekv.bench import BenchConfig, markdown, run, write_report
+    from squeezekv.distributed import is_first_rank
 
+    if args.device_map is not None:
+        args.cuda_graphs = False  # one CUDA graph cannot span the devices of a device_map
     config = from_arguments(BenchConfig, args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.tp > 1 and world == 1:  # one process per rank, started by torchrun
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launch += [f"--nproc-per-node={config.tp}", "-m", "squeezekv.cli", *args.argv]
+        completed = subprocess.run(launch, check=False)
+        if completed.returncode:
+            raise SystemExit(completed.returncode)
+        return
+    if world != config.tp:
+        raise ValueError(f"--tp {config.tp} under torchrun needs WORLD_SIZE {config.tp}, not {world}")
     report = run(config)
-    paths = write_report(report, Path(args.out))
-    print(markdown(report))
-    print("written: " + ", ".join(str(path) for path in paths))
+    if is_first_rank():
+        paths = write_report(report, Path(args.out))
+        print(markdown(report))
+        print("written: " + ", ".join(str(path) for path in paths))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv  # what a relaunch under torchrun repeats
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:

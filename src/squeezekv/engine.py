@@ -24,6 +24,7 @@ from squeezekv.architectures import architecture_of
 from squeezekv.attention import attend
 from squeezekv.cache import SqueezeCache, SqueezeLayer
 from squeezekv.config import SqueezeConfig
+from squeezekv.distributed import model_devices, synchronized, tensor_parallel_size
 from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
 from squeezekv.policies import POLICIES, LayerView
 from squeezekv.session import compress, routed_attention
@@ -140,15 +141,16 @@ class StaticCache(Cache):
                 part.reset()
         super().__init__(layers=layers)
         self.config = config
-        device = layers[0].keys.device
-        self.column = torch.tensor([columns_seen], device=device)
-        self.first_column = torch.cat([c.prompt_columns - c.prompt_tokens for c in caches]).to(device)
+        first_column = torch.cat([c.prompt_columns - c.prompt_tokens for c in caches])
+        devices = {layer.keys.device for layer in layers}  # several under a device_map
+        self.columns = {device: torch.tensor([columns_seen], device=device) for device in devices}
+        self.first_columns = {device: first_column.to(device) for device in devices}
         self.prompt_columns = first.prompt_columns
         self.explicit = first.explicit
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        layer.write(key_states, value_states, self.column)
+        layer.write(key_states, value_states, self.columns[layer.keys.device])
         return layer.keys, layer.values
 
     def attention(
@@ -162,9 +164,10 @@ class StaticCache(Cache):
         sliding_window: int | None,
     ) -> torch.Tensor:
         layer = self.layers[layer_idx]
+        column = self.columns[layer.keys.device]
         mask = layer.valid
         if layer.sliding_window is not None:
-            mask = mask & (layer.positions > self.column - layer.sliding_window)
+            mask = mask & (layer.positions > column - layer.sliding_window)
         policy = POLICIES[self.config.policy]
         scored = policy.scored_queries("decode", 1, self.config)
         output, mass = attend(
@@ -178,24 +181,25 @@ class StaticCache(Cache):
             layer.scores,
             phase="decode",
             prompt_columns=self.prompt_columns,
-            first_column=self.first_column,
-            last_column=self.column,
+            first_column=self.first_columns[layer.keys.device],
+            last_column=column,
         )
         layer.evict(view, self.config)
         return output
 
     def advance(self) -> None:
-        self.column += 1
+        for column in self.columns.values():
+            column += 1
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.column)
+        return int(self.columns[self.layers[layer_idx].keys.device])
 
     def kv_bytes_kept(self) -> int:
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
 
     def kv_bytes_full(self) -> int:
         """Bytes a plain cache would hold for every column seen, in every layer."""
-        columns = int(self.column)
+        columns = self.get_seq_length()
         return sum(2 * layer.keys[:, :, :1].nbytes * columns for layer in self.layers)
 
     def held_tokens(self) -> torch.Tensor:
@@ -209,6 +213,12 @@ class FastGenerator:
     def __init__(self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True) -> None:
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
+        self.devices = model_devices(model)
+        if cuda_graphs and len(self.devices) > 1:
+            raise ValueError(
+                f"CUDA graphs capture one device, but the model spans {[str(d) for d in self.devices]} "
+                "(a device_map); use cuda_graphs=False"
+            )
         self.cuda_graphs = cuda_graphs
         self.cache: StaticCache | None = None
         self.steady_step_seconds: float | None = None  # per step, once warm-up and capture are done
@@ -235,7 +245,7 @@ class FastGenerator:
             input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk
         )
         self.cache = StaticCache(caches, self.config)
-        prefill_seconds = synchronized(input_ids.device) - started
+        prefill_seconds = synchronized(self.devices) - started
         new_tokens = torch.empty(
             input_ids.shape[0], max_new_tokens, dtype=torch.long, device=input_ids.device
         )
@@ -246,9 +256,9 @@ class FastGenerator:
             step = self.decode_steps(new_tokens[:, :1], positions, max_new_tokens - 1)
             for index in range(1, max_new_tokens):
                 if index == WARM_STEPS + 1:
-                    steady_started = synchronized(input_ids.device)
+                    steady_started = synchronized(self.devices)
                 new_tokens[:, index] = step()
-        finished = synchronized(input_ids.device)
+        finished = synchronized(self.devices)
         decode_seconds = finished - started
         if max_new_tokens > WARM_STEPS + 1:
             self.steady_step_seconds = (finished - steady_started) / (max_new_tokens - 1 - WARM_STEPS)
@@ -321,30 +331,31 @@ def graphed(step):
     return run
 
 
-def synchronized(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def kv_bytes_per_sequence(
     model: nn.Module, config: SqueezeConfig, prompt_tokens: int, new_tokens: int
 ) -> int:
-    """Buffer bytes one sequence needs in the fast engine: each layer's budget plus the free slot.
+    """Buffer bytes one sequence needs in the fast engine (on this rank): each layer's budget plus
+    the free slot.
 
     Exact when every sequence of a batch gets the same per-layer budgets (a layer's buffer is as
     wide as the largest budget any sequence gives it).
     """
+    tokens = min(config.tokens_per_layer(prompt_tokens), prompt_tokens + new_tokens)
+    return (tokens + 1) * kv_bytes_per_token(model)
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Key and value bytes one token takes in every layer of a full cache, on this rank (a tensor
+    parallel rank holds its share of the heads)."""
     model_config = model.config.get_text_config()
-    layers = model_config.num_hidden_layers
     kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = (
         getattr(model_config, "head_dim", None)
         or model_config.hidden_size // model_config.num_attention_heads
     )
-    tokens = min(config.tokens_per_layer(prompt_tokens), prompt_tokens + new_tokens)
     element = next(model.parameters()).element_size()
-    return (layers * tokens + layers) * 2 * kv_heads * head_dim * element
+    local_heads = kv_heads // tensor_parallel_size(model)
+    return model_config.num_hidden_layers * 2 * local_heads * head_dim * element
 
 
 def largest_batch(

@@ -9,7 +9,6 @@ Leaving the block always removes the hooks and restores the model.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -23,6 +22,7 @@ from squeezekv.architectures import Architecture, architecture_of, decoder_layer
 from squeezekv.attention import IMPLEMENTATION
 from squeezekv.cache import SqueezeCache
 from squeezekv.config import SqueezeConfig
+from squeezekv.distributed import agree, model_devices, synchronized, tensor_parallel_group
 from squeezekv.importance import ImportanceRecorder
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -98,6 +98,8 @@ class Session:
         self.explicit = checked_implementation(model) == "eager"
         self.attentions = [getattr(layer, self.architecture.attention) for layer in self.layers]
         self.sliding_windows = [sliding_window_of(model, attention) for attention in self.attentions]
+        self.devices = model_devices(model)
+        self.group = tensor_parallel_group(model)
         self.cache: SqueezeCache | None = None
         self.similarity: torch.Tensor | None = None
         self.importance = ImportanceRecorder(len(self.layers), self._is_prefill, lambda: self.cache.new_valid)
@@ -181,7 +183,7 @@ class Session:
             raise ValueError(f"squeezekv needs a 2-D attention mask (batch x columns), got {mask.dim()}-D")
         valid = mask[:, -length:] if mask is not None else torch.ones(batch, length, dtype=torch.bool)
         cache.begin_forward(valid.to(tokens.device))
-        self._started = self._clock(tokens.device)
+        self._started = synchronized(self.devices)
         return args, kwargs
 
     def _start_generation(self) -> None:
@@ -195,26 +197,21 @@ class Session:
         cache = self.cache
         if cache.phase == "prefill":
             self.similarity = self.importance.similarity()
-            cache.budgets = plan_budgets(
+            budgets = plan_budgets(
                 self.similarity,
                 cache.prompt_tokens.cpu(),
                 self.config,
                 self.sliding_windows,
                 self.max_new_tokens,
             )
+            cache.budgets = agree(budgets, self.group, self.devices[0])
         cache.evict()
-        elapsed = self._clock(cache.new_valid.device) - self._started
+        elapsed = synchronized(self.devices) - self._started
         if cache.phase == "prefill":
             self.prefill_seconds += elapsed
         else:
             self.decode_seconds += elapsed
             self.decode_forwards += 1
-
-    @staticmethod
-    def _clock(device: torch.device) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
 
 
 @contextmanager
