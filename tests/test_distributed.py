@@ -22,6 +22,8 @@ RANKS = 2
 
 def run_ranks(model_dir: Path, out: Path, device: str = "cpu", ranks: int = RANKS) -> list[dict]:
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    if device == "cpu":  # transformers puts tensor-parallel ranks on the GPUs it sees
+        environment["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     command += [str(TESTS / "tensor_parallel_worker.py"), str(model_dir), str(out), "--device", device]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)

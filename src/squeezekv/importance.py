@@ -19,7 +19,7 @@ def summed_similarity(
     residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[batch]`` sums over valid tokens of cos(residual, residual + attention_output), and counts."""
-    residual = residual.float()
+    residual = residual.to(attention_output.device, torch.float32)  # a device_map may move the layer
     cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
     weight = valid.to(cosine.device, torch.float32)
     return (cosine * weight).sum(-1), weight.sum(-1)

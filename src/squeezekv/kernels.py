@@ -32,9 +32,11 @@ BLOCK_N = 64
 
 
 def available(query: torch.Tensor) -> bool:
-    """Whether the kernels can serve this query: Triton present, a power-of-two head size >= 16."""
+    """Whether the kernels can serve this query: Triton present, a power-of-two head size >= 16, and
+    16- or 32-bit floats (they accumulate in float32, which would round a float64 model)."""
     dim = query.shape[-1]
-    return triton is not None and dim >= 16 and dim & (dim - 1) == 0
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    return triton is not None and dim >= 16 and dim & (dim - 1) == 0 and query.dtype in floats
 
 
 if triton is not None:
