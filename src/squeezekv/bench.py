@@ -102,6 +102,7 @@ class BenchConfig:
     tp: int = 1
     device_map: str | None = None
     cuda_graphs: bool = True
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES and not Path(self.shape).is_file():
@@ -251,9 +252,9 @@ def measure_engine(
     new_tokens: int,
     config: SqueezeConfig,
     path: str,
-    cuda_graphs: bool = True,
+    **engine_options,
 ) -> Measurement:
-    generator = FastGenerator(model, config, cuda_graphs=cuda_graphs)
+    generator = FastGenerator(model, config, **engine_options)
     reset_memory(generator.devices)
     result = generator.generate(ids, max_new_tokens=new_tokens, prefill_batch=1)
     step = generator.steady_step_seconds
@@ -346,6 +347,7 @@ def run(config: BenchConfig) -> dict:
             print(json.dumps(dataclasses.asdict(measurement)), flush=True)
 
     reference = prompts[: config.reference_batch].to(devices[0])
+    engine = dict(cuda_graphs=config.cuda_graphs, compile_decode=config.compile_decode)
     with torch.inference_mode():
         if "hf_dynamic" in config.baselines:
             attempt(
@@ -358,9 +360,7 @@ def run(config: BenchConfig) -> dict:
             attempt(
                 "full",
                 config.reference_batch,
-                lambda: measure_engine(
-                    model, reference, config.new_tokens, keep_all, "full", config.cuda_graphs
-                ),
+                lambda: measure_engine(model, reference, config.new_tokens, keep_all, "full", **engine),
             )
         for budget in config.budgets:
             for policy in config.policies:
@@ -376,7 +376,7 @@ def run(config: BenchConfig) -> dict:
                         name,
                         batch,
                         lambda s=squeeze, i=ids, n=name: measure_engine(
-                            model, i, config.new_tokens, s, n, config.cuda_graphs
+                            model, i, config.new_tokens, s, n, **engine
                         ),
                     )
         if "hf_static" in config.baselines:
@@ -427,9 +427,12 @@ def markdown(report: dict) -> str:
         spread = f", tensor parallel over {config['tp']} ranks (memory and bytes per rank)"
     elif config.get("device_map"):
         spread = f", device_map={config['device_map']!r} (memory summed over GPUs)"
+    decode = "CUDA graphs" if config.get("cuda_graphs", True) else "eager"
+    if config.get("compile_decode"):
+        decode += " + torch.compile"
     lines = [
         f"{config['shape']}, prompt {config['prompt_tokens']} tokens, {config['new_tokens']} new tokens, "
-        f"{report['device']}{spread}, torch {report['torch']}, {report['date']}",
+        f"{report['device']}{spread}, squeezekv decode: {decode}, torch {report['torch']}, {report['date']}",
         f"KV memory budget: {report['kv_memory_gib']:.1f} GiB (the full cache for "
         f"{config['reference_batch']} sequences); weights {report['weight_gib']:.1f} GiB; "
         f"copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s",
