@@ -102,7 +102,6 @@ class BenchConfig:
     tp: int = 1
     device_map: str | None = None
     cuda_graphs: bool = True
-    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES and not Path(self.shape).is_file():
@@ -252,9 +251,9 @@ def measure_engine(
     new_tokens: int,
     config: SqueezeConfig,
     path: str,
-    **engine_options,
+    cuda_graphs: bool = True,
 ) -> Measurement:
-    generator = FastGenerator(model, config, **engine_options)
+    generator = FastGenerator(model, config, cuda_graphs=cuda_graphs)
     reset_memory(generator.devices)
     result = generator.generate(ids, max_new_tokens=new_tokens, prefill_batch=1)
     step = generator.steady_step_seconds
@@ -347,7 +346,6 @@ def run(config: BenchConfig) -> dict:
             print(json.dumps(dataclasses.asdict(measurement)), flush=True)
 
     reference = prompts[: config.reference_batch].to(devices[0])
-    engine = dict(cuda_graphs=config.cuda_graphs, compile_decode=config.compile_decode)
     with torch.inference_mode():
         if "hf_dynamic" in config.baselines:
             attempt(
@@ -360,7 +358,9 @@ def run(config: BenchConfig) -> dict:
             attempt(
                 "full",
                 config.reference_batch,
-                lambda: measure_engine(model, reference, config.new_tokens, keep_all, "full", **engine),
+                lambda: measure_engine(
+                    model, reference, config.new_tokens, keep_all, "full", config.cuda_graphs
+                ),
             )
         for budget in config.budgets:
             for policy in config.policies:
@@ -376,7 +376,7 @@ def run(config: BenchConfig) -> dict:
                         name,
                         batch,
                         lambda s=squeeze, i=ids, n=name: measure_engine(
-                            model, i, config.new_tokens, s, n, **engine
+                            model, i, config.new_tokens, s, n, config.cuda_graphs
                         ),
                     )
         if "hf_static" in config.baselines:
@@ -428,8 +428,6 @@ def markdown(report: dict) -> str:
     elif config.get("device_map"):
         spread = f", device_map={config['device_map']!r} (memory summed over GPUs)"
     decode = "CUDA graphs" if config.get("cuda_graphs", True) else "eager"
-    if config.get("compile_decode"):
-        decode += " + torch.compile"
     lines = [
         f"{config['shape']}, prompt {config['prompt_tokens']} tokens, {config['new_tokens']} new tokens, "
         f"{report['device']}{spread}, squeezekv decode: {decode}, torch {report['torch']}, {report['date']}",

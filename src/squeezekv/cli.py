@@ -185,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="decode eagerly on the GPU"
     )
-    bench.add_argument("--compile-decode", action="store_true", help="torch.compile the engine's decode step")
     bench.add_argument(
         "--out", default="benchmarks/results", help="directory for the JSON and markdown results"
     )

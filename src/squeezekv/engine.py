@@ -210,13 +210,8 @@ class FastGenerator:
     """Greedy generation with squeezekv: micro-batched prefill, then static decode steps
     (one CUDA graph per step on the GPU)."""
 
-    def __init__(
-        self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True, compile_decode: bool = False
-    ) -> None:
-        """``compile_decode`` runs the decode forward through ``torch.compile`` (fusing the model's small
-        operations and the cache's bookkeeping into few kernels) before any CUDA-graph capture."""
+    def __init__(self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True) -> None:
         self.model, self.config = model, config
-        self.compile_decode = compile_decode
         self.architecture = architecture_of(model)
         self.devices = model_devices(model)
         if cuda_graphs and len(self.devices) > 1:
@@ -302,14 +297,8 @@ class FastGenerator:
         cache, model = self.cache, self.model
         tokens, positions = tokens.clone(), positions.clone()
 
-        def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits
-
-        if self.compile_decode:
-            forward = torch.compile(forward, dynamic=False)
-
         def step() -> torch.Tensor:
-            logits = forward(tokens, positions)
+            logits = model(input_ids=tokens, position_ids=positions, cache=cache, logits_to_keep=1).logits
             tokens.copy_(logits[:, -1:].argmax(-1))
             positions.add_(1)
             cache.advance()
