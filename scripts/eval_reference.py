@@ -130,8 +130,11 @@ def evaluate(
     }
 
 
-def plot_loss(reports: list[Path], png: Path) -> None:
-    """Training loss against tokens seen; consecutive reports (e.g. a continued run) are chained."""
+def plot_loss(reports: list[Path], png: Path, name: str = "") -> None:
+    """Training loss against tokens seen; consecutive reports (e.g. a continued run) are chained.
+
+    ``name`` (default: the PNG's folder name) heads the title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +149,7 @@ def plot_loss(reports: list[Path], png: Path) -> None:
             [offset + r["tokens"] / 1e6 for r in log], [r["loss"] for r in log], lw=0.8, label=f"run {i + 1}"
         )
         offset += rep["tokens_trained"] / 1e6
-    title = f"{png.parent.name}: training loss (one batch per point, every 10 steps)"
+    title = f"{name or png.parent.name}: training loss (one batch per point, every 10 steps)"
     ax.set(xlabel="training tokens (M)", ylabel="loss (nats/token)", ylim=(1.5, 6), title=title)
     ax.grid(alpha=0.3)
     if len(reports) > 1:

@@ -6,13 +6,23 @@ at a time: the learning rate follows a warmup-stable-decay schedule whose decay 
 the elapsed *time* (last ``--decay-fraction`` of the budget), so the run always ends fully decayed
 whatever the throughput turns out to be. Training uses bf16 autocast with fp32 master weights.
 
-A small share of the training sequences (``--synthetic-prob``, about 1-2% of tokens) start with a
-synthetic retrieval document (a pass key or key-value pairs hidden in filler text and asked for at the
-end), which teaches the small model to look far back. Right after training the model is cast to bf16,
-evaluated (held-out perplexity by position bucket, pass-key accuracy) and saved in shards.
+A small share of the training sequences start with a synthetic retrieval document, which teaches the
+small model to look far back: mostly pass-key documents of half to a full window (2k-4k tokens; the
+evaluation's template, half in its repetitive filler and half with the key in natural text), the rest
+shorter key-value documents (``--passkey-share``, ``--passkey-min-len`` ... ``--kv-max-len``). A
+sequence starts with one with probability ``--synthetic-prob``, and a hard cap
+(``--synthetic-max-fraction``, default 2%) skips any insertion that would push the running share of
+synthetic tokens above it. ``--simulate-steps N`` only builds the pool and reports what N steps would
+insert. After training the model is cast to bf16 and saved in shards of at most 15 MB together with
+the tokenizer, then evaluated (held-out perplexity by position bucket, pass-key accuracy);
+``train_report.json`` and ``loss_curve.png`` are written next to it.
 
 GPU run:   python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --compile
-CPU smoke: python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --device cpu --tiny --steps 3
+CPU smoke: python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --device cpu --tiny \
+               --seq-len 256 --batch-size 2 --steps 3 --warmup-steps 1 --synthetic-pool 4 \
+               --synthetic-prob 0.5 --synthetic-max-fraction 1 --eval-trials 1 --eval-max-docs 2
+Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2120
+(the test suite runs the smoke path too: tests/test_reference.py::test_training_smoke_cpu)
 """
 
 from __future__ import annotations
@@ -22,9 +32,10 @@ import json
 import lzma
 import os
 import random
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,37 +50,63 @@ import eval_reference  # noqa: E402  (sibling script; imports squeezekv/referenc
 reference = eval_reference.reference
 
 
+def _f(default: Any, help: str) -> Any:
+    """A config field with its command-line help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; saved with the report so a run can be repeated."""
+    """Everything that defines a training run; saved with the report so a run can be repeated.
+
+    Every field is also a command-line flag (``synthetic_prob`` -> ``--synthetic-prob``); lengths of
+    synthetic documents are fractions of the training window (``seq_len + 1`` tokens), so that the same
+    settings work for the 4,096-token GPU run and the 128-token CPU smoke test.
+    """
 
     data: str
     tokenizer_dir: str
     out: str
-    device: str = "cuda"
-    tiny: bool = False
-    seq_len: int = 4096
-    batch_size: int = 16
-    lr: float = 1.5e-3
-    min_lr_ratio: float = 0.0
-    warmup_steps: int = 300
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    time_budget_s: float = 450.0
-    steps: int = 0  # > 0: stop after this many steps and decay over steps instead of time
-    decay_fraction: float = 0.25
-    synthetic_prob: float = 0.03
-    synthetic_pool: int = 1000
-    synthetic_min_len: float = 0.125  # shortest synthetic document, as a fraction of the window
-    passkey_share: float = 0.5  # share of pass-key (vs key-value) synthetic documents
-    init_from: str = ""  # continue from a saved model (weights only; optimizer and schedule restart)
-    max_tokens: int = 0  # > 0: use only this many tokens of the stream (tests)
-    compile: bool = False
-    log_every: int = 10
-    seed: int = 0
-    eval_trials: int = 50
-    eval_max_docs: int = 0
-    skip_eval: bool = False
+    device: str = _f("cuda", "torch device")
+    tiny: bool = _f(False, "2-layer, 64-wide model for smoke tests (not the reference architecture)")
+    seq_len: int = _f(4096, "training window in tokens")
+    batch_size: int = _f(16, "sequences per step")
+    lr: float = _f(1.5e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of --lr")
+    warmup_steps: int = _f(300, "linear warmup steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = _f(1.0, "gradient norm clipping")
+    time_budget_s: float = _f(450.0, "wall-clock training time; the schedule decays over its end")
+    steps: int = _f(0, "> 0: stop after this many steps and decay over steps instead of time")
+    decay_fraction: float = _f(0.25, "learning-rate decay over the last fraction of the run")
+    synthetic_prob: float = _f(
+        0.03, "probability that a training sequence starts with a synthetic retrieval document"
+    )
+    synthetic_max_fraction: float = _f(
+        0.02,
+        "hard cap on synthetic tokens / training tokens: a synthetic document that would push the running "
+        "fraction above it is not inserted (it waits for a later sequence)",
+    )
+    synthetic_pool: int = _f(
+        1500, "synthetic documents built before training; used in order, repeating only when exhausted"
+    )
+    passkey_share: float = _f(0.85, "share of pass-key documents among synthetic documents (rest: key-value)")
+    passkey_min_len: float = _f(0.5, "shortest pass-key document, as a fraction of the window")
+    passkey_max_len: float = _f(1.0, "longest pass-key document, as a fraction of the window")
+    passkey_filler_share: float = _f(
+        0.5,
+        "share of pass-key documents in the evaluation's repetitive filler (rest: key in natural text)",
+    )
+    kv_min_len: float = _f(0.125, "shortest key-value document, as a fraction of the window")
+    kv_max_len: float = _f(0.5, "longest key-value document, as a fraction of the window")
+    init_from: str = _f("", "continue from a saved model (weights only; optimizer and schedule restart)")
+    max_tokens: int = _f(0, "> 0: use only this many tokens of the stream (tests)")
+    compile: bool = _f(False, "torch.compile the model (falls back to eager if compilation fails)")
+    log_every: int = _f(10, "log the loss every this many steps")
+    seed: int = _f(0, "seed of data order, synthetic documents and initialisation")
+    eval_trials: int = _f(50, "pass-key prompts per length in the final evaluation")
+    eval_max_docs: int = _f(0, "> 0: evaluate perplexity on only this many held-out documents")
+    skip_eval: bool = _f(False, "skip the final evaluation")
 
 
 def model_config(vocab_size: int, bos: int, eos: int, pad: int, tiny: bool = False) -> LlamaConfig:
@@ -111,15 +148,17 @@ def load_stream(path: str, max_tokens: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- synthetic retrieval documents
 
 NAMES = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+REPORT = "train_report.json"
 
 
 class SyntheticDocs:
     """Pass-key and key-value retrieval documents, as token ids, built from real or repetitive filler.
 
     The pass-key documents use the evaluation template (``squeezekv.reference.passkey_prompt``) with
-    keys of 3-7 digits, but half of them hide the key in natural training text instead of the
-    repetitive filler; the key-value documents ask several questions each, so one sequence carries
-    several retrieval targets.
+    keys of 3-7 digits; a share of them (``filler_share``) use the evaluation's repetitive filler, the
+    others hide the key in natural training text. The key-value documents ask several questions each,
+    so one sequence carries several retrieval targets. Lengths are drawn uniformly from a range given
+    as fractions of the window, separately for the two kinds.
     """
 
     def __init__(
@@ -127,14 +166,18 @@ class SyntheticDocs:
         tokenizer: PreTrainedTokenizerBase,
         stream: np.ndarray,
         rng: random.Random,
-        min_len: float = 0.125,
-        passkey_share: float = 0.5,
+        passkey_share: float = 0.85,
+        passkey_len: tuple[float, float] = (0.5, 1.0),
+        filler_share: float = 0.5,
+        kv_len: tuple[float, float] = (0.125, 0.5),
     ) -> None:
         self.tok = tokenizer
         self.stream = stream
         self.rng = rng
-        self.min_len = min_len
         self.passkey_share = passkey_share
+        self.passkey_len = passkey_len
+        self.filler_share = filler_share
+        self.kv_len = kv_len
 
     def _natural_text(self, n_tokens: int) -> str:
         start = self.rng.randrange(0, max(1, len(self.stream) - n_tokens))
@@ -152,16 +195,17 @@ class SyntheticDocs:
         out.append(text[prev:])
         return "".join(out)
 
-    def passkey(self, n_tokens: int) -> str:
+    def passkey(self, n_tokens: int) -> tuple[str, str]:
+        """(kind, text): ``passkey_filler`` (the evaluation's filler) or ``passkey_text`` (natural text)."""
         key = reference.random_passkey(self.rng, digits=self.rng.randint(3, 7))
         depth = self.rng.random()
-        if self.rng.random() < 0.5:
+        if self.rng.random() < self.filler_share:
             p = reference.passkey_prompt(self.tok, n_tokens, depth=depth, key=key)
-            return p.prompt + p.answer
+            return "passkey_filler", p.prompt + p.answer
         needle = reference.PASSKEY_NEEDLE.format(key=key)
         filler = self._natural_text(max(16, n_tokens - 80))
         body = self._insert(filler, [needle])
-        return reference.PASSKEY_INTRO + body + reference.PASSKEY_QUESTION + f" {key}."
+        return "passkey_text", reference.PASSKEY_INTRO + body + reference.PASSKEY_QUESTION + f" {key}."
 
     def key_values(self, n_tokens: int) -> str:
         n_pairs = self.rng.randint(2, max(2, min(24, n_tokens // 150)))  # facts fill <= ~10% of it
@@ -174,14 +218,103 @@ class SyntheticDocs:
         questions = "".join(f"\nWhat is the number for {names[i]}? It is {values[i]}." for i in asked)
         return body + "\n" + questions
 
-    def sample(self, max_tokens: int) -> list[int]:
-        """One document of at most ``max_tokens`` tokens (``<s> ... </s>``)."""
+    def _length(self, max_tokens: int, span: tuple[float, float]) -> int:
+        hi = max(1, min(int(max_tokens * span[1]), max_tokens) - 32)  # room for the tokenizer's slack
+        return self.rng.randint(min(int(max_tokens * span[0]), hi), hi)
+
+    def sample(self, max_tokens: int) -> tuple[str, list[int]]:
+        """One document of at most ``max_tokens`` tokens (``<s> ... </s>``) and its kind."""
         while True:
-            n = self.rng.randint(int(max_tokens * self.min_len), max_tokens - 32)
-            text = self.passkey(n) if self.rng.random() < self.passkey_share else self.key_values(n)
+            if self.rng.random() < self.passkey_share:
+                kind, text = self.passkey(self._length(max_tokens, self.passkey_len))
+            else:
+                kind, text = "kv", self.key_values(self._length(max_tokens, self.kv_len))
             ids = self.tok(text, add_special_tokens=True)["input_ids"] + [self.tok.eos_token_id]
             if len(ids) <= max_tokens:
-                return ids
+                return kind, ids
+
+
+class SyntheticMix:
+    """Decides which training sequences start with a synthetic document, under a hard token cap.
+
+    Each sequence starts with the next document of the pool with probability ``prob``; a document is
+    only inserted if the synthetic tokens stay at most ``max_fraction`` of the tokens trained once this
+    step is done, otherwise the sequence stays natural and the document waits for a later one. The
+    measured fraction therefore never exceeds the cap. Documents are used in pool order, so none is
+    repeated before the pool is exhausted. The same object drives training and ``--simulate-steps``.
+    """
+
+    LENGTH_BUCKETS = ((0, 1024), (1024, 2048), (2048, 3072), (3072, 1 << 30))
+
+    def __init__(
+        self, pool: list[tuple[str, list[int]]], rng: random.Random, prob: float, max_fraction: float
+    ) -> None:
+        self.pool = pool
+        self.rng = rng
+        self.prob = prob
+        self.max_fraction = max_fraction
+        self.next = 0
+        self.synthetic_tokens = 0
+        self.tokens = 0
+        self.inserted: dict[str, list[int]] = {}  # kind -> counts per LENGTH_BUCKETS
+        self.skipped = 0
+
+    def plan(self, batch_size: int, seq_len: int) -> list[tuple[int, list[int]]]:
+        """(row, document) pairs for one step; accounts the step's ``batch_size * seq_len`` tokens."""
+        self.tokens += batch_size * seq_len
+        out = []
+        for row in range(batch_size):
+            if not self.pool or self.rng.random() >= self.prob:
+                continue
+            kind, doc = self.pool[self.next % len(self.pool)]
+            if self.synthetic_tokens + len(doc) > self.max_fraction * self.tokens:
+                self.skipped += 1
+                continue
+            self.next += 1
+            self.synthetic_tokens += len(doc)
+            counts = self.inserted.setdefault(kind, [0] * len(self.LENGTH_BUCKETS))
+            counts[next(i for i, (lo, hi) in enumerate(self.LENGTH_BUCKETS) if lo <= len(doc) < hi)] += 1
+            out.append((row, doc))
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        buckets = [f"{lo}-{hi if hi < 1 << 30 else ''}" for lo, hi in self.LENGTH_BUCKETS]
+        return {
+            "token_fraction": self.synthetic_tokens / max(self.tokens, 1),
+            "synthetic_tokens": self.synthetic_tokens,
+            "docs_inserted": self.next,
+            "docs_skipped_by_cap": self.skipped,
+            "pool_size": len(self.pool),
+            "pool_passes": self.next / max(len(self.pool), 1),
+            "docs_by_kind_and_tokens": {
+                k: dict(zip(buckets, v, strict=True)) for k, v in sorted(self.inserted.items())
+            },
+        }
+
+
+def build_mix(
+    cfg: TrainConfig, tok: PreTrainedTokenizerBase, stream: np.ndarray, rng: random.Random
+) -> SyntheticMix:
+    """The synthetic pool (made up front, so that the training loop never waits on it) and its mix."""
+    t0 = time.time()
+    synth = SyntheticDocs(
+        tok,
+        stream,
+        rng,
+        passkey_share=cfg.passkey_share,
+        passkey_len=(cfg.passkey_min_len, cfg.passkey_max_len),
+        filler_share=cfg.passkey_filler_share,
+        kv_len=(cfg.kv_min_len, cfg.kv_max_len),
+    )
+    pool = [synth.sample(cfg.seq_len + 1) for _ in range(cfg.synthetic_pool)]
+    mean = np.mean([len(d) for _, d in pool]) if pool else 0.0
+    print(
+        f"synthetic pool: {len(pool)} docs ({sum(k != 'kv' for k, _ in pool)} pass-key), "
+        f"mean {mean:.0f} tokens, in {time.time() - t0:.1f}s; expected token fraction "
+        f"{cfg.synthetic_prob * mean / cfg.seq_len:.4f}, cap {cfg.synthetic_max_fraction}",
+        flush=True,
+    )
+    return SyntheticMix(pool, rng, cfg.synthetic_prob, cfg.synthetic_max_fraction)
 
 
 # --------------------------------------------------------------------------- training
@@ -202,7 +335,12 @@ def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate and save; returns the report that is also written to ``<out>/report.json``."""
+    """Train, save, evaluate; returns the report that is also written to ``<out>/train_report.json``.
+
+    ``<out>`` receives the bf16 model in safetensors shards of at most 15 MB, the tokenizer files,
+    ``train_report.json`` (configuration, loss log, synthetic-document counts, evaluation) and
+    ``loss_curve.png``.
+    """
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -224,11 +362,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, stream {n_stream / 1e6:.1f}M tokens", flush=True)
 
-    # Synthetic retrieval documents are made up front so that the training loop never waits on them.
-    t0 = time.time()
-    synth = SyntheticDocs(tok, stream, rng, cfg.synthetic_min_len, cfg.passkey_share)
-    pool = [torch.tensor(synth.sample(cfg.seq_len + 1)) for _ in range(cfg.synthetic_pool)]
-    print(f"synthetic pool: {len(pool)} docs in {time.time() - t0:.1f}s", flush=True)
+    mix = build_mix(cfg, tok, stream, rng)
 
     stream_t = torch.from_numpy(stream.astype(np.int64)).to(device)
     window = torch.arange(cfg.seq_len + 1, device=device)
@@ -245,7 +379,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     step_fn = torch.compile(model) if cfg.compile else model
 
     losses: list[dict[str, float]] = []
-    tokens = synthetic_tokens = 0
+    tokens = 0
     step = 0
     t_train = time.time()
     while True:
@@ -257,11 +391,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             g["lr"] = lr
         offsets = torch.from_numpy(np_rng.integers(0, n_stream - cfg.seq_len - 1, cfg.batch_size)).to(device)
         batch = stream_t[offsets[:, None] + window]
-        for row in range(cfg.batch_size):
-            if rng.random() < cfg.synthetic_prob:
-                doc = pool[rng.randrange(len(pool))]
-                batch[row, : len(doc)] = doc.to(device)
-                synthetic_tokens += len(doc)
+        for row, doc in mix.plan(cfg.batch_size, cfg.seq_len):
+            batch[row, : len(doc)] = torch.tensor(doc, device=device)
         try:
             loss = _loss(step_fn, batch)
             loss.backward()
@@ -308,11 +439,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "tokens_trained": tokens,
         "stream_tokens": n_stream,
         "epochs": tokens / n_stream,
-        "synthetic_token_fraction": synthetic_tokens / max(tokens, 1),
+        "synthetic_token_fraction": mix.synthetic_tokens / max(tokens, 1),
+        "synthetic": mix.summary(),
         "train_seconds": train_s,
         "final_loss": final_loss,
         "loss_log": losses,
     }
+    # Save first, so that a failure (or a time limit) during the evaluation still leaves the model.
+    model.save_pretrained(str(out), max_shard_size="15MB")
+    _save_tokenizer(cfg.tokenizer_dir, tok, out)
+    _write_report(out, report, t_start)
     if not cfg.skip_eval:
         t0 = time.time()
         report["eval"] = eval_reference.evaluate(
@@ -320,31 +456,74 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         report["eval_seconds"] = time.time() - t0
         print(json.dumps(report["eval"], indent=1), flush=True)
-    model.save_pretrained(str(out), max_shard_size="15MB")
-    report["total_seconds"] = time.time() - t_start
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, out / "report.json")
+        _write_report(out, report, t_start)
+    try:  # the loss curve is a convenience: a missing matplotlib must not fail the run
+        name = "tiny model" if cfg.tiny else reference.REFERENCE_MODEL
+        eval_reference.plot_loss([out / REPORT], out / "loss_curve.png", name=name)
+    except Exception as exc:
+        print(f"no loss curve ({type(exc).__name__}: {exc})", flush=True)
     return report
 
 
+def _save_tokenizer(tokenizer_dir: str, tok: PreTrainedTokenizerBase, out: Path) -> None:
+    """Copy the tokenizer files byte for byte (a re-serialisation would add version-specific keys)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    files = [Path(tokenizer_dir) / n for n in names if (Path(tokenizer_dir) / n).is_file()]
+    if not files:
+        tok.save_pretrained(str(out))
+    for f in files:
+        shutil.copyfile(f, out / f.name)
+
+
+def _write_report(out: Path, report: dict[str, Any], t_start: float) -> None:
+    report["total_seconds"] = time.time() - t_start
+    tmp = out / (REPORT + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out / REPORT)
+
+
+def simulate(cfg: TrainConfig, steps: int) -> dict[str, Any]:
+    """Which synthetic documents a run of ``steps`` steps would insert, without a model or a GPU."""
+    rng = random.Random(cfg.seed)
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
+    stream = load_stream(cfg.data, cfg.max_tokens)
+    mix = build_mix(cfg, tok, stream, rng)
+    for _ in range(steps):
+        mix.plan(cfg.batch_size, cfg.seq_len)
+    return {"steps": steps, "tokens": mix.tokens, **mix.summary()}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     defaults = TrainConfig(data="", tokenizer_dir="", out="")
     parser.add_argument("--data", required=True, help="uint16 token stream (.u16 or .u16.xz)")
-    parser.add_argument("--tokenizer-dir", default="models/squeeze-ref-25m")
-    parser.add_argument("--out", required=True, help="folder for the sharded model and report.json")
-    for f in TrainConfig.__dataclass_fields__.values():
+    parser.add_argument("--tokenizer-dir", default="models/squeeze-ref-25m", help="tokenizer to train with")
+    parser.add_argument("--out", required=True, help=f"folder for the sharded model, tokenizer and {REPORT}")
+    for f in fields(TrainConfig):
         if f.name in ("data", "tokenizer_dir", "out"):
             continue
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action="store_true", help=f.metadata.get("help"))
         else:
-            parser.add_argument(flag, type=type(value), default=value)
-    cfg = TrainConfig(**vars(parser.parse_args()))
-    train(cfg)
+            parser.add_argument(flag, type=type(value), default=value, help=f.metadata.get("help"))
+    parser.add_argument(
+        "--simulate-steps",
+        type=int,
+        default=0,
+        help="> 0: only build the synthetic pool and report which documents this many steps would insert "
+        "(no model, no training); --out is then not written",
+    )
+    args = vars(parser.parse_args())
+    simulate_steps = args.pop("simulate_steps")
+    cfg = TrainConfig(**args)
+    if simulate_steps:
+        print(json.dumps(simulate(cfg, simulate_steps), indent=1))
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

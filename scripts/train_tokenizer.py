@@ -6,7 +6,9 @@ so the final held-out files are written here:
 
 * ``<model-dir>/tokenizer.json`` + ``tokenizer_config.json``: byte-level BPE (16k vocabulary) trained
   on the training split only; digits are split individually so that numbers (pass keys) are copied
-  digit by digit. Loads with ``AutoTokenizer.from_pretrained(model_dir)``.
+  digit by digit. Loads with ``AutoTokenizer.from_pretrained(model_dir)``. With ``--reuse-tokenizer``
+  the tokenizer already in ``<model-dir>`` is loaded instead of trained (and not rewritten), so the
+  held-out files and the training stream can be rebuilt for an existing model.
 * ``data/heldout_long.jsonl.xz``: held-out candidates with at least ``--long-min`` tokens.
 * ``data/heldout_short.jsonl.xz``: held-out candidates with ``--short-min``..``--short-max`` tokens.
 * ``<carry>/train.u16.xz`` + ``train_meta.json``: the training split as one uint16 token stream
@@ -105,13 +107,22 @@ def main() -> None:
     parser.add_argument("--max-long", type=int, default=260, help="keep at most this many long documents")
     parser.add_argument("--max-short", type=int, default=260, help="keep at most this many short documents")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reuse-tokenizer",
+        action="store_true",
+        help="load <model-dir>/tokenizer.json instead of training a tokenizer (it is not rewritten)",
+    )
     args = parser.parse_args()
     t0 = time.time()
 
     train = read_jsonl(args.work / "train.jsonl")
-    tok = build_tokenizer((d["text"] for d in train), args.vocab_size)
-    save_tokenizer(tok, args.model_dir)
-    print(f"tokenizer trained on {len(train)} docs in {time.time() - t0:.0f}s", flush=True)
+    if args.reuse_tokenizer:
+        tok = Tokenizer.from_file(str(args.model_dir / "tokenizer.json"))
+        print(f"tokenizer loaded from {args.model_dir} ({tok.get_vocab_size()} entries)", flush=True)
+    else:
+        tok = build_tokenizer((d["text"] for d in train), args.vocab_size)
+        save_tokenizer(tok, args.model_dir)
+        print(f"tokenizer trained on {len(train)} docs in {time.time() - t0:.0f}s", flush=True)
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
     long_c = read_jsonl(args.work / "heldout_long_candidates.jsonl")
