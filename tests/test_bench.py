@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from squeezekv import SqueezeConfig
 from squeezekv.bench import GIB, BenchConfig, build_model, full_kv_bytes, markdown, run, write_report
@@ -51,6 +52,14 @@ def test_bad_bench_config_is_rejected():
         BenchConfig(tp=2, device_map="balanced", cuda_graphs=False)
     with pytest.raises(ValueError, match="CUDA graphs"):
         BenchConfig(device_map="balanced")
+
+
+def test_tensor_parallel_bench_needs_that_many_gpus(capsys):
+    from squeezekv.cli import main
+
+    ranks = max(2, torch.cuda.device_count() + 1)
+    assert main(["bench", "--shape", "tiny", "--tp", str(ranks)]) == 2
+    assert f"--tp {ranks} needs {ranks} GPUs" in capsys.readouterr().err
 
 
 def test_tensor_parallel_bench_reports_per_rank_numbers_from_rank_zero(tmp_path):

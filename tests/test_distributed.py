@@ -31,14 +31,15 @@ def run_ranks(model_dir: Path, out: Path, device: str = "cpu", ranks: int = RANK
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(ranks)]
 
 
-def saved_tiny_llama(directory: Path) -> Path:
-    tiny_model("llama").save_pretrained(directory)
+def saved_tiny_model(directory: Path, family: str = "llama") -> Path:
+    tiny_model(family).save_pretrained(directory)
     return directory
 
 
-@pytest.fixture(scope="module")
-def tensor_parallel_run(tmp_path_factory):
-    model_dir = saved_tiny_llama(tmp_path_factory.mktemp("model"))
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def tensor_parallel_run(request, tmp_path_factory):
+    """Llama; Mistral for its sliding window; Qwen2 for the biases of its sharded projections."""
+    model_dir = saved_tiny_model(tmp_path_factory.mktemp("model"), request.param)
     ranks = run_ranks(model_dir, tmp_path_factory.mktemp("ranks"))
     return ranks, single_process(str(model_dir))
 
@@ -83,7 +84,7 @@ def test_single_rank_helpers_are_identities():
 
 @pytest.mark.skipif(torch.cuda.device_count() < RANKS, reason=f"needs {RANKS} CUDA devices")
 def test_tensor_parallel_over_gpus_with_cuda_graphs(tmp_path):
-    model_dir = saved_tiny_llama(tmp_path / "model")
+    model_dir = saved_tiny_model(tmp_path / "model")
     (tmp_path / "ranks").mkdir()
     ranks = run_ranks(model_dir, tmp_path / "ranks", device="cuda")
     check_against_single_process(ranks, single_process(str(model_dir), "cuda"))

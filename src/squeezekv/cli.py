@@ -205,6 +205,8 @@ def parse_list(kind):
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    import torch
+
     from squeezekv.bench import BenchConfig, markdown, run, write_report
     from squeezekv.distributed import is_first_rank
 
@@ -212,6 +214,8 @@ def run_bench(args: argparse.Namespace) -> None:
         args.cuda_graphs = False  # one CUDA graph cannot span the devices of a device_map
     config = from_arguments(BenchConfig, args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.tp > 1 and config.device != "cpu" and torch.cuda.device_count() < config.tp:
+        raise ValueError(f"--tp {config.tp} needs {config.tp} GPUs, {torch.cuda.device_count()} are visible")
     if config.tp > 1 and world == 1:  # one process per rank, started by torchrun
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         launch += [f"--nproc-per-node={config.tp}", "-m", "squeezekv.cli", *args.argv]
