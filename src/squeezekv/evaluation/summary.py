@@ -50,25 +50,32 @@ def table(config: EvalConfig, summaries: list[CellSummary], value) -> list[str]:
     return lines
 
 
+def policy_budget_table(title: str, config: EvalConfig, cell) -> list[str]:
+    """A titled table with one row per policy and one column per budget; ``cell(policy, budget)``."""
+    lines = [
+        f"### {title}",
+        "",
+        "| policy | " + " | ".join(f"budget {b}" for b in config.budgets) + " |",
+        "|---|" + "---:|" * len(config.budgets),
+    ]
+    for policy in config.policies:
+        lines.append(f"| {policy} | " + " | ".join(cell(policy, budget) for budget in config.budgets) + " |")
+    return lines
+
+
 def squeeze_gain(config: EvalConfig, task: Task, summaries: list[CellSummary]) -> list[str]:
     """Relative change of the headline metric from ``uniform`` to ``squeeze`` (positive = better)."""
     if not {"uniform", "squeeze"} <= set(config.allocators):
         return []
     found = {(s.cell.policy, s.cell.allocator, s.cell.budget): s.metrics[task.metric] for s in summaries}
     sign = 1.0 if task.higher_is_better else -1.0
-    lines = [
-        f"### squeeze vs uniform at equal memory: change of {task.metric} in % (positive: squeeze better)",
-        "",
-        "| policy | " + " | ".join(f"budget {b}" for b in config.budgets) + " |",
-        "|---|" + "---:|" * len(config.budgets),
-    ]
-    for policy in config.policies:
-        changes = []
-        for budget in config.budgets:
-            uniform, squeeze = found[(policy, "uniform", budget)], found[(policy, "squeeze", budget)]
-            changes.append(f"{100 * sign * (squeeze - uniform) / abs(uniform):+.2f}" if uniform else "n/a")
-        lines.append(f"| {policy} | " + " | ".join(changes) + " |")
-    return lines
+
+    def change(policy: str, budget) -> str:
+        uniform, squeeze = found[(policy, "uniform", budget)], found[(policy, "squeeze", budget)]
+        return f"{100 * sign * (squeeze - uniform) / abs(uniform):+.2f}" if uniform else "n/a"
+
+    title = f"squeeze vs uniform at equal memory: change of {task.metric} in % (positive: squeeze better)"
+    return policy_budget_table(title, config, change)
 
 
 def squeeze_wins(config: EvalConfig, task: Task, samples: list[str], records: dict) -> list[str]:
@@ -80,19 +87,12 @@ def squeeze_wins(config: EvalConfig, task: Task, samples: list[str], records: di
     def value(sample: str, policy: str, allocator: str, budget) -> float:
         return sign * records[(sample, f"{policy}/{allocator}/{budget}")]["metrics"][task.metric]
 
-    lines = [
-        f"### samples on which squeeze beats uniform (per-sample {task.metric}, of {len(samples)})",
-        "",
-        "| policy | " + " | ".join(f"budget {b}" for b in config.budgets) + " |",
-        "|---|" + "---:|" * len(config.budgets),
-    ]
-    for policy in config.policies:
-        wins = [
-            sum(value(s, policy, "squeeze", budget) > value(s, policy, "uniform", budget) for s in samples)
-            for budget in config.budgets
-        ]
-        lines.append(f"| {policy} | " + " | ".join(str(w) for w in wins) + " |")
-    return lines
+    def wins(policy: str, budget) -> str:
+        better = [value(s, policy, "squeeze", budget) > value(s, policy, "uniform", budget) for s in samples]
+        return str(sum(better))
+
+    title = f"samples on which squeeze beats uniform (per-sample {task.metric}, of {len(samples)})"
+    return policy_budget_table(title, config, wins)
 
 
 def markdown(
