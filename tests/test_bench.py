@@ -35,6 +35,9 @@ def test_bench_runs_every_path_on_a_small_model(tmp_path):
         report["chunked_prefill_peak_kv"]["h2o"]["chunked_bytes"]
         < report["chunked_prefill_peak_kv"]["h2o"]["whole_bytes"]
     )
+    assert set(report["fast_equals_simple"]) == {"keep-all", "window", "h2o"}
+    assert all(c["tokens_equal"] and c["kept_equal"] for c in report["fast_equals_simple"].values())
+    assert "equals the simple path on this device" in markdown(report)
     json_path, markdown_path = write_report(report, tmp_path)
     assert json.loads(json_path.read_text())["config"]["shape"] == "tiny"
     assert markdown_path.read_text() == markdown(report)

@@ -1,4 +1,8 @@
-"""The Triton kernels against the plain path (on a GPU; skipped without one)."""
+"""The Triton kernels against the plain path.
+
+The prefill kernels need a GPU. The decode kernels run anywhere Triton is installed: without a GPU,
+in Triton's interpreter (``tests/conftest.py`` turns it on).
+"""
 
 import pytest
 import torch
@@ -6,9 +10,11 @@ import torch
 from squeezekv import kernels
 from squeezekv.attention import attend, layer_mask
 
-pytestmark = pytest.mark.skipif(
+needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or kernels.triton is None, reason="needs a CUDA device and Triton"
 )
+needs_triton = pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def case(seed, batch=2, kv_heads=2, group=2, cached=37, queries=70, dim=16, per_head=False):
@@ -29,6 +35,7 @@ def case(seed, batch=2, kv_heads=2, group=2, cached=37, queries=70, dim=16, per_
     return *(tensor.cuda() for tensor in tensors), first_column, query_valid.cuda()
 
 
+@needs_gpu
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("window", [None, 29])
 @pytest.mark.parametrize("scored", [70, 9])
@@ -49,6 +56,7 @@ def test_kernels_match_the_plain_path(per_head, window, scored):
     torch.testing.assert_close(mass, expected_mass, atol=2e-5, rtol=1e-4)
 
 
+@needs_gpu
 def test_bf16_kernels_stay_close_to_the_plain_path():
     query, key, value, positions, valid, first_column, query_valid = case(1, queries=300, cached=200, dim=64)
     query, key, value = (tensor.bfloat16() for tensor in (query, key, value))
@@ -61,3 +69,49 @@ def test_bf16_kernels_stay_close_to_the_plain_path():
     real = query_valid[:, None, :, None].expand_as(output)
     torch.testing.assert_close(output[real].float(), expected[real].float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(mass, expected_mass, atol=5e-2, rtol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("window", [None, 300])
+def test_decode_kernel_matches_the_plain_path(group, per_head, window):
+    """Slots in no order, some empty, more slots than one program's chunk."""
+    generator = torch.Generator().manual_seed(group)
+    batch, kv_heads, slots, dim = 3, 2, kernels.DECODE_CHUNK * 2 + 77, 32
+    heads = kv_heads if per_head else 1
+    column = 5000
+    query = torch.randn(batch, kv_heads * group, 1, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, slots, dim, generator=generator)
+    rows = [torch.randperm(column, generator=generator)[:slots] for _ in range(batch * heads)]
+    positions = torch.stack(rows).view(batch, heads, slots)
+    positions[:, :, 17] = column  # the query's own token
+    valid = torch.rand(batch, heads, slots, generator=generator) > 0.3
+    valid[:, :, 17] = True
+    query, key, value, positions, valid = (t.to(DEVICE) for t in (query, key, value, positions, valid))
+    mask = valid if window is None else valid & (positions > column - window)
+    expected, expected_mass = attend(query, key, value, mask.unsqueeze(2), 0.2, 1)
+    cached = (query, key, value, positions, valid, torch.tensor([column], device=DEVICE), window, 0.2)
+    output, mass = kernels.attend_decode(*cached, True)
+    torch.testing.assert_close(output, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(mass, expected_mass, atol=2e-5, rtol=1e-4)
+    unscored, none = kernels.attend_decode(*cached, False)
+    assert none is None
+    torch.testing.assert_close(unscored, expected, atol=2e-5, rtol=1e-4)
+
+
+@needs_triton
+def test_bf16_decode_kernel_stays_close_to_the_plain_path():
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(4, 8, 1, 128, generator=generator).to(DEVICE).bfloat16()
+    key = torch.randn(4, 8, 1500, 128, generator=generator).to(DEVICE).bfloat16()
+    value = torch.randn(4, 8, 1500, 128, generator=generator).to(DEVICE).bfloat16()
+    positions = torch.arange(1500, device=DEVICE).expand(4, 1, -1).contiguous()
+    valid = torch.ones(4, 1, 1500, dtype=torch.bool, device=DEVICE)
+    valid[0, :, :600] = False
+    expected, expected_mass = attend(query, key, value, valid.unsqueeze(2), 128**-0.5, 1)
+    column = torch.tensor([1499], device=DEVICE)
+    output, mass = kernels.attend_decode(query, key, value, positions, valid, column, None, 128**-0.5, True)
+    torch.testing.assert_close(output.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(mass, expected_mass, atol=2e-2, rtol=2e-2)

@@ -269,6 +269,39 @@ def measure_engine(
     )
 
 
+def agreement(device: torch.device, policies: tuple[str, ...], cuda_graphs: bool) -> dict[str, dict]:
+    """Whether the fast engine, decoding as benchmarked (CUDA graphs or not), keeps the simple path's
+    tokens and outputs on this device: keep-everything and every benchmarked policy.
+
+    Checked on the ``tiny`` shape in float64 (random weights; greedy ties cannot flip between
+    paths), with a ragged, left-padded batch prefilled in two micro-batches.
+    """
+    from squeezekv.generation import generate
+
+    model = build_model("tiny", "cpu", 128).to(device, torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    lengths = (60, 41, 52)
+    ids = torch.randint(3, model.config.vocab_size, (len(lengths), max(lengths)), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, -length:] = 1
+    ids, mask = (ids * mask).to(device), mask.to(device)
+    checks = {"keep-all": SqueezeConfig(budget=1.0, policy="window", allocator="uniform")}
+    for policy in policies:
+        checks[policy] = SqueezeConfig(budget=0.3, policy=policy, sinks=2, snapkv_window=8)
+    results = {}
+    for name, config in checks.items():
+        simple = generate(model, ids, config, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        fast = FastGenerator(model, config, cuda_graphs=cuda_graphs and device.type == "cuda").generate(
+            ids, mask, max_new_tokens=24, prefill_batch=2
+        )
+        results[name] = {
+            "tokens_equal": torch.equal(simple.sequences, fast.sequences),
+            "kept_equal": torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held),
+        }
+    return results
+
+
 def prefill_overhead(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig) -> dict:
     """Prefill of one sequence: plain forward vs squeezekv's (importance, planning, eviction)."""
     from squeezekv.session import compress
@@ -346,6 +379,7 @@ def run(config: BenchConfig) -> dict:
             print(json.dumps(dataclasses.asdict(measurement)), flush=True)
 
     reference = prompts[: config.reference_batch].to(devices[0])
+    checks = agreement(devices[0], config.policies, config.cuda_graphs)
     with torch.inference_mode():
         if "hf_dynamic" in config.baselines:
             attempt(
@@ -408,6 +442,7 @@ def run(config: BenchConfig) -> dict:
         "measurements": [dataclasses.asdict(m) for m in measurements],
         "prefill_overhead": overhead,
         "chunked_prefill_peak_kv": chunked_memory,
+        "fast_equals_simple": checks,
     }
 
 
@@ -464,6 +499,16 @@ def markdown(report: dict) -> str:
             ratio(m["decode_ms_per_step"], m["roofline_ms"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    checks = report.get("fast_equals_simple", {})
+    if checks:
+        verdicts = [
+            f"{name} {'yes' if c['tokens_equal'] and c['kept_equal'] else 'NO'}" for name, c in checks.items()
+        ]
+        lines += [
+            "",
+            "Fast engine as benchmarked equals the simple path on this device (tokens and kept tokens, "
+            "tiny float64 model): " + ", ".join(verdicts),
+        ]
     lines += ["", "Prefill of one prompt, plain forward vs squeezekv (importance, planning, eviction):", ""]
     for policy, o in report["prefill_overhead"].items():
         lines.append(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from squeezekv import kernels
 from squeezekv.architectures import architecture_of
 from squeezekv.attention import attend
 from squeezekv.cache import SqueezeCache, SqueezeLayer
@@ -165,14 +166,19 @@ class StaticCache(Cache):
     ) -> torch.Tensor:
         layer = self.layers[layer_idx]
         column = self.columns[layer.keys.device]
-        mask = layer.valid
-        if layer.sliding_window is not None:
-            mask = mask & (layer.positions > column - layer.sliding_window)
         policy = POLICIES[self.config.policy]
         scored = policy.scored_queries("decode", 1, self.config)
-        output, mass = attend(
-            query, key, value, mask.unsqueeze(2), scaling, scored, None, softcap, explicit=self.explicit
-        )
+        if scored and self.fused(query, softcap):
+            output, mass = kernels.attend_decode(
+                query, key, value, layer.positions, layer.valid, column, layer.sliding_window, scaling, True
+            )
+        else:
+            mask = layer.valid
+            if layer.sliding_window is not None:
+                mask = mask & (layer.positions > column - layer.sliding_window)
+            output, mass = attend(
+                query, key, value, mask.unsqueeze(2), scaling, scored, None, softcap, explicit=self.explicit
+            )
         if mass is not None:  # in place: a captured step must read this step's scores on replay
             layer.scores.copy_(policy.fold(layer.scores, mass, "decode", self.config))
         view = BufferView(
@@ -186,6 +192,11 @@ class StaticCache(Cache):
         )
         layer.evict(view, self.config)
         return output
+
+    def fused(self, query: torch.Tensor, softcap: float | None) -> bool:
+        """Whether the Triton decode kernel serves this query (an eager-attention model keeps the
+        plain path, which computes as eager attention does)."""
+        return query.is_cuda and not self.explicit and softcap is None and kernels.available(query)
 
     def advance(self) -> None:
         for column in self.columns.values():
@@ -306,29 +317,33 @@ class FastGenerator:
 
         if not (self.cuda_graphs and tokens.is_cuda) or steps <= WARM_STEPS:
             return lambda: step().clone()
-        return graphed(step)
+        return CapturedStep(step, buffers=(tokens, positions))
 
 
-def graphed(step):
-    """Captures ``step`` as a CUDA graph after ``WARM_STEPS`` warm-up calls, which are real steps."""
-    warmed = []
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(WARM_STEPS):
-            warmed.append(step().clone())
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = step()
+class CapturedStep:
+    """``step`` captured as a CUDA graph after ``WARM_STEPS`` warm-up calls, which are real steps.
 
-    def run() -> torch.Tensor:
-        if warmed:
-            return warmed.pop(0)
-        graph.replay()
-        return output.clone()
+    A replay reads and writes the addresses the capture saw. Tensors made before the capture (the
+    step's input buffers) are outside the graph's memory pool, so this object keeps them alive: a
+    freed one would be handed to the next allocation while every replay still wrote into it.
+    """
 
-    return run
+    def __init__(self, step, buffers: tuple[torch.Tensor, ...]) -> None:
+        self.buffers = buffers
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.warmed = [step().clone() for _ in range(WARM_STEPS)]
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = step()
+
+    def __call__(self) -> torch.Tensor:
+        if self.warmed:
+            return self.warmed.pop(0)
+        self.graph.replay()
+        return self.output.clone()
 
 
 def kv_bytes_per_sequence(

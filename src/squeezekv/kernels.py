@@ -11,8 +11,18 @@ several passes over a ``queries x keys`` matrix. Here two kernels keep that matr
    the stored log-sum-exp and sums them over queries and over the query heads sharing the key head.
 
 The new tokens are the last keys and keys are kept in column order, so a query sees no key after
-its own index; blocks past that are skipped. Tests check both kernels against the plain path on a
-GPU (they are skipped without one).
+its own index; blocks past that are skipped.
+
+A decode step (one query per sequence, over the fast engine's buffer, whose slots are in no
+order) has its own pair, split over the keys as flash-decoding is, so that short batches still
+fill the GPU:
+
+3. each program takes one key head, the query heads sharing it and one chunk of slots; it writes
+   the chunk's partial softmax state and, when the mass is wanted, the raw scores;
+4. a pass per block of slots combines the chunks' states into each head's normaliser, turns the
+   stored scores into probabilities summed over the group, and (first block only) the output.
+
+Tests check every kernel against the plain path on a GPU (they are skipped without one).
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ except ImportError:  # the CPU-only install has no Triton; the plain path serves
 
 BLOCK_M = 64
 BLOCK_N = 64
+DECODE_CHUNK = 512  # slots per decode program
+DECODE_ELEMENTS = 8192  # query heads x slots x head size that one decode program holds at once
 
 
 def available(query: torch.Tensor) -> bool:
@@ -191,5 +203,156 @@ def attend_scored(
         query, key, positions, valid, lse, weight, mass,
         *query.stride(), *key.stride(), *positions.stride(),
         queries, keys, q_heads, kv_heads, group, first_column, scored_from, window, scaling, **common,
+    )  # fmt: skip
+    return output, mass
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_chunk(
+        Q, K, V, P, A, COLUMN, SCORES, PART_MAX, PART_SUM, PART_ACC,
+        sqb, sqh, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        spb, sph, spn,
+        keys, q_heads, kv_heads, splits, window, scale,
+        HAS_WINDOW: tl.constexpr, WITH_MASS: tl.constexpr, POSITION_HEADS: tl.constexpr,
+        DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        split, batch_head = tl.program_id(0), tl.program_id(1)
+        batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
+        position_head = kv_head if POSITION_HEADS > 1 else 0
+        members = tl.arange(0, GP)
+        in_group = members < GROUP
+        heads = kv_head * GROUP + members
+        dims = tl.arange(0, DIM)
+        q = tl.load(Q + batch * sqb + heads[:, None] * sqh + dims[None, :] * sqd,
+                    mask=in_group[:, None], other=0.0).to(tl.float32)  # fmt: skip
+        best = tl.full([GP], float("-inf"), tl.float32)
+        total = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DIM], tl.float32)
+        if HAS_WINDOW:
+            oldest = tl.load(COLUMN) - window
+        for offset in range(0, CHUNK, BN):
+            cols = split * CHUNK + offset + tl.arange(0, BN)
+            inside = cols < keys
+            base = batch * spb + position_head * sph + cols * spn
+            seen = (tl.load(A + base, mask=inside, other=0) != 0) & inside
+            if HAS_WINDOW:
+                positions = tl.load(P + base, mask=inside, other=0)
+                seen = seen & (positions > oldest)
+            k = tl.load(K + batch * skb + kv_head * skh + cols[:, None] * skn + dims[None, :] * skd,
+                        mask=seen[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            v = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
+                        mask=seen[:, None], other=0.0).to(tl.float32)  # fmt: skip
+            scores = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            if WITH_MASS:
+                tl.store(SCORES + (batch * q_heads + heads[:, None]) * keys + cols[None, :], scores,
+                         mask=in_group[:, None] & inside[None, :])  # fmt: skip
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+            p = tl.exp(scores - safe[:, None])
+            rescale = tl.exp(best - safe)
+            total = total * rescale + tl.sum(p, 1)
+            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+            best = new_best
+        part = (batch * q_heads + heads) * splits + split
+        tl.store(PART_MAX + part, best, mask=in_group)
+        tl.store(PART_SUM + part, total, mask=in_group)
+        tl.store(PART_ACC + part[:, None] * DIM + dims[None, :], acc, mask=in_group[:, None])
+
+    @triton.jit
+    def _decode_combine(
+        SCORES, PART_MAX, PART_SUM, PART_ACC, OUT, MASS,
+        sob, soh, sod,
+        keys, q_heads, kv_heads, splits,
+        WITH_MASS: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+        SP: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        block, batch_head = tl.program_id(0), tl.program_id(1)
+        batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
+        members = tl.arange(0, GP)
+        in_group = members < GROUP
+        rows = batch * q_heads + kv_head * GROUP + members
+        chunks = tl.arange(0, SP)
+        parts = rows[:, None] * splits + chunks[None, :]
+        in_parts = in_group[:, None] & (chunks[None, :] < splits)
+        chunk_best = tl.load(PART_MAX + parts, mask=in_parts, other=float("-inf"))
+        best = tl.max(chunk_best, 1)
+        safe = tl.where(best == float("-inf"), 0.0, best)
+        weights = tl.exp(chunk_best - safe[:, None])
+        total = tl.sum(tl.load(PART_SUM + parts, mask=in_parts, other=0.0) * weights, 1)
+        if block == 0:
+            dims = tl.arange(0, DIM)
+            acc = tl.zeros([GP, DIM], tl.float32)
+            for chunk in range(0, SP):
+                part = rows * splits + chunk
+                present = in_group & (chunk < splits)
+                weight = tl.exp(tl.load(PART_MAX + part, mask=present, other=float("-inf")) - safe)
+                acc += weight[:, None] * tl.load(PART_ACC + part[:, None] * DIM + dims[None, :],
+                                                 mask=present[:, None], other=0.0)  # fmt: skip
+            out = acc / total[:, None]
+            tl.store(OUT + batch * sob + (kv_head * GROUP + members[:, None]) * soh + dims[None, :] * sod,
+                     out.to(OUT.dtype.element_ty), mask=in_group[:, None])  # fmt: skip
+        if WITH_MASS:
+            cols = block * BN + tl.arange(0, BN)
+            inside = cols < keys
+            scores = tl.load(SCORES + rows[:, None] * keys + cols[None, :],
+                             mask=in_group[:, None] & inside[None, :], other=float("-inf"))  # fmt: skip
+            p = tl.exp(scores - safe[:, None]) / total[:, None]
+            tl.store(MASS + batch_head * keys + cols, tl.sum(p, 0), mask=inside)
+
+
+def attend_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    column: torch.Tensor,
+    sliding_window: int | None,
+    scaling: float,
+    with_mass: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decode query per sequence over a buffer whose slots are in any order.
+
+    ``query`` is ``[batch, q_heads, 1, dim]``; ``positions``/``valid`` (``[batch, 1 or kv_heads,
+    slots]``) describe the slots, which must include the query's own token; ``column`` is a
+    one-element tensor (read on the device, so a captured step stays correct on replay), used only
+    for a sliding window. Returns the output and, if ``with_mass``, the mass ``[batch, kv_heads,
+    slots]`` (each key's probability summed over the query heads sharing it).
+    """
+    batch, q_heads, _, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    members = triton.next_power_of_2(group)
+    splits = math.ceil(keys / DECODE_CHUNK)
+    block = min(DECODE_CHUNK, max(16, DECODE_ELEMENTS // (members * dim)))  # powers of two all
+    floats = dict(dtype=torch.float32, device=query.device)
+    part_max = torch.empty(batch * q_heads * splits, **floats)
+    part_sum = torch.empty(batch * q_heads * splits, **floats)
+    part_acc = torch.empty(batch * q_heads * splits, dim, **floats)
+    scores = torch.empty(batch, q_heads, keys, **floats) if with_mass else part_max
+    mass = torch.empty(batch, kv_heads, keys, **floats) if with_mass else None
+    output = torch.empty_like(query)
+    valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid
+    _decode_chunk[(splits, batch * kv_heads)](
+        query, key, value, positions, valid, column, scores, part_max, part_sum, part_acc,
+        query.stride(0), query.stride(1), query.stride(3),
+        *key.stride(), *value.stride(), *positions.stride(),
+        keys, q_heads, kv_heads, splits, sliding_window or 0, scaling,
+        HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
+        DIM=dim, GROUP=group, GP=members, CHUNK=DECODE_CHUNK, BN=block,
+    )  # fmt: skip
+    combine_block = 256
+    blocks = math.ceil(keys / combine_block) if with_mass else 1
+    _decode_combine[(blocks, batch * kv_heads)](
+        scores, part_max, part_sum, part_acc, output, mass if with_mass else part_max,
+        output.stride(0), output.stride(1), output.stride(3),
+        keys, q_heads, kv_heads, splits,
+        WITH_MASS=with_mass, DIM=dim, GROUP=group, GP=members,
+        SP=triton.next_power_of_2(splits), BN=combine_block,
     )  # fmt: skip
     return output, mass
