@@ -10,7 +10,8 @@ A small share of the training sequences start with a synthetic retrieval documen
 small model to look far back: mostly pass-key documents of half to a full window (2k-4k tokens; the
 evaluation's template, half in its repetitive filler and half with the key in natural text), the rest
 shorter key-value documents (``--passkey-share``, ``--passkey-min-len`` ... ``--kv-max-len``). A
-sequence starts with one with probability ``--synthetic-prob``, and a hard cap
+sequence starts with one with probability ``--synthetic-prob`` (``--synthetic-decay-prob`` during
+the learning-rate decay, if set), and a hard cap
 (``--synthetic-max-fraction``, default 2%) skips any insertion that would push the running share of
 synthetic tokens above it. ``--simulate-steps N`` only builds the pool and reports what N steps would
 insert. After training the model is cast to bf16 and saved in shards of at most 15 MB together with
@@ -81,6 +82,11 @@ class TrainConfig:
     decay_fraction: float = _f(0.25, "learning-rate decay over the last fraction of the run")
     synthetic_prob: float = _f(
         0.03, "probability that a training sequence starts with a synthetic retrieval document"
+    )
+    synthetic_decay_prob: float = _f(
+        0.0,
+        "> 0: the probability used instead of --synthetic-prob during the learning-rate decay phase, so "
+        "that retrieval documents gather where the model settles (the cap still holds over the run)",
     )
     synthetic_max_fraction: float = _f(
         0.02,
@@ -320,12 +326,23 @@ def build_mix(
 # --------------------------------------------------------------------------- training
 
 
+def progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """How much of the run is done, 0 to 1 (by steps with ``--steps``, else by time)."""
+    return step / cfg.steps if cfg.steps else elapsed / cfg.time_budget_s
+
+
 def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
     """Warmup-stable-decay; the decay covers the last ``decay_fraction`` of the run (time or steps)."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps)
-    frac = step / cfg.steps if cfg.steps else elapsed / cfg.time_budget_s
+    frac = progress(cfg, step, elapsed)
     decay = 1.0 if frac < 1 - cfg.decay_fraction else max(0.0, (1 - frac) / cfg.decay_fraction)
     return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def synthetic_prob_at(cfg: TrainConfig, frac: float) -> float:
+    """``--synthetic-decay-prob`` during the decay phase if set, else ``--synthetic-prob``."""
+    decaying = frac >= 1 - cfg.decay_fraction
+    return cfg.synthetic_decay_prob if decaying and cfg.synthetic_decay_prob > 0 else cfg.synthetic_prob
 
 
 def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -389,6 +406,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         lr = lr_at(cfg, step, elapsed)
         for g in opt.param_groups:
             g["lr"] = lr
+        mix.prob = synthetic_prob_at(cfg, progress(cfg, step, elapsed))
         offsets = torch.from_numpy(np_rng.integers(0, n_stream - cfg.seq_len - 1, cfg.batch_size)).to(device)
         batch = stream_t[offsets[:, None] + window]
         for row, doc in mix.plan(cfg.batch_size, cfg.seq_len):
@@ -488,7 +506,8 @@ def simulate(cfg: TrainConfig, steps: int) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
     stream = load_stream(cfg.data, cfg.max_tokens)
     mix = build_mix(cfg, tok, stream, rng)
-    for _ in range(steps):
+    for step in range(steps):
+        mix.prob = synthetic_prob_at(cfg, step / steps)
         mix.plan(cfg.batch_size, cfg.seq_len)
     return {"steps": steps, "tokens": mix.tokens, **mix.summary()}
 

@@ -9,6 +9,8 @@ import torch
 
 from squeezekv import kernels
 from squeezekv.attention import attend, layer_mask
+from squeezekv.engine import evict_lowest, write_slot
+from squeezekv.policies import KEEP
 
 needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or kernels.triton is None, reason="needs a CUDA device and Triton"
@@ -99,9 +101,14 @@ def test_decode_kernel_matches_the_plain_path(group, per_head, window):
     unscored, none = kernels.attend_decode(*cached, False)
     assert none is None
     torch.testing.assert_close(unscored, expected, atol=2e-5, rtol=1e-4)
+    running = torch.rand_like(expected_mass)
+    folded = running + expected_mass
+    _, none = kernels.attend_decode(*cached, True, add_mass_to=running)
+    assert none is None
+    torch.testing.assert_close(running, folded, atol=2e-5, rtol=1e-4)
 
 
-@needs_triton
+@needs_gpu  # Triton's interpreter computes bf16 matrix products wrongly
 def test_bf16_decode_kernel_stays_close_to_the_plain_path():
     generator = torch.Generator().manual_seed(5)
     query = torch.randn(4, 8, 1, 128, generator=generator).to(DEVICE).bfloat16()
@@ -115,3 +122,68 @@ def test_bf16_decode_kernel_stays_close_to_the_plain_path():
     output, mass = kernels.attend_decode(query, key, value, positions, valid, column, None, 128**-0.5, True)
     torch.testing.assert_close(output.float(), expected.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(mass, expected_mass, atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", [1, 4])
+def test_eviction_kernel_matches_the_plain_path(heads):
+    """Ties in priority (oldest goes), always-kept tokens, rows under and over budget, empty slots."""
+    generator = torch.Generator().manual_seed(heads)
+    batch, slots = 5, kernels.EVICT_BLOCK + 300
+    priority = torch.randint(0, 40, (batch, heads, slots), generator=generator).float()
+    priority[priority > 35] = KEEP
+    priority[4] = KEEP  # a row that keeps everything still loses its oldest token when over budget
+    positions = torch.stack(
+        [torch.randperm(10 * slots, generator=generator)[:slots] for _ in range(batch * heads)]
+    )
+    positions = positions.view(batch, heads, slots)
+    valid = torch.rand(batch, heads, slots, generator=generator) > 0.2
+    held = valid.sum(-1).amin(-1)
+    budget = torch.stack([held[0] - 1, held[1], held[2] + 5, held[3] - 1, held[4] - 1])
+    states = [
+        (valid.clone().to(DEVICE), torch.zeros(batch, heads, dtype=torch.long, device=DEVICE)) for _ in "ab"
+    ]
+    arguments = [t.to(DEVICE) for t in (priority, positions, budget)]
+    for evict, (flags, free) in zip((evict_lowest, kernels.evict_lowest), states, strict=True):
+        evict(arguments[0], flags, arguments[1], arguments[2], free)
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+    assert (states[0][0].sum(-1) < valid.to(DEVICE).sum(-1)).any()  # something was evicted
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_cosine_kernel_matches_torch(dtype):
+    generator = torch.Generator().manual_seed(3)
+    residual = torch.randn(2, 37, 1500, generator=generator).to(DEVICE, dtype)
+    attention = (0.3 * torch.randn(2, 37, 1500, generator=generator)).to(DEVICE, dtype)
+    attention[1, 4] = -residual[1, 4]  # residual + attention is zero: the norm's eps decides
+    expected = torch.nn.functional.cosine_similarity(
+        residual.float(), residual.float() + attention.float(), dim=-1
+    )
+    torch.testing.assert_close(kernels.residual_cosine(residual, attention), expected, atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("heads", [1, 3])
+def test_slot_writing_kernel_matches_the_plain_path(heads):
+    generator = torch.Generator().manual_seed(heads)
+    batch, kv_heads, slots, dim = 2, 3, 11, 16
+    new = torch.randn(batch, 1, kv_heads, 2 * dim, generator=generator).transpose(1, 2)  # strided views
+    key, value = new[..., :dim], new[..., dim:]
+    free = torch.randint(0, slots, (batch, heads), generator=generator)
+    column = torch.tensor([40])
+    buffers = [
+        torch.randn(batch, kv_heads, slots, dim, generator=generator),
+        torch.randn(batch, kv_heads, slots, dim, generator=generator),
+        torch.randint(0, 30, (batch, heads, slots), generator=generator),
+        torch.rand(batch, heads, slots, generator=generator) > 0.5,
+        torch.rand(batch, heads, slots, generator=generator),
+    ]
+    plain = [buffer.clone().to(DEVICE) for buffer in buffers]
+    fused = [buffer.clone().to(DEVICE) for buffer in buffers]
+    inputs = [t.to(DEVICE) for t in (key, value)]
+    write_slot(*inputs, *plain, free.to(DEVICE), column.to(DEVICE))
+    kernels.write_slot(*inputs, *fused, free.to(DEVICE), column.to(DEVICE))
+    for expected, actual in zip(plain, fused, strict=True):
+        assert torch.equal(expected, actual)
+    assert (plain[2] == 40).sum() == batch * heads  # one position written per bookkeeping row

@@ -302,30 +302,34 @@ def agreement(device: torch.device, policies: tuple[str, ...], cuda_graphs: bool
     return results
 
 
-def prefill_overhead(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig) -> dict:
-    """Prefill of one sequence: plain forward vs squeezekv's (importance, planning, eviction)."""
+def prefill_overhead(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig, rounds: int = 7) -> dict:
+    """Prefill of one sequence: plain forward vs squeezekv's (importance, planning, eviction).
+
+    The two alternate for ``rounds`` rounds after a warm-up of each, so that clock and thermal drift
+    fall on both alike; each time is the median of its rounds.
+    """
     from squeezekv.session import compress
 
     devices = model_devices(model)
 
-    def timed(run) -> float:
-        run()
-        times = []
-        for _ in range(3):
-            started = synchronized(devices)
-            run()
-            times.append(synchronized(devices) - started)
-        return sorted(times)[1]
+    def plain() -> None:
+        model(ids, logits_to_keep=1)
 
+    def compressed() -> None:
+        with compress(model, config):
+            model(ids, logits_to_keep=1)
+
+    times: dict = {plain: [], compressed: []}
     with torch.inference_mode():
-        plain = timed(lambda: model(ids, logits_to_keep=1))
-
-        def compressed() -> None:
-            with compress(model, config):
-                model(ids, logits_to_keep=1)
-
-        squeezed = timed(compressed)
-    return {"plain_seconds": plain, "squeezekv_seconds": squeezed, "overhead": squeezed / plain - 1}
+        for run in (plain, compressed):
+            run()
+        for _ in range(rounds):
+            for run in (plain, compressed):
+                started = synchronized(devices)
+                run()
+                times[run].append(synchronized(devices) - started)
+    base, squeezed = (sorted(t)[len(t) // 2] for t in times.values())
+    return {"plain_seconds": base, "squeezekv_seconds": squeezed, "overhead": squeezed / base - 1}
 
 
 def prefill_peak_kv(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig, chunk: int | None) -> int:

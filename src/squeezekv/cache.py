@@ -50,8 +50,11 @@ class SqueezeLayer(CacheLayerMixin):
         batch, heads, q = key_states.shape[:3]
         columns = torch.arange(self.seen, self.seen + q, device=key_states.device)
         track_heads = self.positions.shape[1]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.keys.shape[-2]:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        else:  # the first chunk: a concatenation would only copy it
+            self.keys, self.values = key_states, value_states
         self.positions = torch.cat([self.positions, columns.expand(batch, track_heads, q)], dim=-1)
         self.valid = torch.cat(
             [self.valid, new_valid.to(self.valid.device)[:, None].expand(-1, track_heads, -1)], -1
@@ -85,7 +88,7 @@ class SqueezeLayer(CacheLayerMixin):
         if self.sliding_window is not None:  # tokens no future query can see are gone for good
             valid = valid & (self.positions > self.seen - self.sliding_window)
         held = valid.sum(-1)
-        if bool((held <= budget.to(held.device).view(-1, 1)).all()) and bool(valid.all()):
+        if bool((held <= budget.to(held.device).view(-1, 1)).all() & valid.all()):  # one host sync
             return
         view = LayerView(self.positions, valid, self.scores, phase, prompt_columns, first_column)
         priority = POLICIES[config.policy].priority(view, budget, config)

@@ -27,7 +27,7 @@ from squeezekv.cache import SqueezeCache, SqueezeLayer
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import model_devices, synchronized, tensor_parallel_size
 from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
-from squeezekv.policies import POLICIES, LayerView
+from squeezekv.policies import POLICIES, LayerView, Policy
 from squeezekv.session import compress, routed_attention
 
 WARM_STEPS = 2  # eager decode steps before a CUDA graph is captured
@@ -37,15 +37,15 @@ WARM_STEPS = 2  # eager decode steps before a CUDA graph is captured
 class BufferView(LayerView):
     """A :class:`LayerView` of a buffer whose slots are not in position order.
 
-    The recency rank comes from positions instead of slot order. That is exact for the comparison
-    policies make (``rank < n`` for the newest tokens, which they always keep): those tokens are
-    never evicted, so they are the contiguous columns ending at ``last_column``.
+    The newest tokens come from positions instead of slot order. That is exact for the question
+    policies ask (the newest ``n`` tokens, which they always keep): those tokens are never evicted,
+    so they are the contiguous columns ending at ``last_column``.
     """
 
     last_column: torch.Tensor | None = None
 
-    def recency_rank(self) -> torch.Tensor:
-        return self.last_column - self.positions
+    def newest(self, count: torch.Tensor) -> torch.Tensor:
+        return self.positions > self.last_column - count
 
 
 class StaticLayer(CacheLayerMixin):
@@ -81,34 +81,22 @@ class StaticLayer(CacheLayerMixin):
             self.valid[rows, :, :held] = part.valid
             self.scores[rows, :, :held] = part.scores
             row = rows.stop
-        self.free = self.first_free()
+        self.free = (~self.valid).to(torch.uint8).argmax(-1)  # the slot the next token goes to
+        self.on_triton = self.keys.is_cuda and kernels.triton is not None  # bookkeeping kernels
         self.is_initialized = True
-
-    def first_free(self) -> torch.Tensor:
-        return (~self.valid).to(torch.uint8).argmax(-1)
 
     def write(self, key: torch.Tensor, value: torch.Tensor, column: torch.Tensor) -> None:
         """Puts the new token (``[batch, kv_heads, 1, dim]``) in the free slot, in place."""
-        kv_slot = self.free.expand(-1, key.shape[1]).unsqueeze(-1)
-        self.keys.scatter_(2, kv_slot.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1]), key)
-        self.values.scatter_(2, kv_slot.unsqueeze(-1).expand(-1, -1, -1, value.shape[-1]), value)
-        slot = self.free.unsqueeze(-1)
-        self.positions.scatter_(-1, slot, column.expand_as(slot))
-        self.valid.scatter_(-1, slot, True)
-        self.scores.scatter_(-1, slot, 0.0)
+        write = kernels.write_slot if self.on_triton else write_slot
+        write(key, value, self.keys, self.values, self.positions, self.valid, self.scores, self.free, column)
 
     def evict(self, view: BufferView, config: SqueezeConfig) -> None:
         """Drops, in rows over budget, the lowest-ranked token (ties: the oldest); frees a slot."""
         if self.sliding_window is not None:
             self.valid &= self.positions > view.last_column - self.sliding_window + 1
         priority = POLICIES[config.policy].priority(view, self.budget, config)
-        priority = torch.where(self.valid, priority, torch.inf)
-        lowest = priority == priority.amin(-1, keepdim=True)
-        oldest = torch.where(lowest & self.valid, self.positions, torch.iinfo(torch.int64).max)
-        victim = oldest.argmin(-1, keepdim=True)
-        over = self.valid.sum(-1, keepdim=True) > self.budget.view(-1, 1, 1)
-        self.valid.scatter_(-1, victim, self.valid.gather(-1, victim) & ~over)
-        self.free.copy_(self.first_free())
+        evict = kernels.evict_lowest if self.on_triton else evict_lowest
+        evict(priority, self.valid, self.positions, self.budget, self.free)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a StaticLayer is built from a prefilled SqueezeLayer")
@@ -124,6 +112,44 @@ class StaticLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
+
+
+def write_slot(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    scores: torch.Tensor,
+    free: torch.Tensor,
+    column: torch.Tensor,
+) -> None:
+    """The plain path of :func:`squeezekv.kernels.write_slot` (same arguments, same result)."""
+    kv_slot = free.expand(-1, key.shape[1]).unsqueeze(-1).unsqueeze(-1)
+    keys.scatter_(2, kv_slot.expand(-1, -1, -1, key.shape[-1]), key)
+    values.scatter_(2, kv_slot.expand(-1, -1, -1, value.shape[-1]), value)
+    slot = free.unsqueeze(-1)
+    positions.scatter_(-1, slot, column.expand_as(slot))
+    valid.scatter_(-1, slot, True)
+    scores.scatter_(-1, slot, 0.0)
+
+
+def evict_lowest(
+    priority: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    budget: torch.Tensor,
+    free: torch.Tensor,
+) -> None:
+    """The plain path of :func:`squeezekv.kernels.evict_lowest` (same arguments, same result)."""
+    priority = torch.where(valid, priority, torch.inf)
+    lowest = priority == priority.amin(-1, keepdim=True)
+    oldest = torch.where(lowest & valid, positions, torch.iinfo(torch.int64).max)
+    victim = oldest.argmin(-1, keepdim=True)
+    over = valid.sum(-1, keepdim=True) > budget.view(-1, 1, 1)
+    valid.scatter_(-1, victim, valid.gather(-1, victim) & ~over)
+    free.copy_((~valid).to(torch.uint8).argmax(-1))
 
 
 class StaticCache(Cache):
@@ -168,9 +194,19 @@ class StaticCache(Cache):
         column = self.columns[layer.keys.device]
         policy = POLICIES[self.config.policy]
         scored = policy.scored_queries("decode", 1, self.config)
-        if scored and self.fused(query, softcap):
+        if self.fused(query, softcap):
+            additive = scored and policy.fold is Policy.fold  # the kernel adds the mass to the scores
             output, mass = kernels.attend_decode(
-                query, key, value, layer.positions, layer.valid, column, layer.sliding_window, scaling, True
+                query,
+                key,
+                value,
+                layer.positions,
+                layer.valid,
+                column,
+                layer.sliding_window,
+                scaling,
+                with_mass=scored > 0,
+                add_mass_to=layer.scores if additive else None,
             )
         else:
             mask = layer.valid

@@ -14,13 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from squeezekv import kernels
+
 
 def summed_similarity(
     residual: torch.Tensor, attention_output: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[batch]`` sums over valid tokens of cos(residual, residual + attention_output), and counts."""
-    residual = residual.to(attention_output.device, torch.float32)  # a device_map may move the layer
-    cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
+    residual = residual.to(attention_output.device)  # a device_map may move the layer
+    if attention_output.is_cuda and kernels.triton is not None:
+        cosine = kernels.residual_cosine(residual, attention_output)
+    else:
+        residual = residual.float()
+        cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
     weight = valid.to(cosine.device, torch.float32)
     return (cosine * weight).sum(-1), weight.sum(-1)
 
@@ -48,7 +54,9 @@ class ImportanceRecorder:
         missing = [index for index, sums in enumerate(self.sums) if sums is None]
         if missing:
             raise RuntimeError(f"no layer similarity was recorded for layers {missing} during prefill")
-        return torch.stack([(total / count.clamp(min=1.0)).cpu() for total, count in self.sums], dim=1)
+        device = self.sums[0][0].device  # under a device_map, layers' sums sit on several devices
+        means = [(total / count.clamp(min=1.0)).to(device) for total, count in self.sums]
+        return torch.stack(means, dim=1).cpu()  # one copy to the host, not one per layer
 
     def attach(self, layers: list[nn.Module], output_modules: list[nn.Module]) -> list[RemovableHandle]:
         handles = []

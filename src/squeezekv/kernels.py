@@ -17,12 +17,21 @@ A decode step (one query per sequence, over the fast engine's buffer, whose slot
 order) has its own pair, split over the keys as flash-decoding is, so that short batches still
 fill the GPU:
 
-3. each program takes one key head, the query heads sharing it and one chunk of slots; it writes
-   the chunk's partial softmax state and, when the mass is wanted, the raw scores;
+3. each program takes one key head, the query heads sharing it (as the rows of a matrix product,
+   padded to 16) and one chunk of slots; it writes the chunk's partial softmax state and, when the
+   mass is wanted, the raw scores;
 4. a pass per block of slots combines the chunks' states into each head's normaliser, turns the
    stored scores into probabilities summed over the group, and (first block only) the output.
 
-Tests check every kernel against the plain path on a GPU (they are skipped without one).
+Layer importance has its own kernel (6): the cosine between each token's residual and residual
+plus attention output, in float32, reading both once instead of materialising float32 copies.
+
+Two more serve the fast engine's bookkeeping, each in one launch per layer: writing the new token
+into its free slot (keys, values, position, validity, score), and eviction (5), a single pass per
+row in which the lowest-priority valid slot (ties: the oldest token) leaves if the row is over its
+budget and the next free slot is found.
+
+Tests check every kernel against the plain path.
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ except ImportError:  # the CPU-only install has no Triton; the plain path serves
 BLOCK_M = 64
 BLOCK_N = 64
 DECODE_CHUNK = 512  # slots per decode program
-DECODE_ELEMENTS = 8192  # query heads x slots x head size that one decode program holds at once
+DECODE_BLOCK = 64  # slots per step of a decode program's loop
+DECODE_WARPS = 4
 
 
 def available(query: torch.Tensor) -> bool:
@@ -218,47 +228,53 @@ if triton is not None:
         spb, sph, spn,
         keys, q_heads, kv_heads, splits, window, scale,
         HAS_WINDOW: tl.constexpr, WITH_MASS: tl.constexpr, POSITION_HEADS: tl.constexpr,
-        DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr,
+        DIM: tl.constexpr, GROUP: tl.constexpr, GM: tl.constexpr, CHUNK: tl.constexpr,
+        BN: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         split, batch_head = tl.program_id(0), tl.program_id(1)
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
         position_head = kv_head if POSITION_HEADS > 1 else 0
-        members = tl.arange(0, GP)
+        members = tl.arange(0, GM)
         in_group = members < GROUP
-        heads = kv_head * GROUP + members
+        rows = batch * q_heads + kv_head * GROUP + members
         dims = tl.arange(0, DIM)
-        q = tl.load(Q + batch * sqb + heads[:, None] * sqh + dims[None, :] * sqd,
-                    mask=in_group[:, None], other=0.0).to(tl.float32)  # fmt: skip
-        best = tl.full([GP], float("-inf"), tl.float32)
-        total = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DIM], tl.float32)
+        q = tl.load(Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh + dims[None, :] * sqd,
+                    mask=in_group[:, None], other=0.0)  # fmt: skip
+        best = tl.full([GM], float("-inf"), tl.float32)
+        total = tl.zeros([GM], tl.float32)
+        acc = tl.zeros([GM, DIM], tl.float32)
         if HAS_WINDOW:
             oldest = tl.load(COLUMN) - window
         for offset in range(0, CHUNK, BN):
             cols = split * CHUNK + offset + tl.arange(0, BN)
             inside = cols < keys
             base = batch * spb + position_head * sph + cols * spn
-            seen = (tl.load(A + base, mask=inside, other=0) != 0) & inside
+            seen = tl.load(A + base, mask=inside, other=0) != 0
             if HAS_WINDOW:
-                positions = tl.load(P + base, mask=inside, other=0)
-                seen = seen & (positions > oldest)
+                seen = seen & (tl.load(P + base, mask=inside, other=0) > oldest)
             k = tl.load(K + batch * skb + kv_head * skh + cols[:, None] * skn + dims[None, :] * skd,
-                        mask=seen[:, None], other=0.0).to(tl.float32)  # fmt: skip
-            v = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
-                        mask=seen[:, None], other=0.0).to(tl.float32)  # fmt: skip
-            scores = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
+                        mask=inside[:, None], other=0.0)  # fmt: skip
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * scale
             scores = tl.where(seen[None, :], scores, float("-inf"))
             if WITH_MASS:
-                tl.store(SCORES + (batch * q_heads + heads[:, None]) * keys + cols[None, :], scores,
+                tl.store(SCORES + rows[:, None] * keys + cols[None, :], scores,
                          mask=in_group[:, None] & inside[None, :])  # fmt: skip
             new_best = tl.maximum(best, tl.max(scores, 1))
             safe = tl.where(new_best == float("-inf"), 0.0, new_best)
             p = tl.exp(scores - safe[:, None])
             rescale = tl.exp(best - safe)
+            v = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
+                        mask=inside[:, None], other=0.0)  # fmt: skip
             total = total * rescale + tl.sum(p, 1)
-            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             best = new_best
-        part = (batch * q_heads + heads) * splits + split
+        part = rows * splits + split
         tl.store(PART_MAX + part, best, mask=in_group)
         tl.store(PART_SUM + part, total, mask=in_group)
         tl.store(PART_ACC + part[:, None] * DIM + dims[None, :], acc, mask=in_group[:, None])
@@ -266,10 +282,10 @@ if triton is not None:
     @triton.jit
     def _decode_combine(
         SCORES, PART_MAX, PART_SUM, PART_ACC, OUT, MASS,
-        sob, soh, sod,
+        sob, soh, sod, smb, smh, sms,
         keys, q_heads, kv_heads, splits,
-        WITH_MASS: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
-        SP: tl.constexpr, BN: tl.constexpr,
+        WITH_MASS: tl.constexpr, ADD_MASS: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr,
+        GP: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
         block, batch_head = tl.program_id(0), tl.program_id(1)
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
@@ -301,8 +317,11 @@ if triton is not None:
             inside = cols < keys
             scores = tl.load(SCORES + rows[:, None] * keys + cols[None, :],
                              mask=in_group[:, None] & inside[None, :], other=float("-inf"))  # fmt: skip
-            p = tl.exp(scores - safe[:, None]) / total[:, None]
-            tl.store(MASS + batch_head * keys + cols, tl.sum(p, 0), mask=inside)
+            mass = tl.sum(tl.exp(scores - safe[:, None]) / total[:, None], 0)
+            target = MASS + batch * smb + kv_head * smh + cols * sms
+            if ADD_MASS:
+                mass += tl.load(target, mask=inside, other=0.0)
+            tl.store(target, mass, mask=inside)
 
 
 def attend_decode(
@@ -315,6 +334,7 @@ def attend_decode(
     sliding_window: int | None,
     scaling: float,
     with_mass: bool,
+    add_mass_to: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decode query per sequence over a buffer whose slots are in any order.
 
@@ -322,20 +342,22 @@ def attend_decode(
     slots]``) describe the slots, which must include the query's own token; ``column`` is a
     one-element tensor (read on the device, so a captured step stays correct on replay), used only
     for a sliding window. Returns the output and, if ``with_mass``, the mass ``[batch, kv_heads,
-    slots]`` (each key's probability summed over the query heads sharing it).
+    slots]`` (each key's probability summed over the query heads sharing it), unless
+    ``add_mass_to`` (running scores of that shape) is given: the mass is then added to it in place.
     """
     batch, q_heads, _, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     members = triton.next_power_of_2(group)
     splits = math.ceil(keys / DECODE_CHUNK)
-    block = min(DECODE_CHUNK, max(16, DECODE_ELEMENTS // (members * dim)))  # powers of two all
     floats = dict(dtype=torch.float32, device=query.device)
     part_max = torch.empty(batch * q_heads * splits, **floats)
     part_sum = torch.empty(batch * q_heads * splits, **floats)
     part_acc = torch.empty(batch * q_heads * splits, dim, **floats)
     scores = torch.empty(batch, q_heads, keys, **floats) if with_mass else part_max
-    mass = torch.empty(batch, kv_heads, keys, **floats) if with_mass else None
+    mass = None
+    if with_mass:
+        mass = add_mass_to if add_mass_to is not None else torch.empty(batch, kv_heads, keys, **floats)
     output = torch.empty_like(query)
     valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid
     _decode_chunk[(splits, batch * kv_heads)](
@@ -344,15 +366,170 @@ def attend_decode(
         *key.stride(), *value.stride(), *positions.stride(),
         keys, q_heads, kv_heads, splits, sliding_window or 0, scaling,
         HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
-        DIM=dim, GROUP=group, GP=members, CHUNK=DECODE_CHUNK, BN=block,
+        DIM=dim, GROUP=group, GM=max(16, members), CHUNK=DECODE_CHUNK, BN=DECODE_BLOCK,
+        IEEE=query.dtype == torch.float32, num_warps=DECODE_WARPS,
     )  # fmt: skip
-    combine_block = 256
+    combine_block = 1024
     blocks = math.ceil(keys / combine_block) if with_mass else 1
     _decode_combine[(blocks, batch * kv_heads)](
         scores, part_max, part_sum, part_acc, output, mass if with_mass else part_max,
-        output.stride(0), output.stride(1), output.stride(3),
+        output.stride(0), output.stride(1), output.stride(3), *(mass.stride() if with_mass else (0, 0, 0)),
         keys, q_heads, kv_heads, splits,
-        WITH_MASS=with_mass, DIM=dim, GROUP=group, GP=members,
+        WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group, GP=members,
         SP=triton.next_power_of_2(splits), BN=combine_block,
     )  # fmt: skip
-    return output, mass
+    return output, (mass if add_mass_to is None else None)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _evict_lowest(
+        PRIORITY, VALID, POSITIONS, BUDGET, FREE, slots, heads,
+        spb, sph, sps, svb, svh, svs, sqb, sqh, sqs,
+        BS: tl.constexpr, BLOCKS: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        batch, head = row // heads, row % heads
+        none = 2**62
+        lowest = tl.full((), float("inf"), tl.float32)
+        oldest = tl.full((), none, tl.int64)
+        victim = tl.full((), 0, tl.int64)
+        held = tl.zeros((), tl.int64)
+        first_empty = tl.full((), none, tl.int64)
+        for block in range(0, BLOCKS):
+            cols = (block * BS + tl.arange(0, BS)).to(tl.int64)
+            inside = cols < slots
+            valid = tl.load(VALID + batch * svb + head * svh + cols * svs, mask=inside, other=0) != 0
+            priority = tl.load(
+                PRIORITY + batch * spb + head * sph + cols * sps, mask=valid, other=float("inf")
+            )
+            positions = tl.load(POSITIONS + batch * sqb + head * sqh + cols * sqs, mask=valid, other=none)
+            priority = priority.to(tl.float32)
+            block_lowest = tl.min(priority, 0)
+            tied = valid & (priority == block_lowest)
+            block_oldest = tl.min(tl.where(tied, positions, none), 0)
+            block_victim = tl.min(tl.where(tied & (positions == block_oldest), cols, none), 0)
+            better = (block_lowest < lowest) | ((block_lowest == lowest) & (block_oldest < oldest))
+            lowest = tl.where(better, block_lowest, lowest)
+            oldest = tl.where(better, block_oldest, oldest)
+            victim = tl.where(better, block_victim, victim)
+            held += tl.sum(valid.to(tl.int64), 0)
+            first_empty = tl.minimum(first_empty, tl.min(tl.where(inside & ~valid, cols, none), 0))
+        if held > tl.load(BUDGET + batch):
+            tl.store(VALID + batch * svb + head * svh + victim * svs, 0)
+            first_empty = tl.minimum(first_empty, victim)
+        tl.store(FREE + row, tl.where(first_empty == none, 0, first_empty))
+
+
+EVICT_BLOCK = 1024
+
+
+def evict_lowest(
+    priority: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    budget: torch.Tensor,
+    free: torch.Tensor,
+) -> None:
+    """In place, per row of ``[batch, heads, slots]``: if more slots are valid than the sequence's
+    ``budget`` (``[batch]``), invalidates the valid slot of lowest ``priority`` (ties: smallest
+    position); then sets ``free`` (``[batch, heads]``, contiguous) to the first invalid slot (0 if
+    none). ``priority`` and ``positions`` may have one head for all.
+    """
+    batch, heads, slots = valid.shape
+    priority, positions = priority.expand_as(valid), positions.expand_as(valid)
+    flags = valid.view(torch.int8)
+    _evict_lowest[(batch * heads,)](
+        priority, flags, positions, budget, free, slots, heads,
+        *priority.stride(), *flags.stride(), *positions.stride(),
+        BS=EVICT_BLOCK, BLOCKS=triton.next_power_of_2(math.ceil(slots / EVICT_BLOCK)),
+    )  # fmt: skip
+
+
+if triton is not None:
+
+    @triton.jit
+    def _residual_cosine(R, A, OUT, width, srr, srd, sar, sad, BD: tl.constexpr, BLOCKS: tl.constexpr):
+        row = tl.program_id(0)
+        rr = tl.zeros([BD], tl.float32)
+        yy = tl.zeros([BD], tl.float32)
+        ry = tl.zeros([BD], tl.float32)
+        for block in range(0, BLOCKS):
+            dims = block * BD + tl.arange(0, BD)
+            inside = dims < width
+            r = tl.load(R + row * srr + dims * srd, mask=inside, other=0.0).to(tl.float32)
+            y = r + tl.load(A + row * sar + dims * sad, mask=inside, other=0.0).to(tl.float32)
+            rr += r * r
+            yy += y * y
+            ry += r * y
+        eps = 1e-8
+        norms = tl.maximum(tl.sqrt(tl.sum(rr, 0)), eps) * tl.maximum(tl.sqrt(tl.sum(yy, 0)), eps)
+        tl.store(OUT + row, tl.sum(ry, 0) / norms)
+
+
+COSINE_BLOCK = 1024
+
+
+def residual_cosine(residual: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+    """``[..., tokens]`` float32 cos(residual, residual + attention_output) over the last dimension,
+    as ``torch.nn.functional.cosine_similarity`` computes it in float32 (eps 1e-8 on each norm)."""
+    width = residual.shape[-1]
+    rows_r, rows_a = residual.reshape(-1, width), attention_output.reshape(-1, width)
+    cosine = torch.empty(rows_r.shape[0], dtype=torch.float32, device=residual.device)
+    _residual_cosine[(rows_r.shape[0],)](
+        rows_r, rows_a, cosine, width, *rows_r.stride(), *rows_a.stride(),
+        BD=COSINE_BLOCK, BLOCKS=triton.next_power_of_2(math.ceil(width / COSINE_BLOCK)),
+    )  # fmt: skip
+    return cosine.view(residual.shape[:-1])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _write_slot(
+        KEY, VALUE, KEYS, VALUES, POSITIONS, VALID, SCORES, FREE, COLUMN,
+        skb, skh, skd, svb, svh, svd,
+        sKb, sKh, sKn, sKd, sVb, sVh, sVn, sVd,
+        spb, sph, sps, sab, sah, sas, ssb, ssh, sss,
+        kv_heads, heads,
+        DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        batch, kv_head = row // kv_heads, row % kv_heads
+        head = kv_head if heads > 1 else 0
+        slot = tl.load(FREE + batch * heads + head)
+        dims = tl.arange(0, DIM)
+        key = tl.load(KEY + batch * skb + kv_head * skh + dims * skd)
+        tl.store(KEYS + batch * sKb + kv_head * sKh + slot * sKn + dims * sKd, key)
+        dims = tl.arange(0, VALUE_DIM)
+        value = tl.load(VALUE + batch * svb + kv_head * svh + dims * svd)
+        tl.store(VALUES + batch * sVb + kv_head * sVh + slot * sVn + dims * sVd, value)
+        if kv_head < heads:  # one program per bookkeeping row
+            tl.store(POSITIONS + batch * spb + head * sph + slot * sps, tl.load(COLUMN))
+            tl.store(VALID + batch * sab + head * sah + slot * sas, 1)
+            tl.store(SCORES + batch * ssb + head * ssh + slot * sss, 0.0)
+
+
+def write_slot(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    scores: torch.Tensor,
+    free: torch.Tensor,
+    column: torch.Tensor,
+) -> None:
+    """Writes one new token per sequence (``key``/``value``: ``[batch, kv_heads, 1, dim]``) into slot
+    ``free`` (``[batch, 1 or kv_heads]``, contiguous) of the buffers, with position ``column``
+    (a one-element tensor), valid and score 0."""
+    batch, kv_heads = keys.shape[:2]
+    flags = valid.view(torch.int8)
+    _write_slot[(batch * kv_heads,)](
+        key, value, keys, values, positions, flags, scores, free, column,
+        key.stride(0), key.stride(1), key.stride(3), value.stride(0), value.stride(1), value.stride(3),
+        *keys.stride(), *values.stride(), *positions.stride(), *flags.stride(), *scores.stride(),
+        kv_heads, positions.shape[1], DIM=keys.shape[-1], VALUE_DIM=values.shape[-1],
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from squeezekv.config import SqueezeConfig
@@ -64,26 +65,26 @@ def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Te
 
     The same amount is added to (or taken from) every layer not at a bound, so overflow from a
     capped layer is shared equally by the others; fractions go to the largest remainders, ties to
-    the lower layer index.
+    the lower layer index. (NumPy: a few dozen values, where torch's per-call cost would dominate.)
     """
+    targets, lo, hi = (t.numpy() for t in (targets, lo, hi))
     total = max(float(lo.sum()), min(float(total), float(hi.sum())))
     low, high = float((lo - targets).min()), float((hi - targets).max())
-    for _ in range(200):
-        shift = (low + high) / 2
-        if float((targets + shift).clamp(lo, hi).sum()) < total:
+    while low < (shift := (low + high) / 2) < high:  # bisection, down to adjacent floats
+        if float(np.clip(targets + shift, lo, hi).sum()) < total:
             low = shift
         else:
             high = shift
-    real = (targets + high).clamp(lo, hi)
-    whole = real.floor().clamp(lo, hi)
+    real = np.clip(targets + high, lo, hi)
+    whole = np.clip(np.floor(real), lo, hi)
     missing = int(round(total - float(whole.sum())))
     if missing > 0:
         room = whole < hi
-        remainder = torch.where(room, real - whole, torch.full_like(real, -1.0))
+        remainder = np.where(room, real - whole, -1.0)
         order = sorted(range(len(real)), key=lambda i: (-float(remainder[i]), i))
         for i in [i for i in order if room[i]][:missing]:
             whole[i] += 1
-    return whole.to(torch.int64)
+    return torch.from_numpy(whole).to(torch.int64)
 
 
 def plan_budgets(

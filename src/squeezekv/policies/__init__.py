@@ -34,9 +34,10 @@ class LayerView:
     prompt_columns: int
     first_column: torch.Tensor
 
-    def recency_rank(self) -> torch.Tensor:
-        """0 for the newest valid token, 1 for the one before, ...; slots are kept in position order."""
-        return self.valid.flip(-1).cumsum(-1).flip(-1) - 1
+    def newest(self, count: torch.Tensor) -> torch.Tensor:
+        """Whether each slot holds one of the newest ``count`` (``[batch, 1, 1]``) valid tokens;
+        slots are kept in position order."""
+        return self.valid.flip(-1).cumsum(-1).flip(-1) <= count
 
     def age_rank(self) -> torch.Tensor:
         """0 for the sequence's first real token, 1 for the next, ...: an absolute place, which a
@@ -65,8 +66,10 @@ class Policy:
 
     @staticmethod
     def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
-        """Higher keeps; ``KEEP`` always keeps (within the budget). ``budget`` is ``[batch]``."""
-        return view.positions.to(torch.float64)
+        """Higher keeps; ``KEEP`` always keeps (within the budget). ``budget`` is ``[batch]``.
+
+        Priorities are float32: token positions stay exact up to 2**24."""
+        return view.positions.to(torch.float32)
 
 
 POLICIES: dict[str, type[Policy]] = {}

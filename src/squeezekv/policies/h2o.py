@@ -25,4 +25,4 @@ class H2O(Policy):
     @staticmethod
     def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
         recent = recent_tokens(budget, config).to(view.valid.device).view(-1, 1, 1)
-        return torch.where(view.recency_rank() < recent, KEEP, view.scores.to(torch.float64))
+        return torch.where(view.newest(recent), KEEP, view.scores)

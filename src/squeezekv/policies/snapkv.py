@@ -29,7 +29,7 @@ class SnapKV(Policy):
     @staticmethod
     def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
         window_start = view.prompt_columns - config.snapkv_window
-        recency = view.positions.to(torch.float64)
+        recency = view.positions.to(torch.float32)
         if view.phase == "prefill":
-            return torch.where(view.positions >= window_start, KEEP, view.scores.to(torch.float64))
+            return torch.where(view.positions >= window_start, KEEP, view.scores)
         return torch.where(view.positions < window_start, KEEP, recency)

@@ -16,5 +16,5 @@ class Streaming(Policy):
 
     @staticmethod
     def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
-        recency = view.positions.to(torch.float64)
+        recency = view.positions.to(torch.float32)
         return torch.where(view.age_rank() < config.sinks, KEEP, recency)
