@@ -143,7 +143,7 @@ def evict_lowest(
     free: torch.Tensor,
 ) -> None:
     """The plain path of :func:`squeezekv.kernels.evict_lowest` (same arguments, same result)."""
-    priority = torch.where(valid, priority, torch.inf)
+    priority = torch.where(valid, priority.float(), torch.inf)  # float32, as the kernel ranks
     lowest = priority == priority.amin(-1, keepdim=True)
     oldest = torch.where(lowest & valid, positions, torch.iinfo(torch.int64).max)
     victim = oldest.argmin(-1, keepdim=True)
