@@ -75,29 +75,41 @@ class SqueezeLayer(CacheLayerMixin):
         )
         self.scores = POLICIES[config.policy].fold(scores, mass.float(), phase, config)
 
+    def visible(self) -> torch.Tensor:
+        """Valid slots that a future query can still see (sliding windows drop the rest for good)."""
+        if self.sliding_window is None:
+            return self.valid
+        return self.valid & (self.positions > self.seen - self.sliding_window)
+
+    @staticmethod
+    def eviction_need(visible: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """``[2]``: whether anything must go (a row over its budget, or a slot to drop) and the
+        widest row that stays, so that the planning of every layer costs one host sync in all."""
+        held = visible.sum(-1)
+        budget = budget.to(held.device).view(-1, 1)
+        fits = (held <= budget).all() & visible.all()
+        return torch.stack([(~fits).long(), torch.minimum(budget, held).max()])
+
     def evict(
         self,
         budget: torch.Tensor,
+        width: int,
+        visible: torch.Tensor,
         config: SqueezeConfig,
         phase: str,
         prompt_columns: int,
         first_column: torch.Tensor,
     ) -> None:
-        """Shrinks every sequence of this layer to at most its budget (``[batch]`` tokens)."""
-        valid = self.valid
-        if self.sliding_window is not None:  # tokens no future query can see are gone for good
-            valid = valid & (self.positions > self.seen - self.sliding_window)
-        held = valid.sum(-1)
-        if bool((held <= budget.to(held.device).view(-1, 1)).all() & valid.all()):  # one host sync
-            return
-        view = LayerView(self.positions, valid, self.scores, phase, prompt_columns, first_column)
+        """Shrinks every sequence of this layer to at most its budget (``[batch]`` tokens), in
+        ``width`` slots; ``visible`` and ``width`` come from :meth:`visible` and :meth:`eviction_need`."""
+        view = LayerView(self.positions, visible, self.scores, phase, prompt_columns, first_column)
         priority = POLICIES[config.policy].priority(view, budget, config)
         heads = max(priority.shape[1], self.scores.shape[1])
-        valid = valid.expand(-1, heads, -1)
-        chosen, kept = select(priority.expand(-1, heads, -1), valid, budget)
+        visible = visible.expand(-1, heads, -1)
+        chosen, kept = select(priority.expand(-1, heads, -1), visible, budget, width)
         self.positions = self.positions.expand(-1, heads, -1).gather(-1, chosen)
         self.scores = self.scores.expand(-1, heads, -1).gather(-1, chosen)
-        self.valid = kept & valid.gather(-1, chosen)
+        self.valid = kept & visible.gather(-1, chosen)
         self.keys = gather_slots(self.keys, chosen)
         self.values = gather_slots(self.values, chosen)
 
@@ -225,10 +237,21 @@ class SqueezeCache(Cache):
         return output
 
     def evict(self) -> None:
-        for index, layer in enumerate(self.layers):
-            layer.evict(
-                self.budgets[:, index], self.config, self.phase, self.prompt_columns, self.first_column
-            )
+        """Evicts every layer to its budgets, with one host sync for all layers' plans."""
+        visible = [layer.visible() for layer in self.layers]
+        home = visible[0].device
+        on_home = self.budgets.to(home)  # one copy to the device; budgets are planned on the host
+        budgets = [on_home[:, index].to(seen.device) for index, seen in enumerate(visible)]
+        needs = [
+            SqueezeLayer.eviction_need(seen, budget).to(home)
+            for seen, budget in zip(visible, budgets, strict=True)
+        ]
+        plan = torch.stack(needs).tolist()
+        for layer, seen, budget, (needed, width) in zip(self.layers, visible, budgets, plan, strict=True):
+            if needed:
+                layer.evict(
+                    budget, width, seen, self.config, self.phase, self.prompt_columns, self.first_column
+                )
 
     def kv_bytes_kept(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

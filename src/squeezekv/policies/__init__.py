@@ -81,17 +81,19 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 
 def select(
-    priority: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
+    priority: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The slots to keep, in their original order, and which of them hold a kept token.
 
     ``priority`` and ``valid`` are ``[batch, heads, slots]``; ``keep`` is ``[batch]`` tokens per
     sequence. Rows keep different numbers of tokens, so the result is as wide as the largest and
-    the surplus slots of other rows are marked invalid. Ties go to the more recent token.
+    the surplus slots of other rows are marked invalid. Ties go to the more recent token. ``width``,
+    the largest number kept, is worked out here (a host sync) unless the caller knows it.
     """
     slots = priority.shape[-1]
     keep = torch.minimum(keep.to(valid.device).view(-1, 1), valid.sum(-1))  # [batch, heads]
-    width = int(keep.max()) if keep.numel() else 0
+    if width is None:
+        width = int(keep.max()) if keep.numel() else 0
     ranked = torch.where(valid, priority.to(torch.float64), -torch.inf).flip(-1)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :width]
     chosen = slots - 1 - order
