@@ -2,44 +2,12 @@
 kvpress run when ``SQUEEZEKV_KVPRESS_PYTHON`` names the Python of an environment that has it."""
 
 import os
-import stat
 import sys
 
 import pytest
 from conftest import by_cell
 
 from squeezekv.cli import main
-
-STAND_IN = """
-import contextlib
-import sys
-
-sys.stderr.write("chatty warning\\n" * 20000)  # more than a pipe buffer holds
-
-
-class Press:
-    def __init__(self, compression_ratio=0.0, **settings):
-        self.compression_ratio = compression_ratio
-
-    @contextlib.contextmanager
-    def __call__(self, model):
-        yield
-
-
-SnapKVPress = StreamingLLMPress = PyramidKVPress = ObservedAttentionPress = Press
-"""
-
-
-@pytest.fixture
-def stand_in_python(tmp_path):
-    """This interpreter, with a package named kvpress whose presses compress nothing."""
-    package = tmp_path / "site" / "kvpress"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(STAND_IN)
-    script = tmp_path / "python"
-    script.write_text(f'#!/bin/sh\nPYTHONPATH="{package.parent}" exec "{sys.executable}" "$@"\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
 
 
 def peer_args(eval_args, task, python):

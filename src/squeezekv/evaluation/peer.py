@@ -1,9 +1,10 @@
 """Peer libraries run in their own Python environment, on the same samples and budgets.
 
-kvpress pins an older transformers, so it cannot share squeezekv's environment. The runner writes
-the jobs (token ids, press, budget) to a JSON file, executes ``kvpress_runner.py`` with the peer's
-interpreter, and reads one JSON line per finished job back; the task scores the raw output with the
-same code as its own cells. Anything missing on the peer's side is an error, never a skipped column.
+kvpress pins an older transformers, so it cannot share squeezekv's environment. The caller's request
+(for ``eval``: token ids, press, budget per job) goes to a JSON file, ``kvpress_runner.py`` runs with
+the peer's interpreter, and one JSON line per finished job comes back; ``eval`` scores the raw output
+with the same code as its own cells. Anything missing on the peer's side is an error, never a
+skipped column.
 """
 
 from __future__ import annotations
@@ -45,27 +46,19 @@ def check_peer(peer: str, python: str | None) -> None:
         )
 
 
-def run_peer(
-    peer: str, python: str, model: str, device: str, dtype: str, jobs: list[tuple[str, Cell, dict]]
-) -> Iterator[tuple[str, Cell, dict]]:
-    """Runs ``(sample id, cell, job)`` triples; yields ``(sample id, cell, output)`` as lines arrive.
-
-    Presses get squeezekv's default observation window, kernel and sink count, so that the
-    peer's SnapKV, PyramidKV and StreamingLLM differ from ours in implementation, not in settings.
-    """
+def press_settings() -> dict:
+    """squeezekv's default observation window, kernel and sink count, given to the peer's presses so
+    that its SnapKV, PyramidKV and StreamingLLM differ from ours in implementation, not in settings."""
     defaults = SqueezeConfig(budget=1.0)
-    settings = {"window": defaults.snapkv_window, "kernel": defaults.snapkv_kernel, "sinks": defaults.sinks}
-    cells = {cell.key: cell for _, cell, _ in jobs}
-    request = {
-        "model": model,
-        "device": device,
-        "dtype": dtype,
-        "settings": settings,
-        "jobs": [
-            {"sample": sample, "cell": cell.key, "press": cell.policy, "budget": cell.budget, **job}
-            for sample, cell, job in jobs
-        ],
-    }
+    return {"window": defaults.snapkv_window, "kernel": defaults.snapkv_kernel, "sinks": defaults.sinks}
+
+
+def run_runner(peer: str, python: str, request: dict) -> Iterator[dict]:
+    """Runs the peer's runner script on ``request`` with ``python``; yields its JSON lines as they arrive.
+
+    Raises ``ValueError`` with the runner's last line of stderr if it exits with an error (after the
+    lines it printed before failing have been yielded).
+    """
     with tempfile.TemporaryDirectory(prefix="squeezekv-peer-") as folder:
         request_path, script = Path(folder) / "request.json", Path(folder) / RUNNERS[peer].name
         request_path.write_text(json.dumps(request), encoding="utf-8")
@@ -77,9 +70,27 @@ def run_peer(
                 [python, str(script), str(request_path)], stdout=subprocess.PIPE, stderr=error_file, text=True
             )
             for line in process.stdout:
-                output = json.loads(line)
-                yield output["sample"], cells[output["cell"]], output
+                yield json.loads(line)
             returncode = process.wait()
         if returncode != 0:
             last = (errors.read_text().strip().splitlines() or ["no output"])[-1]
             raise ValueError(f"the {peer} runner failed: {last}")
+
+
+def run_peer(
+    peer: str, python: str, model: str, device: str, dtype: str, jobs: list[tuple[str, Cell, dict]]
+) -> Iterator[tuple[str, Cell, dict]]:
+    """Runs ``(sample id, cell, job)`` triples; yields ``(sample id, cell, output)`` as lines arrive."""
+    cells = {cell.key: cell for _, cell, _ in jobs}
+    request = {
+        "model": model,
+        "device": device,
+        "dtype": dtype,
+        "settings": press_settings(),
+        "jobs": [
+            {"sample": sample, "cell": cell.key, "press": cell.policy, "budget": cell.budget, **job}
+            for sample, cell, job in jobs
+        ],
+    }
+    for output in run_runner(peer, python, request):
+        yield output["sample"], cells[output["cell"]], output
