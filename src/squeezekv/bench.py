@@ -8,7 +8,10 @@ side by side:
 - ``hf_static``: ``model.generate(cache_implementation="static")``, which transformers compiles;
 - ``full``: squeezekv's fast engine keeping every token, at the reference batch;
 - ``squeezekv``: the fast engine at each budget / policy / allocator, at the largest batch whose
-  compressed caches fit the memory the full cache needs for the reference batch.
+  compressed caches fit the memory the full cache needs for the reference batch;
+- ``kvpress`` (with ``peer``): its presses at each budget, in its own Python environment (it pins an
+  older transformers), at the largest batch that fits the same memory; last, once this process has
+  let go of its model.
 
 Across GPUs the model is spread by transformers itself: ``tp`` > 1 shards heads over that many
 ranks (run under ``torchrun``; every number is one rank's, the report comes from rank 0), and
@@ -24,6 +27,7 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from torch import nn
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import is_first_rank, local_parameter_bytes, model_devices, synchronized
 from squeezekv.engine import FastGenerator, kv_bytes_per_token, largest_batch
+from squeezekv.evaluation.peer import BENCH_PRESSES, check_peer, press_settings, run_runner
 
 SHAPES: dict[str, tuple[str, dict]] = {
     "llama2-7b": (
@@ -86,7 +91,10 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark run. ``shape`` names an entry of ``SHAPES`` or a ``config.json`` path."""
+    """One benchmark run. ``shape`` names an entry of ``SHAPES`` or a ``config.json`` path.
+
+    ``peer`` adds a peer library's ``peer_presses``, run by the interpreter ``peer_python``.
+    """
 
     shape: str = "llama2-7b"
     prompt_tokens: int = 8192
@@ -102,6 +110,9 @@ class BenchConfig:
     tp: int = 1
     device_map: str | None = None
     cuda_graphs: bool = True
+    peer: str | None = None
+    peer_python: str | None = None
+    peer_presses: tuple[str, ...] = BENCH_PRESSES["kvpress"]
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES and not Path(self.shape).is_file():
@@ -123,6 +134,31 @@ class BenchConfig:
             for policy in self.policies:
                 for allocator in self.allocators:
                     SqueezeConfig(budget=budget, policy=policy, allocator=allocator)
+        if self.peer is not None:
+            self.check_peer_settings()
+
+    def check_peer_settings(self) -> None:
+        """Fails at once on a peer setting the bench cannot run, not after its own paths."""
+        if self.peer not in BENCH_PRESSES:
+            raise ValueError(f"unknown peer {self.peer!r}; choose one of {sorted(BENCH_PRESSES)}")
+        offered = BENCH_PRESSES[self.peer]
+        unknown = sorted(set(self.peer_presses) - set(offered))
+        if unknown or not self.peer_presses:
+            raise ValueError(
+                f"unknown {self.peer} presses {unknown or list(self.peer_presses)}; the bench runs "
+                f"{list(offered)} (presses that keep the same number of tokens in every layer)"
+            )
+        if self.tp > 1 or self.device_map is not None:
+            spread = f"tp {self.tp}" if self.tp > 1 else f"device_map {self.device_map!r}"
+            raise ValueError(f"peer {self.peer} runs on one device, not spread with {spread}")
+        settings = press_settings()
+        shortest = {"snapkv": settings["window"], "streaming": settings["sinks"]}
+        for press in self.peer_presses:
+            if self.prompt_tokens <= shortest[press]:
+                raise ValueError(
+                    f"{self.peer} {press} needs prompts longer than {shortest[press]} tokens, "
+                    f"not {self.prompt_tokens}"
+                )
 
 
 @dataclass
@@ -200,6 +236,18 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def full_kv_bytes(model: nn.Module, batch: int, tokens: int) -> int:
     return batch * tokens * kv_bytes_per_token(model)
+
+
+def kvpress_kept_tokens(prompt_tokens: int, budget: float | int) -> int:
+    """Prompt tokens a kvpress press keeps per layer at ``budget``, as kvpress counts them.
+
+    The runner turns the budget into ``compression_ratio = 1 - budget`` (budgets in whole tokens:
+    ``1 - min(1, budget / prompt_tokens)``) and kvpress keeps ``max(1, int(prompt_tokens * (1 -
+    compression_ratio)))`` (``kvpress.utils.compute_n_kept``). The float round trip matters: for 40
+    tokens at 0.2 it keeps 7, not 8.
+    """
+    kept = budget if isinstance(budget, float) else min(1.0, budget / prompt_tokens)
+    return max(1, int(prompt_tokens * (1 - (1 - kept))))
 
 
 def reset_memory(devices: list[torch.device]) -> None:
@@ -355,6 +403,8 @@ def prefill_peak_kv(model: nn.Module, ids: torch.Tensor, config: SqueezeConfig, 
 
 def run(config: BenchConfig) -> dict:
     """Runs every path; returns a JSON-ready report."""
+    if config.peer is not None:
+        check_peer(config.peer, config.peer_python)  # before the long part, not after it
     torch.manual_seed(config.seed)
     total_tokens = config.prompt_tokens + config.new_tokens
     model = build_model(config.shape, config.device, total_tokens, config.tp, config.device_map)
@@ -367,7 +417,14 @@ def run(config: BenchConfig) -> dict:
     memory = full_kv_bytes(model, config.reference_batch, total_tokens)
     measurements: list[Measurement] = []
 
-    def attempt(path: str, batch: int, measure) -> None:
+    def record(measurement: Measurement) -> None:
+        if measurement.kv_gib is not None and measurement.decode_ms_per_step is not None:
+            measurement.roofline_ms = 1000 * (weights + measurement.kv_gib * GIB) / bandwidth
+        measurements.append(measurement)
+        if is_first_rank():
+            print(json.dumps(dataclasses.asdict(measurement)), flush=True)
+
+    def attempt(path: str, batch: int, measure: Callable[[], Measurement]) -> None:
         try:
             measurement = measure()
         except torch.OutOfMemoryError as error:
@@ -376,14 +433,47 @@ def run(config: BenchConfig) -> dict:
             )
         except Exception as error:  # a failing path is reported, the others still run
             measurement = Measurement(path=path, batch=batch, error=f"{type(error).__name__}: {error}")
-        if measurement.kv_gib is not None and measurement.decode_ms_per_step is not None:
-            measurement.roofline_ms = 1000 * (weights + measurement.kv_gib * GIB) / bandwidth
-        measurements.append(measurement)
-        if is_first_rank():
-            print(json.dumps(dataclasses.asdict(measurement)), flush=True)
+        record(measurement)
 
-    reference = prompts[: config.reference_batch].to(devices[0])
     checks = agreement(devices[0], config.policies, config.cuda_graphs)
+    overhead, chunked_memory = measure_own(config, model, prompts, memory, attempt)
+    peer = None
+    if config.peer is not None:
+        with tempfile.TemporaryDirectory(prefix="squeezekv-bench-") as folder:
+            model.config.save_pretrained(folder)
+            request = peer_request(config, folder, int(prompts.sum()), memory, kv_bytes_per_token(model))
+            del model  # the peer builds its own: one GPU holds one model at a time
+            peer = {"library": config.peer, "main_process_gib_allocated": release(devices)}
+            peer.update(measure_peer(config, request, record))
+    gpus = len(devices) if config.tp == 1 else config.tp
+    return {
+        "config": dataclasses.asdict(config),
+        "device": device_name(devices[0], gpus),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbps": bandwidth / 1e9,
+        "weight_gib": weights / GIB,
+        "kv_memory_gib": memory / GIB,
+        "measurements": [dataclasses.asdict(m) for m in measurements],
+        "prefill_overhead": overhead,
+        "chunked_prefill_peak_kv": chunked_memory,
+        "fast_equals_simple": checks,
+        "peer": peer,
+    }
+
+
+def measure_own(
+    config: BenchConfig,
+    model: nn.Module,
+    prompts: torch.Tensor,
+    memory: int,
+    attempt: Callable[[str, int, Callable[[], Measurement]], None],
+) -> tuple[dict, dict]:
+    """Every path of this process, passed to ``attempt``; returns the prefill overhead and the
+    chunked prefill's peak KV memory per policy."""
+    devices = model_devices(model)
+    total_tokens = config.prompt_tokens + config.new_tokens
+    reference = prompts[: config.reference_batch].to(devices[0])
     with torch.inference_mode():
         if "hf_dynamic" in config.baselines:
             attempt(
@@ -434,20 +524,82 @@ def run(config: BenchConfig) -> dict:
         for policy in config.policies:
             squeeze = SqueezeConfig(budget=config.budgets[0], policy=policy)
             overhead[policy] = prefill_overhead(model, reference[:1], squeeze)
-    gpus = len(devices) if config.tp == 1 else config.tp
+    return overhead, chunked_memory
+
+
+def release(devices: list[torch.device]) -> float | None:
+    """Hands this process's GPU memory back, compiled graphs' pools included, so that the peer's
+    process can load its model; returns the GiB still allocated (``None`` on the CPU)."""
+    torch._dynamo.reset()  # transformers' compiled static-cache decode keeps CUDA-graph pools
+    reset_memory(devices)
+    gpus = [device for device in devices if device.type == "cuda"]
+    return sum(torch.cuda.memory_allocated(device) for device in gpus) / GIB if gpus else None
+
+
+def peer_request(config: BenchConfig, folder: str, prompt_sum: int, memory: int, token_bytes: int) -> dict:
+    """The runner's bench request: one job per budget and press, at the largest batch whose caches fit
+    ``memory`` (kvpress keeps its compressed prompt plus every new token: it never evicts while
+    decoding). The model is the ``config.json`` in ``folder``; the runner draws the prompts as
+    :func:`run` does and checks their sum."""
+    jobs = []
+    for budget in config.budgets:
+        tokens = kvpress_kept_tokens(config.prompt_tokens, budget) + config.new_tokens
+        batch = min(config.max_batch, memory // (token_bytes * tokens))
+        jobs += [{"press": press, "budget": budget, "batch": batch} for press in config.peer_presses]
     return {
-        "config": dataclasses.asdict(config),
-        "device": device_name(devices[0], gpus),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "copy_bandwidth_gbps": bandwidth / 1e9,
-        "weight_gib": weights / GIB,
-        "kv_memory_gib": memory / GIB,
-        "measurements": [dataclasses.asdict(m) for m in measurements],
-        "prefill_overhead": overhead,
-        "chunked_prefill_peak_kv": chunked_memory,
-        "fast_equals_simple": checks,
+        "mode": "bench",
+        "config": folder,
+        "device": config.device,
+        "seed": config.seed,
+        "max_batch": config.max_batch,
+        "prompt_tokens": config.prompt_tokens,
+        "prompt_sum": prompt_sum,
+        "new_tokens": config.new_tokens,
+        "settings": press_settings(),
+        "jobs": jobs,
     }
+
+
+def measure_peer(config: BenchConfig, request: dict, record: Callable[[Measurement], None]) -> dict:
+    """Runs the request's jobs in the peer's environment, passing one measurement per job to
+    ``record``; returns the versions the peer ran with. A job the runner could not finish (it ran
+    out of memory, or the runner failed) is a measurement with an error."""
+    versions: dict = {}
+    unfinished = {peer_path(config.peer, job): job for job in request["jobs"]}
+    try:
+        for output in run_runner(config.peer, config.peer_python, request):
+            if "versions" in output:
+                versions = output["versions"]
+                continue
+            measurement = peer_measurement(config, output)
+            unfinished.pop(measurement.path, None)
+            record(measurement)
+    except ValueError as error:
+        for path, job in unfinished.items():
+            record(Measurement(path=path, batch=job["batch"], error=str(error)))
+    return versions
+
+
+def peer_path(peer: str, job: dict) -> str:
+    return f"{peer} {job['press']} b={job['budget']}"
+
+
+def peer_measurement(config: BenchConfig, output: dict) -> Measurement:
+    """A runner's output line as a measurement; an error if the press kept another number of prompt
+    tokens in some layer than the batch was sized for."""
+    path, kept = peer_path(config.peer, output), kvpress_kept_tokens(config.prompt_tokens, output["budget"])
+    error = output.get("error")
+    if error is None and set(output["kept"]) != {kept}:
+        error = f"kept {sorted(set(output['kept']))} prompt tokens per layer, the batch was sized for {kept}"
+    if error is not None:
+        return Measurement(path=path, batch=output["batch"], error=error)
+    fields = ("prefill_seconds", "decode_ms_per_step", "tokens_per_second", "kv_gib", "peak_gib")
+    return Measurement(
+        path=path,
+        batch=output["batch"],
+        **{name: output[name] for name in fields},
+        extra={"kept_prompt_tokens": kept},
+    )
 
 
 def device_name(device: torch.device, count: int) -> str:
@@ -503,6 +655,18 @@ def markdown(report: dict) -> str:
             ratio(m["decode_ms_per_step"], m["roofline_ms"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    peer = report.get("peer")
+    if peer:
+        library = peer["library"]
+        held = peer["main_process_gib_allocated"]
+        lines += [
+            "",
+            f"{library} {peer.get(library, '?')} ran eagerly in its own environment (transformers "
+            f"{peer.get('transformers', '?')}, torch {peer.get('torch', '?')}), after this process let go "
+            f"of its model{'' if held is None else f' ({held:.2f} GiB still allocated here)'}: each "
+            "prompt prefilled alone under the press, then the batch decoded in a Python loop as its "
+            "pipeline does, at the largest batch whose caches fit the same KV memory.",
+        ]
     checks = report.get("fast_equals_simple", {})
     if checks:
         verdicts = [

@@ -188,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", default="benchmarks/results", help="directory for the JSON and markdown results"
     )
+    from squeezekv.evaluation.peer import BENCH_PRESSES
+
+    bench.add_argument(
+        "--peer", choices=sorted(BENCH_PRESSES), help="also run a peer library's presses, in its environment"
+    )
+    bench.add_argument("--peer-python", help="the Python interpreter of the peer's environment")
+    bench.add_argument(
+        "--peer-presses",
+        type=parse_list(str),
+        default=BENCH_PRESSES["kvpress"],
+        help=f"comma-separated (default {','.join(BENCH_PRESSES['kvpress'])})",
+    )
     bench.set_defaults(run=run_bench)
     return parser
 

@@ -1,10 +1,10 @@
 """Peer libraries run in their own Python environment, on the same samples and budgets.
 
 kvpress pins an older transformers, so it cannot share squeezekv's environment. The caller's request
-(for ``eval``: token ids, press, budget per job) goes to a JSON file, ``kvpress_runner.py`` runs with
-the peer's interpreter, and one JSON line per finished job comes back; ``eval`` scores the raw output
-with the same code as its own cells. Anything missing on the peer's side is an error, never a
-skipped column.
+(for ``eval``: token ids, press, budget per job; for ``bench``: the model's shape and the batches)
+goes to a JSON file, ``kvpress_runner.py`` runs with the peer's interpreter, and one JSON line per
+finished job comes back; ``eval`` scores the raw output with the same code as its own cells.
+Anything missing on the peer's side is an error, never a skipped column.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from squeezekv.evaluation.grid import Cell
 
 RUNNERS = {"kvpress": Path(__file__).with_name("kvpress_runner.py")}
 PRESSES = {"kvpress": ("snapkv", "streaming", "pyramid", "observed")}
+# the bench sizes a press's batch from its kept tokens, the same in every layer for these (PyramidKV
+# varies them per layer; observed attention needs eager attention, the whole score matrix per layer)
+BENCH_PRESSES = {"kvpress": ("streaming", "snapkv")}
 
 
 def check_peer(peer: str, python: str | None) -> None:
