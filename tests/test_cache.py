@@ -124,3 +124,31 @@ def test_multi_token_continuation_on_a_padded_compressed_batch():
             cache = model(document[None]).cache
             alone = model(question[None], cache=cache).logits
         torch.testing.assert_close(alone[0], batched[row])
+
+
+@pytest.mark.parametrize("policy", ["window", "streaming"])
+@pytest.mark.parametrize("allocator", ["uniform", "squeeze"])
+def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, allocator, monkeypatch):
+    """Position-ranked policies plan once per budget group at prefill; ranking every layer on its
+    own (as score-ranked policies do) must keep the very same slots."""
+    from squeezekv import cache as cache_module
+
+    selections, real_select = [], cache_module.select
+
+    def counting_select(*args):
+        selections.append(args)
+        return real_select(*args)
+
+    monkeypatch.setattr(cache_module, "select", counting_select)
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([40, 29]))
+    config = SqueezeConfig(budget=0.3, policy=policy, allocator=allocator, sinks=2)
+    shared = compressed_forward(model, ids, config, mask).cache
+    groups = len({tuple(budget.tolist()) for budget in shared.budgets.T})
+    assert len(selections) == groups < len(shared.layers)
+    monkeypatch.setattr(squeezekv.POLICIES[policy], "ranks_by_position", False)
+    alone = compressed_forward(model, ids, config, mask).cache
+    assert len(selections) == groups + len(alone.layers)
+    for a, b in zip(shared.layers, alone.layers, strict=True):
+        for name in ("positions", "valid", "keys", "values"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name

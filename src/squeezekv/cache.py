@@ -22,6 +22,7 @@ class SqueezeLayer(CacheLayerMixin):
     """One layer's compressed cache: tensors are ``[batch, heads, slots, ...]``.
 
     ``positions``, ``valid`` and ``scores`` have one head while all heads keep the same tokens.
+    ``appended_only``: nothing was ever evicted, so the layer holds every column seen so far.
     """
 
     is_sliding = False
@@ -31,6 +32,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.positions = self.valid = self.scores = None
         self.seen = 0
+        self.appended_only = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, device = key_states.shape[0], key_states.device
@@ -99,19 +101,28 @@ class SqueezeLayer(CacheLayerMixin):
         phase: str,
         prompt_columns: int,
         first_column: torch.Tensor,
-    ) -> None:
+        selection: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrinks every sequence of this layer to at most its budget (``[batch]`` tokens), in
-        ``width`` slots; ``visible`` and ``width`` come from :meth:`visible` and :meth:`eviction_need`."""
-        view = LayerView(self.positions, visible, self.scores, phase, prompt_columns, first_column)
-        priority = POLICIES[config.policy].priority(view, budget, config)
-        heads = max(priority.shape[1], self.scores.shape[1])
-        visible = visible.expand(-1, heads, -1)
-        chosen, kept = select(priority.expand(-1, heads, -1), visible, budget, width)
+        ``width`` slots; ``visible`` and ``width`` come from :meth:`visible` and :meth:`eviction_need`.
+
+        Returns the selection (slots kept, and which of them hold a token), which a layer holding
+        the same tokens may reuse as ``selection`` instead of ranking its own.
+        """
+        if selection is None:
+            view = LayerView(self.positions, visible, self.scores, phase, prompt_columns, first_column)
+            priority = POLICIES[config.policy].priority(view, budget, config)
+            heads = max(priority.shape[1], self.scores.shape[1])
+            selection = select(priority.expand(-1, heads, -1), visible.expand(-1, heads, -1), budget, width)
+        chosen, kept = (part.to(visible.device) for part in selection)
+        heads = chosen.shape[1]
         self.positions = self.positions.expand(-1, heads, -1).gather(-1, chosen)
         self.scores = self.scores.expand(-1, heads, -1).gather(-1, chosen)
-        self.valid = kept & visible.gather(-1, chosen)
+        self.valid = kept & visible.expand(-1, heads, -1).gather(-1, chosen)
         self.keys = gather_slots(self.keys, chosen)
         self.values = gather_slots(self.values, chosen)
+        self.appended_only = False
+        return chosen, kept
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -119,7 +130,7 @@ class SqueezeLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drops every tensor, so the memory is freed."""
         self.keys = self.values = self.positions = self.valid = self.scores = None
-        self.seen, self.is_initialized = 0, False
+        self.seen, self.is_initialized, self.appended_only = 0, False, True
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -237,20 +248,37 @@ class SqueezeCache(Cache):
         return output
 
     def evict(self) -> None:
-        """Evicts every layer to its budgets, with one host sync for all layers' plans."""
+        """Evicts every layer to its budgets, with one host sync for all layers' plans.
+
+        Layers that never evicted and see every column hold the same tokens, so under a policy
+        that ranks by position alone those with the same budgets share one plan and one selection
+        (at a whole-prompt prefill: one per budget group instead of one per layer).
+        """
         visible = [layer.visible() for layer in self.layers]
         home = visible[0].device
         on_home = self.budgets.to(home)  # one copy to the device; budgets are planned on the host
         budgets = [on_home[:, index].to(seen.device) for index, seen in enumerate(visible)]
-        needs = [
-            SqueezeLayer.eviction_need(seen, budget).to(home)
-            for seen, budget in zip(visible, budgets, strict=True)
-        ]
+        by_position = POLICIES[self.config.policy].ranks_by_position
+        groups: dict[tuple, list[int]] = {}
+        for index, layer in enumerate(self.layers):
+            shared = by_position and layer.appended_only and layer.sliding_window is None
+            key = ("shared", *self.budgets[:, index].tolist()) if shared else ("own", index)
+            groups.setdefault(key, []).append(index)
+        leaders = [members[0] for members in groups.values()]
+        needs = [SqueezeLayer.eviction_need(visible[i], budgets[i]).to(home) for i in leaders]
         plan = torch.stack(needs).tolist()
-        for layer, seen, budget, (needed, width) in zip(self.layers, visible, budgets, plan, strict=True):
-            if needed:
-                layer.evict(
-                    budget, width, seen, self.config, self.phase, self.prompt_columns, self.first_column
+        for members, (needed, width) in zip(groups.values(), plan, strict=True):
+            selection = None
+            for index in members if needed else ():
+                selection = self.layers[index].evict(
+                    budgets[index],
+                    width,
+                    visible[index],
+                    self.config,
+                    self.phase,
+                    self.prompt_columns,
+                    self.first_column,
+                    selection,
                 )
 
     def kv_bytes_kept(self) -> int:

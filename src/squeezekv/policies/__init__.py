@@ -46,9 +46,14 @@ class LayerView:
 
 
 class Policy:
-    """Base class: keeps the most recent tokens, scores nothing."""
+    """Base class: keeps the most recent tokens, scores nothing.
+
+    ``ranks_by_position``: the priority depends on token positions and validity alone (never on
+    scores), so layers holding the same tokens with the same budget make the same choice.
+    """
 
     name: ClassVar[str]
+    ranks_by_position: ClassVar[bool] = True
 
     @staticmethod
     def min_tokens(config: SqueezeConfig) -> int:
@@ -94,7 +99,7 @@ def select(
     keep = torch.minimum(keep.to(valid.device).view(-1, 1), valid.sum(-1))  # [batch, heads]
     if width is None:
         width = int(keep.max()) if keep.numel() else 0
-    ranked = torch.where(valid, priority.to(torch.float64), -torch.inf).flip(-1)
+    ranked = torch.where(valid, priority.to(torch.float32), -torch.inf).flip(-1)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :width]
     chosen = slots - 1 - order
     kept = torch.arange(width, device=valid.device) < keep.unsqueeze(-1)

@@ -17,6 +17,7 @@ def recent_tokens(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
 @register_policy
 class H2O(Policy):
     name = "h2o"
+    ranks_by_position = False
 
     @staticmethod
     def scored_queries(phase: str, query_length: int, config: SqueezeConfig) -> int:

@@ -13,6 +13,7 @@ from squeezekv.policies import KEEP, LayerView, Policy, register_policy
 @register_policy
 class SnapKV(Policy):
     name = "snapkv"
+    ranks_by_position = False
 
     @staticmethod
     def scored_queries(phase: str, query_length: int, config: SqueezeConfig) -> int:
