@@ -7,22 +7,24 @@ the elapsed *time* (last ``--decay-fraction`` of the budget), so the run always 
 whatever the throughput turns out to be. Training uses bf16 autocast with fp32 master weights.
 
 A small share of the training sequences start with a synthetic retrieval document, which teaches the
-small model to look far back: mostly pass-key documents of half to a full window (2k-4k tokens; the
-evaluation's template, half in its repetitive filler and half with the key in natural text), the rest
-shorter key-value documents (``--passkey-share``, ``--passkey-min-len`` ... ``--kv-max-len``). A
-sequence starts with one with probability ``--synthetic-prob`` (``--synthetic-decay-prob`` during
-the learning-rate decay, if set), and a hard cap
-(``--synthetic-max-fraction``, default 2%) skips any insertion that would push the running share of
-synthetic tokens above it. ``--simulate-steps N`` only builds the pool and reports what N steps would
-insert. After training the model is cast to bf16 and saved in shards of at most 15 MB together with
-the tokenizer, then evaluated (held-out perplexity by position bucket, pass-key accuracy);
-``train_report.json`` and ``loss_curve.png`` are written next to it.
+small model to look far back: mostly pass-key documents of half to a full window by default (2k-4k
+tokens; the bundled model's last stage used 0.9 to 1 window), in the evaluation's template, half in
+its repetitive filler and half with the key in natural text, the rest shorter key-value documents
+(``--passkey-share``, ``--passkey-min-len`` ... ``--kv-max-len``). A sequence starts with one with
+probability ``--synthetic-prob`` (``--synthetic-decay-prob`` during the learning-rate decay, if
+set), and a hard cap (``--synthetic-max-fraction``, default 2%) skips any insertion that would push
+the running share of synthetic tokens above it. ``--simulate-steps N`` only builds the pool and
+reports what N steps would insert. After training the model is cast to bf16 and saved in shards of
+at most 15 MB together with the tokenizer, then evaluated (held-out perplexity by position bucket,
+pass-key accuracy); ``train_report.json`` and ``loss_curve.png`` are written next to it.
 
 GPU run:   python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --compile
+Continue:  add --init-from models/squeeze-ref-25m (weights only; see the model card for each stage)
 CPU smoke: python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --device cpu --tiny \
                --seq-len 256 --batch-size 2 --steps 3 --warmup-steps 1 --synthetic-pool 4 \
                --synthetic-prob 0.5 --synthetic-max-fraction 1 --eval-trials 1 --eval-max-docs 2
-Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2120
+Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2098 \
+               --seed 2 --passkey-min-len 0.9   (the bundled model's last stage)
 (the test suite runs the smoke path too: tests/test_reference.py::test_training_smoke_cpu)
 """
 
