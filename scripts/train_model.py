@@ -23,8 +23,9 @@ Continue:  add --init-from models/squeeze-ref-25m (weights only; see the model c
 CPU smoke: python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --device cpu --tiny \
                --seq-len 256 --batch-size 2 --steps 3 --warmup-steps 1 --synthetic-pool 4 \
                --synthetic-prob 0.5 --synthetic-max-fraction 1 --eval-trials 1 --eval-max-docs 2
-Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2098 \
-               --seed 2 --passkey-min-len 0.9   (the bundled model's last stage)
+Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2044 \
+               --seed 4 --passkey-min-len 0.9 --passkey-depth-power 2 --passkey-share 1.0
+               (the bundled model's last stage)
 (the test suite runs the smoke path too: tests/test_reference.py::test_training_smoke_cpu)
 """
 
@@ -101,6 +102,11 @@ class TrainConfig:
     passkey_share: float = _f(0.85, "share of pass-key documents among synthetic documents (rest: key-value)")
     passkey_min_len: float = _f(0.5, "shortest pass-key document, as a fraction of the window")
     passkey_max_len: float = _f(1.0, "longest pass-key document, as a fraction of the window")
+    passkey_depth_power: float = _f(
+        1.0,
+        "a key's depth in its document is u ** power for uniform u: 1 is uniform, > 1 puts more keys "
+        "early, far from the question",
+    )
     passkey_filler_share: float = _f(
         0.5,
         "share of pass-key documents in the evaluation's repetitive filler (rest: key in natural text)",
@@ -178,6 +184,7 @@ class SyntheticDocs:
         passkey_len: tuple[float, float] = (0.5, 1.0),
         filler_share: float = 0.5,
         kv_len: tuple[float, float] = (0.125, 0.5),
+        depth_power: float = 1.0,
     ) -> None:
         self.tok = tokenizer
         self.stream = stream
@@ -186,14 +193,18 @@ class SyntheticDocs:
         self.passkey_len = passkey_len
         self.filler_share = filler_share
         self.kv_len = kv_len
+        self.depth_power = depth_power
 
     def _natural_text(self, n_tokens: int) -> str:
         start = self.rng.randrange(0, max(1, len(self.stream) - n_tokens))
         return self.tok.decode(self.stream[start : start + n_tokens].tolist(), skip_special_tokens=True)
 
-    def _insert(self, text: str, sentences: list[str]) -> str:
-        """Insert sentences at random whitespace positions, in order."""
-        cuts = sorted(self.rng.randrange(0, len(text) + 1) for _ in sentences)
+    def _insert(self, text: str, sentences: list[str], depth_power: float = 1.0) -> str:
+        """Insert sentences at random whitespace positions, in order, each at depth ``u ** depth_power``."""
+        cuts = [self.rng.randrange(0, len(text) + 1) for _ in sentences]
+        if depth_power != 1:  # skewed only when asked, so that uniform runs draw exactly as before
+            cuts = [round(len(text) * (cut / max(len(text), 1)) ** depth_power) for cut in cuts]
+        cuts.sort()
         out, prev = [], 0
         for cut, s in zip(cuts, sentences, strict=True):
             sp = text.rfind(" ", 0, cut) + 1 if cut else 0
@@ -206,13 +217,13 @@ class SyntheticDocs:
     def passkey(self, n_tokens: int) -> tuple[str, str]:
         """(kind, text): ``passkey_filler`` (the evaluation's filler) or ``passkey_text`` (natural text)."""
         key = reference.random_passkey(self.rng, digits=self.rng.randint(3, 7))
-        depth = self.rng.random()
+        depth = self.rng.random() ** self.depth_power
         if self.rng.random() < self.filler_share:
             p = reference.passkey_prompt(self.tok, n_tokens, depth=depth, key=key)
             return "passkey_filler", p.prompt + p.answer
         needle = reference.PASSKEY_NEEDLE.format(key=key)
         filler = self._natural_text(max(16, n_tokens - 80))
-        body = self._insert(filler, [needle])
+        body = self._insert(filler, [needle], self.depth_power)
         return "passkey_text", reference.PASSKEY_INTRO + body + reference.PASSKEY_QUESTION + f" {key}."
 
     def key_values(self, n_tokens: int) -> str:
@@ -312,6 +323,7 @@ def build_mix(
         passkey_share=cfg.passkey_share,
         passkey_len=(cfg.passkey_min_len, cfg.passkey_max_len),
         filler_share=cfg.passkey_filler_share,
+        depth_power=cfg.passkey_depth_power,
         kv_len=(cfg.kv_min_len, cfg.kv_max_len),
     )
     pool = [synth.sample(cfg.seq_len + 1) for _ in range(cfg.synthetic_pool)]

@@ -1,13 +1,15 @@
 """The fast engine must keep exactly what the simple path keeps and produce the same tokens."""
 
+import sys
+
 import pytest
 import torch
 
 import squeezekv
 from squeezekv import SqueezeConfig
-from squeezekv.engine import FastGenerator
+from squeezekv.engine import FastGenerator, compiled_parts
 
-from models import left_pad, prompts, tiny_model
+from models import FAMILIES, left_pad, prompts, tiny_model
 
 NEW_TOKENS = 12
 
@@ -96,3 +98,30 @@ def test_chunked_prefill_holds_at_most_budget_plus_one_chunk(policy):
     assert len(widest) == len(planned) == 6
     assert all(width <= budget + 8 for width, budget in zip(widest[1:], planned, strict=False))
     assert max(widest) < ids.shape[1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compiled_parts_share_one_graph_per_kind_and_give_the_model_back(family):
+    model = tiny_model(family, "eager")
+    architecture = squeezekv.architectures.architecture_of(model)
+    modeling = sys.modules[type(model).__module__]
+    functions = {name: getattr(modeling, name) for name in architecture.compiled_functions}
+    layers = squeezekv.architectures.decoder_layers(model, architecture)
+    kinds = {type(getattr(layer, name)) for layer in layers for name in architecture.compiled}
+    graphs = []
+
+    def counting(graph_module, inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    ids = torch.stack(prompts([9, 9, 9], seed=3))
+    with torch.inference_mode():
+        plain = model(ids).logits
+        with compiled_parts(model, architecture, backend=counting):
+            assert all(getattr(modeling, name) is not f for name, f in functions.items())
+            compiled = model(ids).logits
+        assert all(getattr(modeling, name) is f for name, f in functions.items())
+        assert all("forward" not in module.__dict__ for module in model.modules())
+        after = model(ids).logits
+    assert len(graphs) == len(kinds) + len(functions)  # e.g. Llama: norms, MLPs, rotary embeddings
+    assert torch.equal(plain, compiled) and torch.equal(plain, after)

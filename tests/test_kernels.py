@@ -126,8 +126,10 @@ def test_bf16_decode_kernel_stays_close_to_the_plain_path():
 
 @needs_triton
 @pytest.mark.parametrize("heads", [1, 4])
-def test_eviction_kernel_matches_the_plain_path(heads):
-    """Ties in priority (oldest goes), always-kept tokens, rows under and over budget, empty slots."""
+@pytest.mark.parametrize("keeps_newest", [False, True])
+def test_eviction_kernel_matches_the_plain_path(heads, keeps_newest):
+    """Ties in priority (oldest goes), always-kept tokens, rows under and over budget, empty slots,
+    and each sequence's newest tokens kept."""
     generator = torch.Generator().manual_seed(heads)
     batch, slots = 5, kernels.EVICT_BLOCK + 300
     priority = torch.randint(0, 40, (batch, heads, slots), generator=generator).float()
@@ -143,9 +145,12 @@ def test_eviction_kernel_matches_the_plain_path(heads):
     states = [
         (valid.clone().to(DEVICE), torch.zeros(batch, heads, dtype=torch.long, device=DEVICE)) for _ in "ab"
     ]
-    arguments = [t.to(DEVICE) for t in (priority, positions, budget)]
+    column, newest = torch.tensor([10 * slots - 1]), torch.tensor([0, 3 * slots, 50, 9 * slots, 7])
+    arguments = [t.to(DEVICE) for t in (priority, positions, budget, column, newest)]
+    if not keeps_newest:
+        arguments[3:] = None, None
     for evict, (flags, free) in zip((evict_lowest, kernels.evict_lowest), states, strict=True):
-        evict(arguments[0], flags, arguments[1], arguments[2], free)
+        evict(arguments[0], flags, arguments[1], arguments[2], free, *arguments[3:])
     assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
     assert (states[0][0].sum(-1) < valid.to(DEVICE).sum(-1)).any()  # something was evicted
 

@@ -18,13 +18,19 @@ class Architecture:
     inside a layer. What the layer adds to its residual stream after attention is that module's
     output, or ``attention_output``'s (Gemma normalises the attention output first).
     ``attention_forward`` replaces the attention forward of families that do not dispatch
-    through transformers' attention interface.
+    through transformers' attention interface. ``compiled`` names the modules of a layer that the
+    fast engine compiles for its captured decode step: norms and dense MLPs, chains of small
+    pointwise kernels that compile into a few (a mixture of experts routes by data, so it stays out);
+    ``compiled_functions`` names functions of the family's modeling module that its attention calls
+    (the rotary embedding), compiled likewise.
     """
 
     layers: str
     attention: str = "self_attn"
     attention_output: str | None = None
     attention_forward: Callable | None = None
+    compiled: tuple[str, ...] = ()
+    compiled_functions: tuple[str, ...] = ()
 
 
 def falcon_attention_forward(
@@ -57,19 +63,30 @@ def falcon_attention_forward(
     return self.dense(output.reshape(batch, length, self.num_heads * self.head_dim)), None
 
 
-_DECODER = Architecture(layers="model.layers")
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_ROTARY = ("apply_rotary_pos_emb",)
+_DECODER = Architecture(layers="model.layers", compiled=(*_NORMS, "mlp"), compiled_functions=_ROTARY)
+_GEMMA = Architecture(
+    layers="model.layers",
+    attention_output="post_attention_layernorm",
+    compiled=(*_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp"),
+    compiled_functions=_ROTARY,
+)
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _DECODER,
     "mistral": _DECODER,
-    "mixtral": _DECODER,
+    "mixtral": Architecture(layers="model.layers", compiled=_NORMS, compiled_functions=_ROTARY),
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "phi3": _DECODER,
-    "gemma2": Architecture(layers="model.layers", attention_output="post_attention_layernorm"),
-    "gemma3_text": Architecture(layers="model.layers", attention_output="post_attention_layernorm"),
-    "gpt_neox": Architecture(layers="gpt_neox.layers", attention="attention"),
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "gpt_neox": Architecture(layers="gpt_neox.layers", attention="attention", compiled_functions=_ROTARY),
     "falcon": Architecture(
-        layers="transformer.h", attention="self_attention", attention_forward=falcon_attention_forward
+        layers="transformer.h",
+        attention="self_attention",
+        attention_forward=falcon_attention_forward,
+        compiled_functions=_ROTARY,
     ),
     "opt": Architecture(layers="model.decoder.layers"),
 }

@@ -110,6 +110,7 @@ class BenchConfig:
     tp: int = 1
     device_map: str | None = None
     cuda_graphs: bool = True
+    compile_layers: bool = True
     peer: str | None = None
     peer_python: str | None = None
     peer_presses: tuple[str, ...] = BENCH_PRESSES["kvpress"]
@@ -300,8 +301,9 @@ def measure_engine(
     config: SqueezeConfig,
     path: str,
     cuda_graphs: bool = True,
+    compile_layers: bool = True,
 ) -> Measurement:
-    generator = FastGenerator(model, config, cuda_graphs=cuda_graphs)
+    generator = FastGenerator(model, config, cuda_graphs, compile_layers)
     reset_memory(generator.devices)
     result = generator.generate(ids, max_new_tokens=new_tokens, prefill_batch=1)
     step = generator.steady_step_seconds
@@ -317,9 +319,12 @@ def measure_engine(
     )
 
 
-def agreement(device: torch.device, policies: tuple[str, ...], cuda_graphs: bool) -> dict[str, dict]:
-    """Whether the fast engine, decoding as benchmarked (CUDA graphs or not), keeps the simple path's
-    tokens and outputs on this device: keep-everything and every benchmarked policy.
+def agreement(
+    device: torch.device, policies: tuple[str, ...], cuda_graphs: bool, compile_layers: bool
+) -> dict[str, dict]:
+    """Whether the fast engine, decoding as benchmarked (CUDA graphs or not, compiled layers or
+    not), keeps the simple path's tokens and outputs on this device: keep-everything and every
+    benchmarked policy.
 
     Checked on the ``tiny`` shape in float64 (random weights; greedy ties cannot flip between
     paths), with a ragged, left-padded batch prefilled in two micro-batches.
@@ -340,7 +345,8 @@ def agreement(device: torch.device, policies: tuple[str, ...], cuda_graphs: bool
     results = {}
     for name, config in checks.items():
         simple = generate(model, ids, config, attention_mask=mask, max_new_tokens=24, do_sample=False)
-        fast = FastGenerator(model, config, cuda_graphs=cuda_graphs and device.type == "cuda").generate(
+        graphs = cuda_graphs and device.type == "cuda"
+        fast = FastGenerator(model, config, graphs, compile_layers).generate(
             ids, mask, max_new_tokens=24, prefill_batch=2
         )
         results[name] = {
@@ -435,7 +441,7 @@ def run(config: BenchConfig) -> dict:
             measurement = Measurement(path=path, batch=batch, error=f"{type(error).__name__}: {error}")
         record(measurement)
 
-    checks = agreement(devices[0], config.policies, config.cuda_graphs)
+    checks = agreement(devices[0], config.policies, config.cuda_graphs, config.compile_layers)
     overhead, chunked_memory = measure_own(config, model, prompts, memory, attempt)
     peer = None
     if config.peer is not None:
@@ -474,6 +480,7 @@ def measure_own(
     devices = model_devices(model)
     total_tokens = config.prompt_tokens + config.new_tokens
     reference = prompts[: config.reference_batch].to(devices[0])
+    engine = (config.cuda_graphs, config.compile_layers)
     with torch.inference_mode():
         if "hf_dynamic" in config.baselines:
             attempt(
@@ -486,9 +493,7 @@ def measure_own(
             attempt(
                 "full",
                 config.reference_batch,
-                lambda: measure_engine(
-                    model, reference, config.new_tokens, keep_all, "full", config.cuda_graphs
-                ),
+                lambda: measure_engine(model, reference, config.new_tokens, keep_all, "full", *engine),
             )
         for budget in config.budgets:
             for policy in config.policies:
@@ -504,7 +509,7 @@ def measure_own(
                         name,
                         batch,
                         lambda s=squeeze, i=ids, n=name: measure_engine(
-                            model, i, config.new_tokens, s, n, config.cuda_graphs
+                            model, i, config.new_tokens, s, n, *engine
                         ),
                     )
         if "hf_static" in config.baselines:
@@ -619,6 +624,8 @@ def markdown(report: dict) -> str:
     elif config.get("device_map"):
         spread = f", device_map={config['device_map']!r} (memory summed over GPUs)"
     decode = "CUDA graphs" if config.get("cuda_graphs", True) else "eager"
+    if config.get("cuda_graphs", True) and config.get("compile_layers", False):
+        decode += ", norms, MLPs and rotary embeddings compiled"
     lines = [
         f"{config['shape']}, prompt {config['prompt_tokens']} tokens, {config['new_tokens']} new tokens, "
         f"{report['device']}{spread}, squeezekv decode: {decode}, torch {report['torch']}, {report['date']}",

@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from squeezekv import kernels
 from squeezekv.attention import attend, layer_mask
 from squeezekv.config import SqueezeConfig
-from squeezekv.policies import POLICIES, LayerView, select
+from squeezekv.policies import POLICIES, LayerView, ranking, select
 
 
 class SqueezeLayer(CacheLayerMixin):
@@ -111,7 +111,7 @@ class SqueezeLayer(CacheLayerMixin):
         """
         if selection is None:
             view = LayerView(self.positions, visible, self.scores, phase, prompt_columns, first_column)
-            priority = POLICIES[config.policy].priority(view, budget, config)
+            priority = ranking(view, budget, config)
             heads = max(priority.shape[1], self.scores.shape[1])
             selection = select(priority.expand(-1, heads, -1), visible.expand(-1, heads, -1), budget, width)
         chosen, kept = (part.to(visible.device) for part in selection)

@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="decode eagerly on the GPU"
     )
     bench.add_argument(
+        "--no-compile-layers",
+        dest="compile_layers",
+        action="store_false",
+        help="keep the layers' norms and MLPs uncompiled in the captured decode step",
+    )
+    bench.add_argument(
         "--out", default="benchmarks/results", help="directory for the JSON and markdown results"
     )
     from squeezekv.evaluation.peer import BENCH_PRESSES

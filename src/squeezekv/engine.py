@@ -13,7 +13,10 @@ decode batch can be as large as the compressed caches allow.
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +24,13 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from squeezekv import kernels
-from squeezekv.architectures import architecture_of
+from squeezekv.architectures import Architecture, architecture_of, decoder_layers
 from squeezekv.attention import attend
 from squeezekv.cache import SqueezeCache, SqueezeLayer
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import model_devices, synchronized, tensor_parallel_size
 from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
-from squeezekv.policies import POLICIES, LayerView, Policy
+from squeezekv.policies import KEEP, POLICIES, LayerView, Policy
 from squeezekv.session import compress, routed_attention
 
 WARM_STEPS = 2  # eager decode steps before a CUDA graph is captured
@@ -58,12 +61,15 @@ class StaticLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = True
 
-    def __init__(self, parts: list[SqueezeLayer], budget: torch.Tensor, per_head: bool) -> None:
+    def __init__(self, parts: list[SqueezeLayer], budget: torch.Tensor, config: SqueezeConfig) -> None:
         """Stacks the prefilled layers of several micro-batches (their rows, in order) into one buffer."""
         super().__init__()
         first = parts[0]
         self.sliding_window = first.sliding_window
         self.budget = budget.to(first.keys.device)
+        policy = POLICIES[config.policy]
+        per_head = policy.scored_queries("decode", 1, config) > 0
+        self.newest_kept = policy.newest_kept(self.budget, config)  # fixed with the budget
         batch = sum(part.keys.shape[0] for part in parts)
         kv_heads, dim = first.keys.shape[1], first.keys.shape[-1]
         heads = kv_heads if per_head else max(max(p.positions.shape[1], p.scores.shape[1]) for p in parts)
@@ -94,9 +100,12 @@ class StaticLayer(CacheLayerMixin):
         """Drops, in rows over budget, the lowest-ranked token (ties: the oldest); frees a slot."""
         if self.sliding_window is not None:
             self.valid &= self.positions > view.last_column - self.sliding_window + 1
-        priority = POLICIES[config.policy].priority(view, self.budget, config)
+        policy = POLICIES[config.policy]
+        priority = policy.priority(view, self.budget, config)
         evict = kernels.evict_lowest if self.on_triton else evict_lowest
-        evict(priority, self.valid, self.positions, self.budget, self.free)
+        evict(
+            priority, self.valid, self.positions, self.budget, self.free, view.last_column, self.newest_kept
+        )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a StaticLayer is built from a prefilled SqueezeLayer")
@@ -141,8 +150,12 @@ def evict_lowest(
     positions: torch.Tensor,
     budget: torch.Tensor,
     free: torch.Tensor,
+    column: torch.Tensor | None = None,
+    newest: torch.Tensor | None = None,
 ) -> None:
     """The plain path of :func:`squeezekv.kernels.evict_lowest` (same arguments, same result)."""
+    if newest is not None:
+        priority = torch.where(positions > column - newest.view(-1, 1, 1), KEEP, priority)
     priority = torch.where(valid, priority.float(), torch.inf)  # float32, as the kernel ranks
     lowest = priority == priority.amin(-1, keepdim=True)
     oldest = torch.where(lowest & valid, positions, torch.iinfo(torch.int64).max)
@@ -158,12 +171,11 @@ class StaticCache(Cache):
     def __init__(self, caches: list[SqueezeCache], config: SqueezeConfig) -> None:
         first = caches[0]
         columns_seen = first.layers[0].seen
-        per_head = POLICIES[config.policy].scored_queries("decode", 1, config) > 0
         layers = []
         for index in range(len(first.layers)):
             parts = [cache.layers[index] for cache in caches]
             budget = torch.cat([cache.budgets[:, index] for cache in caches])
-            layers.append(StaticLayer(parts, budget, per_head))
+            layers.append(StaticLayer(parts, budget, config))
             for part in parts:  # one layer at a time: the conversion needs one layer's worth of extra memory
                 part.reset()
         super().__init__(layers=layers)
@@ -253,11 +265,42 @@ class StaticCache(Cache):
         return torch.stack([layer.valid.sum(-1).amax(-1).cpu() for layer in self.layers], dim=1)
 
 
+@contextmanager
+def compiled_parts(
+    model: nn.Module, architecture: Architecture, backend: str | Callable = "inductor"
+) -> Iterator[None]:
+    """Runs the parts ``architecture`` names (``compiled``, ``compiled_functions``) through
+    ``torch.compile`` inside the block; modules of one class share a compiled graph. The model's
+    own code comes back on exit."""
+    layers = decoder_layers(model, architecture)
+    modules = [getattr(layer, name) for layer in layers for name in architecture.compiled]
+    namespace = sys.modules[type(getattr(layers[0], architecture.attention)).__module__]
+    functions = {name: getattr(namespace, name) for name in architecture.compiled_functions}
+    for module in modules:
+        module.forward = torch.compile(module.forward, backend=backend, fullgraph=True)
+    for name, function in functions.items():
+        setattr(namespace, name, torch.compile(function, backend=backend, fullgraph=True))
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+        for name, function in functions.items():
+            setattr(namespace, name, function)
+
+
 class FastGenerator:
     """Greedy generation with squeezekv: micro-batched prefill, then static decode steps
-    (one CUDA graph per step on the GPU)."""
+    (one CUDA graph per step on the GPU).
 
-    def __init__(self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True) -> None:
+    With ``compile_layers``, the captured step runs the layers' norms, dense MLPs and rotary
+    embeddings compiled (:func:`compiled_parts`), so that their chains of small kernels become a
+    few; not under tensor parallelism, whose communication hooks sit on the projections.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True, compile_layers: bool = True
+    ) -> None:
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
         self.devices = model_devices(model)
@@ -267,6 +310,7 @@ class FastGenerator:
                 "(a device_map); use cuda_graphs=False"
             )
         self.cuda_graphs = cuda_graphs
+        self.compile_layers = compile_layers and tensor_parallel_size(model) == 1
         self.cache: StaticCache | None = None
         self.steady_step_seconds: float | None = None  # per step, once warm-up and capture are done
 
@@ -353,7 +397,8 @@ class FastGenerator:
 
         if not (self.cuda_graphs and tokens.is_cuda) or steps <= WARM_STEPS:
             return lambda: step().clone()
-        return CapturedStep(step, buffers=(tokens, positions))
+        with compiled_parts(model, self.architecture) if self.compile_layers else nullcontext():
+            return CapturedStep(step, buffers=(tokens, positions))
 
 
 class CapturedStep:

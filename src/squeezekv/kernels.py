@@ -51,6 +51,8 @@ BLOCK_N = 64
 DECODE_CHUNK = 512  # slots per decode program
 DECODE_BLOCK = 64  # slots per step of a decode program's loop
 DECODE_WARPS = 4
+DECODE_MASS_BLOCK = 256  # slots per program of the decode combine's attention-mass part
+DECODE_MASS_WARPS = 1  # measured on an H100: more warps per program slowed the mass down
 
 
 def available(query: torch.Tensor) -> bool:
@@ -305,7 +307,7 @@ if triton is not None:
             acc = tl.zeros([GP, DIM], tl.float32)
             for chunk in range(0, SP):
                 part = rows * splits + chunk
-                present = in_group & (chunk < splits)
+                present = in_group & (members * 0 + chunk < splits)  # Triton 3.9 rejects a Python-bool mask
                 weight = tl.exp(tl.load(PART_MAX + part, mask=present, other=float("-inf")) - safe)
                 acc += weight[:, None] * tl.load(PART_ACC + part[:, None] * DIM + dims[None, :],
                                                  mask=present[:, None], other=0.0)  # fmt: skip
@@ -369,14 +371,14 @@ def attend_decode(
         DIM=dim, GROUP=group, GM=max(16, members), CHUNK=DECODE_CHUNK, BN=DECODE_BLOCK,
         IEEE=query.dtype == torch.float32, num_warps=DECODE_WARPS,
     )  # fmt: skip
-    combine_block = 1024
-    blocks = math.ceil(keys / combine_block) if with_mass else 1
+    blocks = math.ceil(keys / DECODE_MASS_BLOCK) if with_mass else 1
     _decode_combine[(blocks, batch * kv_heads)](
         scores, part_max, part_sum, part_acc, output, mass if with_mass else part_max,
         output.stride(0), output.stride(1), output.stride(3), *(mass.stride() if with_mass else (0, 0, 0)),
         keys, q_heads, kv_heads, splits,
         WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group, GP=members,
-        SP=triton.next_power_of_2(splits), BN=combine_block,
+        SP=triton.next_power_of_2(splits), BN=DECODE_MASS_BLOCK,
+        num_warps=DECODE_MASS_WARPS if with_mass else 4,
     )  # fmt: skip
     return output, (mass if add_mass_to is None else None)
 
@@ -385,13 +387,15 @@ if triton is not None:
 
     @triton.jit
     def _evict_lowest(
-        PRIORITY, VALID, POSITIONS, BUDGET, FREE, slots, heads,
+        PRIORITY, VALID, POSITIONS, BUDGET, FREE, COLUMN, NEWEST, slots, heads,
         spb, sph, sps, svb, svh, svs, sqb, sqh, sqs,
-        BS: tl.constexpr, BLOCKS: tl.constexpr,
+        BS: tl.constexpr, BLOCKS: tl.constexpr, HAS_NEWEST: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         batch, head = row // heads, row % heads
         none = 2**62
+        if HAS_NEWEST:
+            kept_after = tl.load(COLUMN) - tl.load(NEWEST + batch)
         lowest = tl.full((), float("inf"), tl.float32)
         oldest = tl.full((), none, tl.int64)
         victim = tl.full((), 0, tl.int64)
@@ -406,6 +410,8 @@ if triton is not None:
             )
             positions = tl.load(POSITIONS + batch * sqb + head * sqh + cols * sqs, mask=valid, other=none)
             priority = priority.to(tl.float32)
+            if HAS_NEWEST:
+                priority = tl.where(positions > kept_after, float("inf"), priority)
             block_lowest = tl.min(priority, 0)
             tied = valid & (priority == block_lowest)
             block_oldest = tl.min(tl.where(tied, positions, none), 0)
@@ -431,19 +437,23 @@ def evict_lowest(
     positions: torch.Tensor,
     budget: torch.Tensor,
     free: torch.Tensor,
+    column: torch.Tensor | None = None,
+    newest: torch.Tensor | None = None,
 ) -> None:
     """In place, per row of ``[batch, heads, slots]``: if more slots are valid than the sequence's
     ``budget`` (``[batch]``), invalidates the valid slot of lowest ``priority`` (ties: smallest
     position); then sets ``free`` (``[batch, heads]``, contiguous) to the first invalid slot (0 if
-    none). ``priority`` and ``positions`` may have one head for all.
+    none). ``priority`` and ``positions`` may have one head for all. With ``newest`` (``[batch]``),
+    tokens at positions above ``column`` (one element) minus ``newest`` rank as ``KEEP``.
     """
     batch, heads, slots = valid.shape
     priority, positions = priority.expand_as(valid), positions.expand_as(valid)
     flags = valid.view(torch.int8)
     _evict_lowest[(batch * heads,)](
-        priority, flags, positions, budget, free, slots, heads,
+        priority, flags, positions, budget, free, column, newest, slots, heads,
         *priority.stride(), *flags.stride(), *positions.stride(),
         BS=EVICT_BLOCK, BLOCKS=triton.next_power_of_2(math.ceil(slots / EVICT_BLOCK)),
+        HAS_NEWEST=newest is not None,
     )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squeezekv import SqueezeConfig
-from squeezekv.policies import POLICIES, LayerView, select
+from squeezekv.policies import POLICIES, LayerView, ranking, select
 
 
 def reference_keep(policy, tokens, budget, config, phase, prompt_columns, first_column):
@@ -73,7 +73,7 @@ def test_policy_keeps_what_the_reference_keeps(
 
     first_column = torch.tensor(data.draw(st.lists(st.integers(0, 6), min_size=batch, max_size=batch)))
     view = LayerView(positions, valid, scores, phase, prompt_columns, first_column)
-    priority = POLICIES[policy].priority(view, budget, config).expand(batch, heads, slots)
+    priority = ranking(view, budget, config).expand(batch, heads, slots)
     chosen, kept = select(priority, valid, budget)
 
     for b in range(batch):

@@ -76,6 +76,13 @@ class Policy:
         Priorities are float32: token positions stay exact up to 2**24."""
         return view.positions.to(torch.float32)
 
+    @staticmethod
+    def newest_kept(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor | None:
+        """How many newest tokens each sequence always keeps on top of ``priority`` (``[batch]``,
+        ``None``: none). Apart from ``priority`` so that the fast engine's eviction kernel applies
+        it while it ranks, instead of a pass of its own over the buffer every step."""
+        return None
+
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -83,6 +90,16 @@ POLICIES: dict[str, type[Policy]] = {}
 def register_policy(cls: type[Policy]) -> type[Policy]:
     POLICIES[cls.name] = cls
     return cls
+
+
+def ranking(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
+    """The policy's priority with its kept newest tokens raised to ``KEEP``."""
+    policy = POLICIES[config.policy]
+    priority = policy.priority(view, budget, config)
+    newest = policy.newest_kept(budget, config)
+    if newest is None:
+        return priority
+    return torch.where(view.newest(newest.to(view.valid.device).view(-1, 1, 1)), KEEP, priority)
 
 
 def select(

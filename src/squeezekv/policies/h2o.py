@@ -7,7 +7,7 @@ token is never dropped before it has been attended to).
 import torch
 
 from squeezekv.config import SqueezeConfig
-from squeezekv.policies import KEEP, LayerView, Policy, register_policy
+from squeezekv.policies import LayerView, Policy, register_policy
 
 
 def recent_tokens(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
@@ -25,5 +25,8 @@ class H2O(Policy):
 
     @staticmethod
     def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
-        recent = recent_tokens(budget, config).to(view.valid.device).view(-1, 1, 1)
-        return torch.where(view.newest(recent), KEEP, view.scores)
+        return view.scores
+
+    @staticmethod
+    def newest_kept(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
+        return recent_tokens(budget, config)
