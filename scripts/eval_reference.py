@@ -83,10 +83,11 @@ def passkey_accuracy(
     trials: int = 50,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Fraction of prompts (5-digit key at a uniformly random depth) answered exactly by greedy decoding."""
+    """Fraction of prompts (5-digit key at a uniformly random depth) answered exactly by greedy decoding,
+    with the first three prompts and every missed one per length."""
     device = next(model.parameters()).device
     rng = random.Random(seed)
-    out: dict[str, Any] = {"trials": trials, "accuracy": {}, "examples": {}}
+    out: dict[str, Any] = {"trials": trials, "accuracy": {}, "examples": {}, "misses": {}}
     for length in lengths:
         correct = 0
         for t in range(trials):
@@ -99,6 +100,10 @@ def passkey_accuracy(
             text = tokenizer.decode(gen[0, x["input_ids"].shape[1] :], skip_special_tokens=True)
             ok = re.match(rf"\s*{p.key}(?!\d)", text) is not None
             correct += ok
+            if not ok:
+                out["misses"].setdefault(str(length), []).append(
+                    {"key": p.key, "depth": round(p.depth, 3), "output": text}
+                )
             if t < 3:
                 out["examples"].setdefault(str(length), []).append(
                     {

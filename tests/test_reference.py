@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from squeezekv.reference import (  # noqa: E402
+    PASSKEY_QUESTION,
     REFERENCE_MODEL,
     load_heldout,
     passkey_prompt,
@@ -147,3 +148,24 @@ def test_training_smoke_cpu(tmp_path, tokenizer):
     assert report["steps"] == 3 and math.isfinite(report["final_loss"])
     reloaded = AutoModelForCausalLM.from_pretrained(cfg.out)
     assert reloaded.config.num_hidden_layers == 2
+
+
+def test_passkey_depth_power_puts_keys_further_from_the_question(tokenizer):
+    """``--passkey-depth-power 2`` draws depths as ``u**2``: keys sit earlier, in both kinds."""
+    train_model = _import_script("train_model")
+    text = " ".join(d["text"] for d in load_heldout("short")[:3])
+    stream = np.array(tokenizer(text)["input_ids"], dtype=np.uint16)
+
+    def mean_depth(power: float) -> float:
+        docs = train_model.SyntheticDocs(
+            tokenizer, stream, random.Random(0), passkey_share=1.0, depth_power=power
+        )
+        depths = []
+        for _ in range(40):
+            _, body = docs.passkey(300)
+            question = body.rindex(PASSKEY_QUESTION)
+            depths.append(body.index("The pass key is ") / question)
+        return sum(depths) / len(depths)
+
+    uniform, skewed = mean_depth(1.0), mean_depth(2.0)
+    assert 0.35 < uniform < 0.65 and skewed < uniform - 0.1
