@@ -100,8 +100,7 @@ class StaticLayer(CacheLayerMixin):
         """Drops, in rows over budget, the lowest-ranked token (ties: the oldest); frees a slot."""
         if self.sliding_window is not None:
             self.valid &= self.positions > view.last_column - self.sliding_window + 1
-        policy = POLICIES[config.policy]
-        priority = policy.priority(view, self.budget, config)
+        priority = POLICIES[config.policy].priority(view, self.budget, config)
         evict = kernels.evict_lowest if self.on_triton else evict_lowest
         evict(
             priority, self.valid, self.positions, self.budget, self.free, view.last_column, self.newest_kept
