@@ -193,6 +193,8 @@ class SyntheticDocs:
         self.passkey_len = passkey_len
         self.filler_share = filler_share
         self.kv_len = kv_len
+        if not depth_power > 0:
+            raise ValueError(f"--passkey-depth-power {depth_power} must be > 0 (1: uniform depths)")
         self.depth_power = depth_power
 
     def _natural_text(self, n_tokens: int) -> str:
