@@ -123,6 +123,8 @@ def evaluate(
     max_docs: int = 0,
     trials: int = 50,
     batch_size: int = 4,
+    lengths: tuple[int, ...] = PASSKEY_LENGTHS,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Both evaluations on the bundled held-out long documents."""
     docs = reference.load_heldout("long")
@@ -131,7 +133,7 @@ def evaluate(
     model.eval()
     return {
         "ppl_by_bucket": ppl_by_bucket(model, tokenizer, [d["text"] for d in docs], batch_size=batch_size),
-        "passkey": passkey_accuracy(model, tokenizer, trials=trials),
+        "passkey": passkey_accuracy(model, tokenizer, lengths, trials, seed),
     }
 
 
@@ -171,6 +173,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-docs", type=int, default=0, help="0: all held-out long documents")
     parser.add_argument("--trials", type=int, default=50, help="pass-key prompts per length")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the pass-key prompts (0: the model card's prompts)"
+    )
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=list(PASSKEY_LENGTHS), help="pass-key prompt lengths"
+    )
+    parser.add_argument("--passkey-only", action="store_true", help="skip the held-out perplexity")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--plot-loss", type=Path, help="only plot the loss of --reports into this PNG")
     parser.add_argument(
@@ -182,7 +191,12 @@ def main() -> None:
         return
     tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.bfloat16).to(args.device)
-    res = evaluate(model, tokenizer, max_docs=args.max_docs, trials=args.trials)
+    if args.passkey_only:
+        res = {"passkey": passkey_accuracy(model, tokenizer, tuple(args.lengths), args.trials, args.seed)}
+    else:
+        res = evaluate(
+            model, tokenizer, args.max_docs, args.trials, lengths=tuple(args.lengths), seed=args.seed
+        )
     text = json.dumps(res, indent=2) + "\n"
     if args.out:
         tmp = args.out.with_name(args.out.name + ".tmp")

@@ -13,18 +13,20 @@ its repetitive filler and half with the key in natural text, the rest shorter ke
 (``--passkey-share``, ``--passkey-min-len`` ... ``--kv-max-len``). A sequence starts with one with
 probability ``--synthetic-prob`` (``--synthetic-decay-prob`` during the learning-rate decay, if
 set), and a hard cap (``--synthetic-max-fraction``, default 2%) skips any insertion that would push
-the running share of synthetic tokens above it. ``--simulate-steps N`` only builds the pool and
-reports what N steps would insert. After training the model is cast to bf16 and saved in shards of
-at most 15 MB together with the tokenizer, then evaluated (held-out perplexity by position bucket,
-pass-key accuracy); ``train_report.json`` and ``loss_curve.png`` are written next to it.
+the running share of synthetic tokens above it. ``--answer-loss-weight`` counts the answers of those
+documents (the key after the question and its full stop) that many times in the loss, adding no
+tokens. ``--simulate-steps N`` only builds the pool and reports what N steps would insert. After
+training the model is cast to bf16 and saved in shards of at most 15 MB together with the tokenizer,
+then evaluated (held-out perplexity by position bucket, pass-key accuracy); ``train_report.json`` and
+``loss_curve.png`` are written next to it.
 
 GPU run:   python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --compile
 Continue:  add --init-from models/squeeze-ref-25m (weights only; see the model card for each stage)
 CPU smoke: python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --device cpu --tiny \
                --seq-len 256 --batch-size 2 --steps 3 --warmup-steps 1 --synthetic-pool 4 \
                --synthetic-prob 0.5 --synthetic-max-fraction 1 --eval-trials 1 --eval-max-docs 2
-Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2044 \
-               --seed 4 --passkey-min-len 0.9 --passkey-depth-power 2 --passkey-share 1.0
+Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2145 \
+               --seed 6 --passkey-min-len 0.9 --passkey-depth-power 2 --passkey-share 1.0
                (the bundled model's last stage)
 (the test suite runs the smoke path too: tests/test_reference.py::test_training_smoke_cpu)
 """
@@ -111,6 +113,12 @@ class TrainConfig:
         0.5,
         "share of pass-key documents in the evaluation's repetitive filler (rest: key in natural text)",
     )
+    answer_loss_weight: float = _f(
+        1.0,
+        "loss weight of the answer tokens of synthetic documents (the key after the question and the "
+        "full stop that ends it), relative to every other token; > 1 puts more of the training signal "
+        "on retrieval without adding tokens",
+    )
     kv_min_len: float = _f(0.125, "shortest key-value document, as a fraction of the window")
     kv_max_len: float = _f(0.5, "longest key-value document, as a fraction of the window")
     init_from: str = _f("", "continue from a saved model (weights only; optimizer and schedule restart)")
@@ -163,6 +171,16 @@ def load_stream(path: str, max_tokens: int = 0) -> np.ndarray:
 
 NAMES = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 REPORT = "train_report.json"
+Span = tuple[int, int]  # characters [start, end) of an answer in a document's text
+
+
+@dataclass(frozen=True)
+class SyntheticDoc:
+    """A tokenized synthetic document; ``answers`` index the tokens of ``ids`` that answer its questions."""
+
+    kind: str
+    ids: list[int]
+    answers: list[int]
 
 
 class SyntheticDocs:
@@ -172,7 +190,8 @@ class SyntheticDocs:
     keys of 3-7 digits; a share of them (``filler_share``) use the evaluation's repetitive filler, the
     others hide the key in natural training text. The key-value documents ask several questions each,
     so one sequence carries several retrieval targets. Lengths are drawn uniformly from a range given
-    as fractions of the window, separately for the two kinds.
+    as fractions of the window, separately for the two kinds. Each document knows where its answers
+    are (character spans of the text, then token indices), so that training can weight them.
     """
 
     def __init__(
@@ -216,43 +235,60 @@ class SyntheticDocs:
         out.append(text[prev:])
         return "".join(out)
 
-    def passkey(self, n_tokens: int) -> tuple[str, str]:
-        """(kind, text): ``passkey_filler`` (the evaluation's filler) or ``passkey_text`` (natural text)."""
+    def passkey(self, n_tokens: int) -> tuple[str, str, list[Span]]:
+        """(kind, text, answer spans): kind ``passkey_filler`` (the evaluation's filler) or
+        ``passkey_text`` (natural text); the answer is the key after the question and its full stop."""
         key = reference.random_passkey(self.rng, digits=self.rng.randint(3, 7))
         depth = self.rng.random() ** self.depth_power
         if self.rng.random() < self.filler_share:
             p = reference.passkey_prompt(self.tok, n_tokens, depth=depth, key=key)
-            return "passkey_filler", p.prompt + p.answer
-        needle = reference.PASSKEY_NEEDLE.format(key=key)
-        filler = self._natural_text(max(16, n_tokens - 80))
-        body = self._insert(filler, [needle], self.depth_power)
-        return "passkey_text", reference.PASSKEY_INTRO + body + reference.PASSKEY_QUESTION + f" {key}."
+            kind, text = "passkey_filler", p.prompt + p.answer
+        else:
+            needle = reference.PASSKEY_NEEDLE.format(key=key)
+            filler = self._natural_text(max(16, n_tokens - 80))
+            body = self._insert(filler, [needle], self.depth_power)
+            kind = "passkey_text"
+            text = reference.PASSKEY_INTRO + body + reference.PASSKEY_QUESTION + f" {key}."
+        start = text.rindex(key)
+        return kind, text, [(start, start + len(key) + 1)]  # the key and the full stop that ends it
 
-    def key_values(self, n_tokens: int) -> str:
+    def key_values(self, n_tokens: int) -> tuple[str, list[Span]]:
+        """(text, answer spans): facts in natural text, then questions, each answered by its number (and
+        full stop)."""
         n_pairs = self.rng.randint(2, max(2, min(24, n_tokens // 150)))  # facts fill <= ~10% of it
         names = self.rng.sample([a + b + c for a in NAMES for b in NAMES for c in NAMES[:8]], n_pairs)
         values = [str(self.rng.randrange(10_000, 100_000)) for _ in names]
         facts = [f"The number for {k} is {v}." for k, v in zip(names, values, strict=True)]
         filler = self._natural_text(max(16, n_tokens - 20 * n_pairs))
-        body = self._insert(filler, facts)
-        asked = self.rng.sample(range(n_pairs), self.rng.randint(1, min(8, n_pairs)))
-        questions = "".join(f"\nWhat is the number for {names[i]}? It is {values[i]}." for i in asked)
-        return body + "\n" + questions
+        text = self._insert(filler, facts) + "\n"
+        spans = []
+        for i in self.rng.sample(range(n_pairs), self.rng.randint(1, min(8, n_pairs))):
+            text += f"\nWhat is the number for {names[i]}? It is "
+            spans.append((len(text), len(text) + len(values[i]) + 1))
+            text += f"{values[i]}."
+        return text, spans
 
     def _length(self, max_tokens: int, span: tuple[float, float]) -> int:
         hi = max(1, min(int(max_tokens * span[1]), max_tokens) - 32)  # room for the tokenizer's slack
         return self.rng.randint(min(int(max_tokens * span[0]), hi), hi)
 
-    def sample(self, max_tokens: int) -> tuple[str, list[int]]:
-        """One document of at most ``max_tokens`` tokens (``<s> ... </s>``) and its kind."""
+    def sample(self, max_tokens: int) -> SyntheticDoc:
+        """One document of at most ``max_tokens`` tokens (``<s> ... </s>``)."""
         while True:
             if self.rng.random() < self.passkey_share:
-                kind, text = self.passkey(self._length(max_tokens, self.passkey_len))
+                kind, text, spans = self.passkey(self._length(max_tokens, self.passkey_len))
             else:
-                kind, text = "kv", self.key_values(self._length(max_tokens, self.kv_len))
-            ids = self.tok(text, add_special_tokens=True)["input_ids"] + [self.tok.eos_token_id]
+                kind = "kv"
+                text, spans = self.key_values(self._length(max_tokens, self.kv_len))
+            enc = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
+            ids = enc["input_ids"] + [self.tok.eos_token_id]
             if len(ids) <= max_tokens:
-                return kind, ids
+                answers = [
+                    i
+                    for i, (lo, hi) in enumerate(enc["offset_mapping"])
+                    if hi > lo and any(lo < end and hi > start for start, end in spans)
+                ]
+                return SyntheticDoc(kind, ids, answers)
 
 
 class SyntheticMix:
@@ -268,7 +304,7 @@ class SyntheticMix:
     LENGTH_BUCKETS = ((0, 1024), (1024, 2048), (2048, 3072), (3072, 1 << 30))
 
     def __init__(
-        self, pool: list[tuple[str, list[int]]], rng: random.Random, prob: float, max_fraction: float
+        self, pool: list[SyntheticDoc], rng: random.Random, prob: float, max_fraction: float
     ) -> None:
         self.pool = pool
         self.rng = rng
@@ -276,25 +312,28 @@ class SyntheticMix:
         self.max_fraction = max_fraction
         self.next = 0
         self.synthetic_tokens = 0
+        self.answer_tokens = 0
         self.tokens = 0
         self.inserted: dict[str, list[int]] = {}  # kind -> counts per LENGTH_BUCKETS
         self.skipped = 0
 
-    def plan(self, batch_size: int, seq_len: int) -> list[tuple[int, list[int]]]:
+    def plan(self, batch_size: int, seq_len: int) -> list[tuple[int, SyntheticDoc]]:
         """(row, document) pairs for one step; accounts the step's ``batch_size * seq_len`` tokens."""
         self.tokens += batch_size * seq_len
         out = []
         for row in range(batch_size):
             if not self.pool or self.rng.random() >= self.prob:
                 continue
-            kind, doc = self.pool[self.next % len(self.pool)]
-            if self.synthetic_tokens + len(doc) > self.max_fraction * self.tokens:
+            doc = self.pool[self.next % len(self.pool)]
+            n = len(doc.ids)
+            if self.synthetic_tokens + n > self.max_fraction * self.tokens:
                 self.skipped += 1
                 continue
             self.next += 1
-            self.synthetic_tokens += len(doc)
-            counts = self.inserted.setdefault(kind, [0] * len(self.LENGTH_BUCKETS))
-            counts[next(i for i, (lo, hi) in enumerate(self.LENGTH_BUCKETS) if lo <= len(doc) < hi)] += 1
+            self.synthetic_tokens += n
+            self.answer_tokens += len(doc.answers)
+            counts = self.inserted.setdefault(doc.kind, [0] * len(self.LENGTH_BUCKETS))
+            counts[next(i for i, (lo, hi) in enumerate(self.LENGTH_BUCKETS) if lo <= n < hi)] += 1
             out.append((row, doc))
         return out
 
@@ -303,6 +342,7 @@ class SyntheticMix:
         return {
             "token_fraction": self.synthetic_tokens / max(self.tokens, 1),
             "synthetic_tokens": self.synthetic_tokens,
+            "answer_tokens": self.answer_tokens,
             "docs_inserted": self.next,
             "docs_skipped_by_cap": self.skipped,
             "pool_size": len(self.pool),
@@ -329,9 +369,9 @@ def build_mix(
         kv_len=(cfg.kv_min_len, cfg.kv_max_len),
     )
     pool = [synth.sample(cfg.seq_len + 1) for _ in range(cfg.synthetic_pool)]
-    mean = np.mean([len(d) for _, d in pool]) if pool else 0.0
+    mean = np.mean([len(d.ids) for d in pool]) if pool else 0.0
     print(
-        f"synthetic pool: {len(pool)} docs ({sum(k != 'kv' for k, _ in pool)} pass-key), "
+        f"synthetic pool: {len(pool)} docs ({sum(d.kind != 'kv' for d in pool)} pass-key), "
         f"mean {mean:.0f} tokens, in {time.time() - t0:.1f}s; expected token fraction "
         f"{cfg.synthetic_prob * mean / cfg.seq_len:.4f}, cap {cfg.synthetic_max_fraction}",
         flush=True,
@@ -361,10 +401,30 @@ def synthetic_prob_at(cfg: TrainConfig, frac: float) -> float:
     return cfg.synthetic_decay_prob if decaying and cfg.synthetic_decay_prob > 0 else cfg.synthetic_prob
 
 
-def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def _loss(
+    model: torch.nn.Module, batch: torch.Tensor, weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to train on, mean next-token loss): the first weights each target by ``weights`` (None:
+    all 1) over the number of targets, so that natural text keeps its scale whatever the weights."""
     with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16):
         logits = model(input_ids=batch[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+    )
+    mean = nll.mean()
+    return (mean if weights is None else (nll * weights.reshape(-1)).sum() / nll.numel()), mean
+
+
+def _answer_weights(
+    placed: list[tuple[int, SyntheticDoc]], shape: tuple[int, int], weight: float, device: torch.device
+) -> torch.Tensor | None:
+    """Per-target loss weights: ``weight`` where the target is an answer token of a placed document."""
+    if weight == 1 or not any(doc.answers for _, doc in placed):
+        return None
+    weights = torch.ones(shape, device=device)
+    for row, doc in placed:
+        weights[row, [i - 1 for i in doc.answers]] = weight  # target t is token t + 1 of the row
+    return weights
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -425,19 +485,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         mix.prob = synthetic_prob_at(cfg, progress(cfg, step, elapsed))
         offsets = torch.from_numpy(np_rng.integers(0, n_stream - cfg.seq_len - 1, cfg.batch_size)).to(device)
         batch = stream_t[offsets[:, None] + window]
-        for row, doc in mix.plan(cfg.batch_size, cfg.seq_len):
-            batch[row, : len(doc)] = torch.tensor(doc, device=device)
+        placed = mix.plan(cfg.batch_size, cfg.seq_len)
+        for row, doc in placed:
+            batch[row, : len(doc.ids)] = torch.tensor(doc.ids, device=device)
+        weights = _answer_weights(placed, (cfg.batch_size, cfg.seq_len), cfg.answer_loss_weight, device)
         try:
-            loss = _loss(step_fn, batch)
-            loss.backward()
+            train_loss, loss = _loss(step_fn, batch, weights)
+            train_loss.backward()
         except Exception as exc:  # a failed compilation must not cost the (single) GPU run
             if step_fn is model:
                 raise
             print(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing eagerly", flush=True)
             step_fn = model
             opt.zero_grad(set_to_none=True)
-            loss = _loss(step_fn, batch)
-            loss.backward()
+            train_loss, loss = _loss(step_fn, batch, weights)
+            train_loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -142,10 +143,12 @@ def test_training_smoke_cpu(tmp_path, tokenizer):
         warmup_steps=1,
         synthetic_prob=0.5,
         synthetic_pool=2,
+        answer_loss_weight=20.0,
         skip_eval=True,
     )
     report = train_model.train(cfg)
     assert report["steps"] == 3 and math.isfinite(report["final_loss"])
+    assert report["synthetic"]["docs_inserted"] == 0 or report["synthetic"]["answer_tokens"] > 0
     reloaded = AutoModelForCausalLM.from_pretrained(cfg.out)
     assert reloaded.config.num_hidden_layers == 2
 
@@ -162,10 +165,36 @@ def test_passkey_depth_power_puts_keys_further_from_the_question(tokenizer):
         )
         depths = []
         for _ in range(40):
-            _, body = docs.passkey(300)
+            _, body, _ = docs.passkey(300)
             question = body.rindex(PASSKEY_QUESTION)
             depths.append(body.index("The pass key is ") / question)
         return sum(depths) / len(depths)
 
     uniform, skewed = mean_depth(1.0), mean_depth(2.0)
     assert 0.35 < uniform < 0.65 and skewed < uniform - 0.1
+
+
+def test_synthetic_answers_are_the_asked_keys(tokenizer):
+    """Each synthetic document's answer tokens decode to exactly the keys asked for after the questions,
+    each with the full stop that ends it, and only those targets get the answer loss weight."""
+    train_model = _import_script("train_model")
+    text = " ".join(d["text"] for d in load_heldout("short")[:3])
+    stream = np.array(tokenizer(text)["input_ids"], dtype=np.uint16)
+    docs = train_model.SyntheticDocs(tokenizer, stream, random.Random(1), passkey_share=0.5)
+    kinds = set()
+    for _ in range(30):
+        doc = docs.sample(600)
+        kinds.add(doc.kind)
+        decoded = tokenizer.decode(doc.ids, skip_special_tokens=True)
+        questions = "\nWhat is the number for" if doc.kind == "kv" else PASSKEY_QUESTION
+        tail = decoded[decoded.index(questions) if doc.kind == "kv" else decoded.rindex(questions) :]
+        asked = re.findall(r"(?:pass key is|It is) (\d+\.)", tail)
+        runs = np.split(np.array(doc.answers), np.flatnonzero(np.diff(doc.answers) != 1) + 1)
+        got = [tokenizer.decode([doc.ids[i] for i in run]).strip() for run in runs]
+        assert got == asked and asked, (doc.kind, got, asked)
+    assert kinds == {"passkey_filler", "passkey_text", "kv"}
+
+    weights = train_model._answer_weights([(1, doc)], (2, 600), 50.0, torch.device("cpu"))
+    assert weights is not None and weights[0].eq(1).all()
+    assert weights[1].eq(50).nonzero().flatten().tolist() == [i - 1 for i in doc.answers]
+    assert train_model._answer_weights([(1, doc)], (2, 600), 1.0, torch.device("cpu")) is None
