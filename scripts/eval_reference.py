@@ -186,6 +186,10 @@ def main() -> None:
         "--reports", type=Path, nargs="*", default=[], help="report.json files of train_model"
     )
     args = parser.parse_args()
+    if args.trials < 1:
+        parser.error(f"--trials {args.trials}: must be at least 1")
+    if bad := [n for n in args.lengths if n < 64]:
+        parser.error(f"--lengths {bad}: every pass-key prompt length must be at least 64 tokens")
     if args.plot_loss:
         plot_loss(args.reports, args.plot_loss)
         return

@@ -130,6 +130,12 @@ class TrainConfig:
     eval_max_docs: int = _f(0, "> 0: evaluate perplexity on only this many held-out documents")
     skip_eval: bool = _f(False, "skip the final evaluation")
 
+    def __post_init__(self) -> None:
+        if not self.answer_loss_weight > 0:
+            raise ValueError(
+                f"--answer-loss-weight {self.answer_loss_weight} must be > 0 (1: answers weigh as any token)"
+            )
+
 
 def model_config(vocab_size: int, bos: int, eos: int, pad: int, tiny: bool = False) -> LlamaConfig:
     """The reference architecture: 16 layers, GQA 8/2 heads, SwiGLU, RoPE, RMSNorm, tied embeddings."""

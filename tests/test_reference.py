@@ -198,3 +198,5 @@ def test_synthetic_answers_are_the_asked_keys(tokenizer):
     assert weights is not None and weights[0].eq(1).all()
     assert weights[1].eq(50).nonzero().flatten().tolist() == [i - 1 for i in doc.answers]
     assert train_model._answer_weights([(1, doc)], (2, 600), 1.0, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="--answer-loss-weight -1.0"):
+        train_model.TrainConfig(data="", tokenizer_dir="", out="", answer_loss_weight=-1.0)
