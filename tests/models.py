@@ -73,6 +73,13 @@ FAMILIES = {
 MQA = ("falcon",)  # one key/value head
 
 
+def short_policy(name: str, window: int | None = None) -> str:
+    """Policy ``name`` with settings that fit tiny prompts: 2 sinks and, if given, a ``window``-token
+    observation window."""
+    specs = {"streaming": "streaming:sinks=2", "snapkv": f"snapkv:window={window}" if window else "snapkv"}
+    return specs.get(name, name)
+
+
 @functools.cache
 def tiny_model(family: str, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A deterministic tiny model in float64, so that greedy ties cannot flip between paths."""

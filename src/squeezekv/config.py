@@ -1,37 +1,44 @@
-"""Configuration of a compression run, validated when it is built."""
+"""Configuration of a compression run: a budget, a policy and an allocator, validated when built."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
+
+import torch
+
+from squeezekv.allocators import Allocator, resolve_allocator
+from squeezekv.policies import Policy, resolve_policy
 
 
 @dataclass(frozen=True)
 class SqueezeConfig:
     """What to keep in the KV cache.
 
-    ``budget`` is the average number of cached tokens per layer. A ``float`` in (0, 1] is a fraction
-    of each sequence's prompt length; an ``int`` >= 1 is an absolute token count. ``policy`` chooses
-    which tokens a layer keeps (sequence-wise), ``allocator`` how the total is split across layers
-    (layer-wise). The remaining fields tune one policy or allocator each.
+    ``budget`` is the average number of cached tokens per layer:
+
+    - a ``float`` in (0, 1) is a fraction of each sequence's prompt length;
+    - exactly ``1.0`` keeps everything: the prompt and every new token, never evicting (the output
+      is ``model.generate``'s);
+    - an ``int`` >= 1 is an absolute number of tokens per layer.
+
+    NumPy numbers count as the Python ones. ``policy`` chooses which tokens a layer keeps
+    (sequence-wise), ``allocator`` how the total is split across layers (layer-wise); each is an
+    instance, a name or a spec string (``"squeeze:p=0.5,groups=3"``), resolved once, here, to an
+    instance that owns and checks its own settings.
     """
 
     budget: float | int
-    policy: str = "h2o"
-    allocator: str = "squeeze"
-    p: float = 0.35
-    groups: int = 3
-    sinks: int = 4
-    recent_ratio: float = 0.5
-    snapkv_window: int = 32
-    snapkv_kernel: int = 7
-    pyramid_beta: float = 20.0
+    policy: Policy | str = "h2o"
+    allocator: Allocator | str = "squeeze"
 
     def __post_init__(self) -> None:
-        from squeezekv.allocators import ALLOCATORS
-        from squeezekv.policies import POLICIES
-
         budget = self.budget
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+            budget = int(budget)
+        elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+            budget = float(budget)
+        else:
             raise ValueError(f"budget must be a float fraction in (0, 1] or an int >= 1, got {budget!r}")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
             raise ValueError(
@@ -40,34 +47,56 @@ class SqueezeConfig:
             )
         if isinstance(budget, int) and budget < 1:
             raise ValueError(f"budget {budget!r} must be >= 1 token per layer")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}")
-        if self.allocator not in ALLOCATORS:
-            raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {sorted(ALLOCATORS)}")
-        if not 0.0 < self.p <= 1.0:
-            raise ValueError(f"p {self.p!r} must lie in (0, 1]")
-        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 2:
-            raise ValueError(f"groups {self.groups!r} must be an int >= 2")
-        if self.sinks < 0:
-            raise ValueError(f"sinks {self.sinks!r} must be >= 0")
-        if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio {self.recent_ratio!r} must lie in [0, 1]")
-        if self.snapkv_window < 1 or self.snapkv_kernel < 1 or self.snapkv_kernel % 2 == 0:
-            raise ValueError(
-                f"snapkv_window {self.snapkv_window!r} must be >= 1 and snapkv_kernel "
-                f"{self.snapkv_kernel!r} an odd number >= 1"
-            )
-        if self.pyramid_beta <= 1.0:
-            raise ValueError(f"pyramid_beta {self.pyramid_beta!r} must be > 1")
+        object.__setattr__(self, "budget", budget)
+        object.__setattr__(self, "policy", resolve_policy(self.policy))
+        object.__setattr__(self, "allocator", resolve_allocator(self.allocator))
         if isinstance(budget, int):
             self.check_tokens_per_layer(budget)
+
+    @classmethod
+    def build(
+        cls,
+        budget: float | int,
+        policy: Policy | str = "h2o",
+        allocator: Allocator | str = "squeeze",
+        **settings: int | float,
+    ) -> SqueezeConfig:
+        """A config whose policy and allocator take ``settings``, each routed to whichever of the
+        two has that field (``p=0.5`` to squeeze, ``sinks=2`` to streaming)."""
+        policy, allocator = resolve_policy(policy), resolve_allocator(allocator)
+        owners = {part: {field.name for field in fields(part)} for part in (policy, allocator)}
+        unknown = [name for name in settings if not any(name in names for names in owners.values())]
+        if unknown:
+            accepted = ", ".join(
+                f"{part.kind} {part.name!r}: {sorted(names) or 'none'}" for part, names in owners.items()
+            )
+            raise ValueError(
+                f"no setting {unknown[0]!r} in the chosen policy or allocator; settings ({accepted})"
+            )
+        policy, allocator = (
+            part.replace(**{name: value for name, value in settings.items() if name in names})
+            for part, names in owners.items()
+        )
+        return cls(budget, policy, allocator)
 
     @property
     def is_fraction(self) -> bool:
         return isinstance(self.budget, float)
 
-    def tokens_per_layer(self, prompt_tokens: int) -> int:
-        """The average per-layer budget, in tokens, for a prompt of ``prompt_tokens`` real tokens."""
+    @property
+    def keeps_everything(self) -> bool:
+        """``budget == 1.0``: no eviction at all, prompt and new tokens alike."""
+        return self.budget == 1.0 and self.is_fraction
+
+    def to_dict(self) -> dict:
+        """JSON-able: the budget and each part's name and settings."""
+        return {"budget": self.budget, "policy": self.policy.to_dict(), "allocator": self.allocator.to_dict()}
+
+    def tokens_per_layer(self, prompt_tokens: int, new_tokens: int = 0) -> int:
+        """The average per-layer budget, in tokens, for a prompt of ``prompt_tokens`` real tokens
+        followed by ``new_tokens`` (which only a keep-everything budget counts)."""
+        if self.keeps_everything:
+            return prompt_tokens + new_tokens
         if self.is_fraction:
             tokens = max(1, int(self.budget * prompt_tokens))
             self.check_tokens_per_layer(tokens, prompt_tokens)
@@ -75,17 +104,37 @@ class SqueezeConfig:
         return int(self.budget)
 
     def check_tokens_per_layer(self, tokens: int, prompt_tokens: int | None = None) -> None:
-        from squeezekv.policies import POLICIES
-
-        floor = POLICIES[self.policy].min_tokens(self)
+        floor = self.policy.min_tokens()
         if tokens < floor:
             where = f" ({self.budget} of a {prompt_tokens}-token prompt)" if prompt_tokens else ""
+            settings = ", ".join(f"{name}={value}" for name, value in self.policy.settings().items())
             raise ValueError(
-                f"budget of {tokens} tokens per layer{where} is too small for policy {self.policy!r}, "
-                f"which needs at least {floor} (sinks={self.sinks} + 1 recent token)"
+                f"budget of {tokens} tokens per layer{where} is too small for policy "
+                f"{self.policy.name!r}{f' ({settings})' if settings else ''}, which needs at least {floor}"
             )
 
-    def check_layers(self, num_layers: int) -> None:
-        """Checks the options that depend on the model's depth."""
-        if self.groups > num_layers:
-            raise ValueError(f"groups {self.groups} exceeds the model's {num_layers} layers")
+    def plan_budgets(
+        self,
+        similarity: torch.Tensor,
+        prompt_tokens: torch.Tensor,
+        sliding_windows: list[int | None],
+        max_new_tokens: int = 0,
+    ) -> torch.Tensor:
+        """``[batch, layers]`` budgets: each sequence is planned on its own prompt and similarities.
+
+        A layer can hold at most the prompt plus the tokens still to come (and no more than its
+        sliding window), which is what a keep-everything budget gives every layer; the floor is the
+        policy's minimum.
+        """
+        floor = self.policy.min_tokens()
+        rows = []
+        for row, tokens in zip(similarity, prompt_tokens.tolist(), strict=True):
+            reachable = tokens + max_new_tokens
+            caps = torch.tensor(
+                [reachable if w is None else min(reachable, max(1, w - 1)) for w in sliding_windows]
+            )
+            if self.keeps_everything:
+                rows.append(caps)
+            else:
+                rows.append(self.allocator.allocate(row, self.tokens_per_layer(tokens), floor, caps))
+        return torch.stack(rows)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squeezekv import SqueezeConfig
-from squeezekv.allocators import allocate, conserve, plan_budgets
+from squeezekv.allocators import Pyramid, Squeeze, conserve
 from squeezekv.allocators.squeeze import kmeans_1d
 
 
@@ -68,8 +68,7 @@ def test_conserve_keeps_bounds_and_total(targets, floor, ceiling, data):
 
 def test_squeeze_gives_the_high_similarity_group_p_times_b_and_keeps_the_total():
     similarity = torch.tensor([0.40, 0.42, 0.95, 0.96, 0.97, 0.70, 0.72, 0.94])
-    config = SqueezeConfig(budget=100, allocator="squeeze", p=0.3)
-    budgets = allocate(similarity, 100, floor=1, caps=torch.full((8,), 1000), config=config)
+    budgets = Squeeze(p=0.3).allocate(similarity, 100, floor=1, caps=torch.full((8,), 1000))
     squeezed = [2, 3, 4, 7]
     assert budgets[squeezed].tolist() == [30] * 4
     assert budgets[[0, 1, 5, 6]].tolist() == [170] * 4
@@ -78,38 +77,31 @@ def test_squeeze_gives_the_high_similarity_group_p_times_b_and_keeps_the_total()
 
 def test_squeeze_redistributes_what_a_capped_layer_cannot_hold():
     similarity = torch.tensor([0.1, 0.5, 0.9, 0.9])
-    config = SqueezeConfig(budget=10, allocator="squeeze", p=0.5)
     caps = torch.tensor([12, 40, 40, 40])
-    budgets = allocate(similarity, 10, floor=1, caps=caps, config=config)
+    budgets = Squeeze(p=0.5).allocate(similarity, 10, floor=1, caps=caps)
     assert budgets.tolist() == [12, 18, 5, 5]
     assert int(budgets.sum()) == 40
 
 
 def test_allocation_never_exceeds_what_layers_can_hold():
-    config = SqueezeConfig(budget=50, allocator="squeeze")
-    budgets = allocate(
-        torch.tensor([0.1, 0.2, 0.9]), 50, floor=1, caps=torch.tensor([20, 20, 20]), config=config
-    )
+    budgets = Squeeze().allocate(torch.tensor([0.1, 0.2, 0.9]), 50, floor=1, caps=torch.tensor([20, 20, 20]))
     assert budgets.tolist() == [20, 20, 20]
 
 
 def test_floor_applies_to_the_squeezed_group():
-    config = SqueezeConfig(budget=10, policy="streaming", allocator="squeeze", p=0.1, sinks=4)
-    budgets = allocate(
-        torch.tensor([0.1, 0.2, 0.9, 0.95]), 10, floor=5, caps=torch.full((4,), 100), config=config
+    budgets = Squeeze(p=0.1).allocate(
+        torch.tensor([0.1, 0.2, 0.9, 0.95]), 10, floor=5, caps=torch.full((4,), 100)
     )
     assert budgets.min() >= 5 and int(budgets.sum()) == 40
 
 
 def test_identical_similarities_fall_back_to_uniform():
-    config = SqueezeConfig(budget=10, allocator="squeeze")
-    budgets = allocate(torch.full((6,), 0.5), 10, floor=1, caps=torch.full((6,), 100), config=config)
+    budgets = Squeeze().allocate(torch.full((6,), 0.5), 10, floor=1, caps=torch.full((6,), 100))
     assert budgets.tolist() == [10] * 6
 
 
 def test_pyramid_decreases_with_depth_at_the_same_total():
-    config = SqueezeConfig(budget=40, allocator="pyramid")
-    budgets = allocate(torch.rand(8), 40, floor=1, caps=torch.full((8,), 1000), config=config)
+    budgets = Pyramid().allocate(torch.rand(8), 40, floor=1, caps=torch.full((8,), 1000))
     assert int(budgets.sum()) == 320
     assert all(a >= b for a, b in itertools.pairwise(budgets.tolist()))
     assert budgets[0] > budgets[-1]
@@ -117,11 +109,44 @@ def test_pyramid_decreases_with_depth_at_the_same_total():
 
 def test_uniform_gives_every_layer_b():
     config = SqueezeConfig(budget=0.25, allocator="uniform")
-    budgets = plan_budgets(torch.rand(2, 5), torch.tensor([40, 80]), config, [None] * 5)
+    budgets = config.plan_budgets(torch.rand(2, 5), torch.tensor([40, 80]), [None] * 5)
     assert budgets.tolist() == [[10] * 5, [20] * 5]
 
 
 def test_sliding_layers_are_capped_at_their_window():
-    config = SqueezeConfig(budget=1.0, allocator="uniform")
-    budgets = plan_budgets(torch.rand(1, 3), torch.tensor([100]), config, [None, 16, None], max_new_tokens=5)
+    config = SqueezeConfig(budget=100, allocator="uniform")
+    budgets = config.plan_budgets(torch.rand(1, 3), torch.tensor([100]), [None, 16, None], max_new_tokens=5)
     assert budgets.tolist() == [[105, 15, 105]]  # the window's overflow goes to the others, up to their cap
+
+
+def test_a_keep_everything_budget_gives_every_layer_its_cap_whatever_the_allocator():
+    for allocator in ("uniform", "squeeze", "pyramid"):
+        config = SqueezeConfig(budget=1.0, allocator=allocator)
+        budgets = config.plan_budgets(
+            torch.rand(2, 3), torch.tensor([100, 40]), [None, 16, None], max_new_tokens=5
+        )
+        assert budgets.tolist() == [[105, 15, 105], [45, 15, 45]]
+
+
+def test_squeeze_clusters_fewer_layers_than_groups_into_as_many_groups():
+    budgets = Squeeze(p=0.5, groups=3).allocate(
+        torch.tensor([0.2, 0.9]), 10, floor=1, caps=torch.full((2,), 100)
+    )
+    assert budgets.tolist() == [15, 5]  # two layers, two groups: the more similar one is squeezed
+    single = Squeeze(groups=3).allocate(torch.tensor([0.7]), 10, floor=1, caps=torch.full((1,), 100))
+    assert single.tolist() == [10]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Squeeze(p="x"), r"allocator 'squeeze': p='x' must be a number"),
+        (lambda: Squeeze(p=0.0), r"p=0.0 must be in \(0, 1\]"),
+        (lambda: Squeeze(groups=2.5), r"groups=2.5 must be an integer"),
+        (lambda: Squeeze(groups=1), r"groups=1 must be an integer >= 2"),
+        (lambda: Pyramid(beta=1), r"allocator 'pyramid': beta=1.0 must be > 1"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_setting_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

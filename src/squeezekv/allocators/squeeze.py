@@ -2,13 +2,15 @@
 
 Layers are clustered by their cosine similarity (exact 1-D k-means, so the grouping is
 deterministic); the cluster with the highest centroid gets ``p * b`` per layer and the other layers
-share the rest equally, keeping the total at ``L * b``.
+share the rest equally, keeping the total at ``L * b``. A model with fewer layers than ``groups``
+(or fewer distinct similarities) is clustered into as many groups as it has.
 """
+
+from dataclasses import dataclass
 
 import torch
 
-from squeezekv.allocators import Targets, register_allocator
-from squeezekv.config import SqueezeConfig
+from squeezekv.allocators.base import Allocator, Targets, register_allocator
 
 
 def kmeans_1d(values: list[float], groups: int) -> list[int]:
@@ -49,13 +51,26 @@ def kmeans_1d(values: list[float], groups: int) -> list[int]:
     return labels
 
 
-@register_allocator("squeeze")
-def squeeze(similarity: torch.Tensor, mean_budget: int, config: SqueezeConfig) -> Targets:
-    labels = torch.tensor(kmeans_1d(similarity.tolist(), config.groups))
-    squeezed = labels == labels.max()
-    layers, n_squeezed = similarity.numel(), int(squeezed.sum())
-    if n_squeezed == layers:  # one cluster: nothing to tell the layers apart
-        return Targets(torch.full_like(similarity, float(mean_budget)))
-    low = config.p * mean_budget
-    high = (layers * mean_budget - n_squeezed * low) / (layers - n_squeezed)
-    return Targets(torch.where(squeezed, low, high).to(torch.float64), adjustable=~squeezed)
+@register_allocator
+@dataclass(frozen=True)
+class Squeeze(Allocator):
+    """``p``: the squeezed group's share of the mean budget; ``groups``: how many clusters."""
+
+    name = "squeeze"
+    p: float = 0.35
+    groups: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(0.0 < self.p <= 1.0, "p", "in (0, 1]")
+        self.require(self.groups >= 2, "groups", "an integer >= 2")
+
+    def targets(self, similarity: torch.Tensor, mean_budget: int) -> Targets:
+        labels = torch.tensor(kmeans_1d(similarity.tolist(), self.groups))
+        squeezed = labels == labels.max()
+        layers, n_squeezed = similarity.numel(), int(squeezed.sum())
+        if n_squeezed == layers:  # one cluster: nothing to tell the layers apart
+            return Targets(torch.full_like(similarity, float(mean_budget)))
+        low = self.p * mean_budget
+        high = (layers * mean_budget - n_squeezed * low) / (layers - n_squeezed)
+        return Targets(torch.where(squeezed, low, high).to(torch.float64), adjustable=~squeezed)

@@ -2,126 +2,34 @@
 
 A policy ranks a layer's cached tokens; :func:`select` keeps the best-ranked ones. Policies that
 rank by attention ask for the attention mass of the last ``scored_queries`` queries of a forward
-and fold it into the layer's running scores. Adding a policy is one small module that calls
-:func:`register_policy`.
+and fold it into the layer's running scores. Adding a policy is one small module: a frozen
+dataclass of its settings, decorated with :func:`register_policy` and imported below.
 """
 
-from __future__ import annotations
+from squeezekv.policies.base import (
+    KEEP,
+    POLICIES,
+    LayerView,
+    Policy,
+    register_policy,
+    resolve_policy,
+    select,
+)
+from squeezekv.policies.h2o import H2O
+from squeezekv.policies.snapkv import SnapKV
+from squeezekv.policies.streaming import Streaming
+from squeezekv.policies.window import Window
 
-from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
-
-from squeezekv.config import SqueezeConfig
-
-KEEP = float("inf")
-
-
-@dataclass(frozen=True)
-class LayerView:
-    """What a policy may look at: per slot positions, validity and scores, all ``[batch, heads, slots]``.
-
-    ``heads`` is 1 while every head keeps the same tokens. ``prompt_columns`` is the number of
-    columns the prefill covered, ``first_column`` (``[batch]``) each sequence's first real column;
-    ``phase`` is ``"prefill"`` or ``"decode"``.
-    """
-
-    positions: torch.Tensor
-    valid: torch.Tensor
-    scores: torch.Tensor
-    phase: str
-    prompt_columns: int
-    first_column: torch.Tensor
-
-    def newest(self, count: torch.Tensor) -> torch.Tensor:
-        """Whether each slot holds one of the newest ``count`` (``[batch, 1, 1]``) valid tokens;
-        slots are kept in position order."""
-        return self.valid.flip(-1).cumsum(-1).flip(-1) <= count
-
-    def age_rank(self) -> torch.Tensor:
-        """0 for the sequence's first real token, 1 for the next, ...: an absolute place, which a
-        token keeps even when older tokens leave a sliding window."""
-        return self.positions - self.first_column.to(self.positions.device).view(-1, 1, 1)
-
-
-class Policy:
-    """Base class: keeps the most recent tokens, scores nothing.
-
-    ``ranks_by_position``: the priority depends on token positions and validity alone (never on
-    scores), so layers holding the same tokens with the same budget make the same choice.
-    """
-
-    name: ClassVar[str]
-    ranks_by_position: ClassVar[bool] = True
-
-    @staticmethod
-    def min_tokens(config: SqueezeConfig) -> int:
-        return 1
-
-    @staticmethod
-    def scored_queries(phase: str, query_length: int, config: SqueezeConfig) -> int:
-        """How many trailing queries of this forward contribute attention mass (0: none)."""
-        return 0
-
-    @staticmethod
-    def fold(scores: torch.Tensor, mass: torch.Tensor, phase: str, config: SqueezeConfig) -> torch.Tensor:
-        """New running scores from the old ones and this forward's attention mass per key."""
-        return scores + mass
-
-    @staticmethod
-    def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
-        """Higher keeps; ``KEEP`` always keeps (within the budget). ``budget`` is ``[batch]``.
-
-        Priorities are float32: token positions stay exact up to 2**24."""
-        return view.positions.to(torch.float32)
-
-    @staticmethod
-    def newest_kept(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor | None:
-        """How many newest tokens each sequence always keeps on top of ``priority`` (``[batch]``,
-        ``None``: none). Apart from ``priority`` so that the fast engine's eviction kernel applies
-        it while it ranks, instead of a pass of its own over the buffer every step."""
-        return None
-
-
-POLICIES: dict[str, type[Policy]] = {}
-
-
-def register_policy(cls: type[Policy]) -> type[Policy]:
-    POLICIES[cls.name] = cls
-    return cls
-
-
-def ranking(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
-    """The policy's priority with its kept newest tokens raised to ``KEEP``."""
-    policy = POLICIES[config.policy]
-    priority = policy.priority(view, budget, config)
-    newest = policy.newest_kept(budget, config)
-    if newest is None:
-        return priority
-    return torch.where(view.newest(newest.to(view.valid.device).view(-1, 1, 1)), KEEP, priority)
-
-
-def select(
-    priority: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, width: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slots to keep, in their original order, and which of them hold a kept token.
-
-    ``priority`` and ``valid`` are ``[batch, heads, slots]``; ``keep`` is ``[batch]`` tokens per
-    sequence. Rows keep different numbers of tokens, so the result is as wide as the largest and
-    the surplus slots of other rows are marked invalid. Ties go to the more recent token. ``width``,
-    the largest number kept, is worked out here (a host sync) unless the caller knows it.
-    """
-    slots = priority.shape[-1]
-    keep = torch.minimum(keep.to(valid.device).view(-1, 1), valid.sum(-1))  # [batch, heads]
-    if width is None:
-        width = int(keep.max()) if keep.numel() else 0
-    ranked = torch.where(valid, priority.to(torch.float32), -torch.inf).flip(-1)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :width]
-    chosen = slots - 1 - order
-    kept = torch.arange(width, device=valid.device) < keep.unsqueeze(-1)
-    chosen, permutation = torch.sort(chosen, dim=-1)
-    return chosen, kept.gather(-1, permutation)
-
-
-from squeezekv.policies import h2o, snapkv, streaming, window  # noqa: E402,F401  (registers them)
+__all__ = [
+    "H2O",
+    "KEEP",
+    "POLICIES",
+    "LayerView",
+    "Policy",
+    "SnapKV",
+    "Streaming",
+    "Window",
+    "register_policy",
+    "resolve_policy",
+    "select",
+]

@@ -4,29 +4,29 @@ The recent window is ``recent_ratio`` of the layer's budget (at least one token,
 token is never dropped before it has been attended to).
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from squeezekv.config import SqueezeConfig
-from squeezekv.policies import LayerView, Policy, register_policy
-
-
-def recent_tokens(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
-    return torch.minimum(budget, (budget * config.recent_ratio).floor().long().clamp(min=1))
+from squeezekv.policies.base import LayerView, Policy, register_policy
 
 
 @register_policy
+@dataclass(frozen=True)
 class H2O(Policy):
     name = "h2o"
     ranks_by_position = False
+    recent_ratio: float = 0.5
 
-    @staticmethod
-    def scored_queries(phase: str, query_length: int, config: SqueezeConfig) -> int:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(0.0 <= self.recent_ratio <= 1.0, "recent_ratio", "in [0, 1]")
+
+    def scored_queries(self, phase: str, query_length: int) -> int:
         return query_length
 
-    @staticmethod
-    def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
+    def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
         return view.scores
 
-    @staticmethod
-    def newest_kept(budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
-        return recent_tokens(budget, config)
+    def newest_kept(self, budget: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(budget, (budget * self.recent_ratio).floor().long().clamp(min=1))

@@ -1,20 +1,25 @@
 """StreamingLLM: the first ``sinks`` tokens, which soak up attention, plus the most recent ones."""
 
+from dataclasses import dataclass
+
 import torch
 
-from squeezekv.config import SqueezeConfig
-from squeezekv.policies import KEEP, LayerView, Policy, register_policy
+from squeezekv.policies.base import KEEP, LayerView, Policy, register_policy
 
 
 @register_policy
+@dataclass(frozen=True)
 class Streaming(Policy):
     name = "streaming"
+    sinks: int = 4
 
-    @staticmethod
-    def min_tokens(config: SqueezeConfig) -> int:
-        return config.sinks + 1
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(self.sinks >= 0, "sinks", "an integer >= 0")
 
-    @staticmethod
-    def priority(view: LayerView, budget: torch.Tensor, config: SqueezeConfig) -> torch.Tensor:
+    def min_tokens(self) -> int:
+        return self.sinks + 1
+
+    def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
         recency = view.positions.to(torch.float32)
-        return torch.where(view.age_rank() < config.sinks, KEEP, recency)
+        return torch.where(view.age_rank() < self.sinks, KEEP, recency)

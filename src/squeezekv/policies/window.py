@@ -1,8 +1,11 @@
 """Sliding window: keep the most recent tokens only."""
 
-from squeezekv.policies import Policy, register_policy
+from dataclasses import dataclass
+
+from squeezekv.policies.base import Policy, register_policy
 
 
 @register_policy
+@dataclass(frozen=True)
 class Window(Policy):
     name = "window"

@@ -1,0 +1,94 @@
+"""The allocator contract, the registry, and the rounding that makes targets whole token counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+
+from squeezekv.components import Component, resolve
+
+
+class Targets(NamedTuple):
+    """Real-valued per-layer budgets; overflow and deficits go to ``adjustable`` layers first."""
+
+    values: torch.Tensor
+    adjustable: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Allocator(Component):
+    """Base class: splits a total budget across layers. Subclasses are frozen dataclasses whose
+    fields are their settings, and implement :meth:`targets`."""
+
+    kind: ClassVar[str] = "allocator"
+
+    def targets(self, similarity: torch.Tensor, mean_budget: int) -> Targets:
+        """Real-valued per-layer targets summing to ``layers * mean_budget`` from one sequence's
+        per-layer similarities (float64, on the host)."""
+        raise NotImplementedError
+
+    def allocate(
+        self, similarity: torch.Tensor, mean_budget: int, floor: int, caps: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-layer token budgets (int64, one per layer) for one sequence.
+
+        ``similarity`` holds one value per layer, ``caps`` the most tokens each layer can hold. The
+        result lies within ``[min(floor, cap), cap]`` per layer and sums to ``num_layers *
+        mean_budget`` whenever the caps allow it (never more).
+        """
+        targets, adjustable = self.targets(similarity.double().cpu(), mean_budget)
+        caps = caps.to(torch.float64).cpu()
+        floors = torch.minimum(torch.full_like(caps, float(floor)), caps)
+        total = min(float(mean_budget * similarity.numel()), float(caps.sum()))
+        if adjustable is not None and bool(adjustable.any()):
+            fixed = targets.clamp(floors, caps)
+            first = conserve(
+                targets, total, torch.where(adjustable, floors, fixed), torch.where(adjustable, caps, fixed)
+            )
+            if int(first.sum()) == round(total):
+                return first
+        return conserve(targets, total, floors, caps)
+
+
+ALLOCATORS: dict[str, type[Allocator]] = {}
+
+
+def register_allocator(cls: type[Allocator]) -> type[Allocator]:
+    """Class decorator: makes ``cls`` reachable by its ``name`` (in specs, configs and the CLI)."""
+    ALLOCATORS[cls.name] = cls
+    return cls
+
+
+def resolve_allocator(spec: Allocator | str) -> Allocator:
+    """An allocator from an instance, a name (``"squeeze"``) or a spec string (``"squeeze:p=0.5"``)."""
+    return resolve(spec, ALLOCATORS, Allocator)
+
+
+def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Whole numbers within ``[lo, hi]`` summing to ``total``, as close as possible to ``targets``.
+
+    The same amount is added to (or taken from) every layer not at a bound, so overflow from a
+    capped layer is shared equally by the others; fractions go to the largest remainders, ties to
+    the lower layer index. (NumPy: a few dozen values, where torch's per-call cost would dominate.)
+    """
+    targets, lo, hi = (t.numpy() for t in (targets, lo, hi))
+    total = max(float(lo.sum()), min(float(total), float(hi.sum())))
+    low, high = float((lo - targets).min()), float((hi - targets).max())
+    while low < (shift := (low + high) / 2) < high:  # bisection, down to adjacent floats
+        if float(np.clip(targets + shift, lo, hi).sum()) < total:
+            low = shift
+        else:
+            high = shift
+    real = np.clip(targets + high, lo, hi)
+    whole = np.clip(np.floor(real), lo, hi)
+    missing = int(round(total - float(whole.sum())))
+    if missing > 0:
+        room = whole < hi
+        remainder = np.where(room, real - whole, -1.0)
+        order = sorted(range(len(real)), key=lambda i: (-float(remainder[i]), i))
+        for i in [i for i in order if room[i]][:missing]:
+            whole[i] += 1
+    return torch.from_numpy(whole).to(torch.int64)
