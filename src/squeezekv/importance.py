@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from squeezekv import kernels
+from squeezekv.ops import residual_cosine
 
 
 def summed_similarity(
@@ -22,11 +21,7 @@ def summed_similarity(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[batch]`` sums over valid tokens of cos(residual, residual + attention_output), and counts."""
     residual = residual.to(attention_output.device)  # a device_map may move the layer
-    if attention_output.is_cuda and kernels.triton is not None:
-        cosine = kernels.residual_cosine(residual, attention_output)
-    else:
-        residual = residual.float()
-        cosine = F.cosine_similarity(residual, residual + attention_output.float(), dim=-1)
+    cosine = residual_cosine(residual, attention_output)
     weight = valid.to(cosine.device, torch.float32)
     return (cosine * weight).sum(-1), weight.sum(-1)
 

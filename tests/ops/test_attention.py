@@ -1,6 +1,6 @@
 import torch
 
-from squeezekv.attention import attend, layer_mask
+from squeezekv.ops.attention import attend, layer_mask
 
 
 def naive(query, key, value, allowed, scaling, softcap=None):
@@ -68,7 +68,7 @@ def test_every_path_matches_the_naive_definition():
 
 
 def test_softcap_and_chunking_match_the_naive_definition(monkeypatch):
-    import squeezekv.attention as attention
+    import squeezekv.ops.attention as attention
 
     monkeypatch.setattr(attention, "SCORE_CHUNK_ELEMENTS", 40)  # forces many query chunks
     query, key, value, positions, valid, columns = random_case(1, kv_heads=1, group=4)

@@ -1,0 +1,237 @@
+"""One decode query per sequence over the fast engine's buffer, whose slots are in no order, with
+each key's attention mass.
+
+The Triton pair is split over the keys as flash-decoding is, so that short batches still fill the
+GPU:
+
+1. each program takes one key head, the query heads sharing it (as the rows of a matrix product,
+   padded to 16) and one chunk of slots; it writes the chunk's partial softmax state and, when the
+   mass is wanted, the raw scores;
+2. a pass per block of slots combines the chunks' states into each head's normaliser, turns the
+   stored scores into probabilities summed over the group, and (first block only) the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from squeezekv.ops.attention import attend, fused
+from squeezekv.ops.common import dot, tl, triton
+
+DECODE_CHUNK = 512  # slots per decode program
+DECODE_BLOCK = 64  # slots per step of a decode program's loop
+DECODE_WARPS = 4
+DECODE_MASS_BLOCK = 256  # slots per program of the decode combine's attention-mass part
+DECODE_MASS_WARPS = 1  # measured on an H100: more warps per program slowed the mass down
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_chunk(
+        Q, K, V, P, A, COLUMN, SCORES, PART_MAX, PART_SUM, PART_ACC,
+        sqb, sqh, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        spb, sph, spn,
+        keys, q_heads, kv_heads, splits, window, scale,
+        HAS_WINDOW: tl.constexpr, WITH_MASS: tl.constexpr, POSITION_HEADS: tl.constexpr,
+        DIM: tl.constexpr, GROUP: tl.constexpr, GM: tl.constexpr, CHUNK: tl.constexpr,
+        BN: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        split, batch_head = tl.program_id(0), tl.program_id(1)
+        batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
+        position_head = kv_head if POSITION_HEADS > 1 else 0
+        members = tl.arange(0, GM)
+        in_group = members < GROUP
+        rows = batch * q_heads + kv_head * GROUP + members
+        dims = tl.arange(0, DIM)
+        q = tl.load(Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh + dims[None, :] * sqd,
+                    mask=in_group[:, None], other=0.0)  # fmt: skip
+        best = tl.full([GM], float("-inf"), tl.float32)
+        total = tl.zeros([GM], tl.float32)
+        acc = tl.zeros([GM, DIM], tl.float32)
+        if HAS_WINDOW:
+            oldest = tl.load(COLUMN) - window
+        for offset in range(0, CHUNK, BN):
+            cols = split * CHUNK + offset + tl.arange(0, BN)
+            inside = cols < keys
+            base = batch * spb + position_head * sph + cols * spn
+            seen = tl.load(A + base, mask=inside, other=0) != 0
+            if HAS_WINDOW:
+                seen = seen & (tl.load(P + base, mask=inside, other=0) > oldest)
+            k = tl.load(K + batch * skb + kv_head * skh + cols[:, None] * skn + dims[None, :] * skd,
+                        mask=inside[:, None], other=0.0)  # fmt: skip
+            scores = dot(q, tl.trans(k), IEEE) * scale
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            if WITH_MASS:
+                tl.store(SCORES + rows[:, None] * keys + cols[None, :], scores,
+                         mask=in_group[:, None] & inside[None, :])  # fmt: skip
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+            p = tl.exp(scores - safe[:, None])
+            rescale = tl.exp(best - safe)
+            v = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
+                        mask=inside[:, None], other=0.0)  # fmt: skip
+            total = total * rescale + tl.sum(p, 1)
+            acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
+            best = new_best
+        part = rows * splits + split
+        tl.store(PART_MAX + part, best, mask=in_group)
+        tl.store(PART_SUM + part, total, mask=in_group)
+        tl.store(PART_ACC + part[:, None] * DIM + dims[None, :], acc, mask=in_group[:, None])
+
+    @triton.jit
+    def _decode_combine(
+        SCORES, PART_MAX, PART_SUM, PART_ACC, OUT, MASS,
+        sob, soh, sod, smb, smh, sms,
+        keys, q_heads, kv_heads, splits,
+        WITH_MASS: tl.constexpr, ADD_MASS: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr,
+        GP: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        block, batch_head = tl.program_id(0), tl.program_id(1)
+        batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
+        members = tl.arange(0, GP)
+        in_group = members < GROUP
+        rows = batch * q_heads + kv_head * GROUP + members
+        chunks = tl.arange(0, SP)
+        parts = rows[:, None] * splits + chunks[None, :]
+        in_parts = in_group[:, None] & (chunks[None, :] < splits)
+        chunk_best = tl.load(PART_MAX + parts, mask=in_parts, other=float("-inf"))
+        best = tl.max(chunk_best, 1)
+        safe = tl.where(best == float("-inf"), 0.0, best)
+        weights = tl.exp(chunk_best - safe[:, None])
+        total = tl.sum(tl.load(PART_SUM + parts, mask=in_parts, other=0.0) * weights, 1)
+        if block == 0:
+            dims = tl.arange(0, DIM)
+            acc = tl.zeros([GP, DIM], tl.float32)
+            for chunk in range(0, SP):
+                part = rows * splits + chunk
+                present = in_group & (members * 0 + chunk < splits)  # Triton 3.9 rejects a Python-bool mask
+                weight = tl.exp(tl.load(PART_MAX + part, mask=present, other=float("-inf")) - safe)
+                acc += weight[:, None] * tl.load(PART_ACC + part[:, None] * DIM + dims[None, :],
+                                                 mask=present[:, None], other=0.0)  # fmt: skip
+            out = acc / total[:, None]
+            tl.store(OUT + batch * sob + (kv_head * GROUP + members[:, None]) * soh + dims[None, :] * sod,
+                     out.to(OUT.dtype.element_ty), mask=in_group[:, None])  # fmt: skip
+        if WITH_MASS:
+            cols = block * BN + tl.arange(0, BN)
+            inside = cols < keys
+            scores = tl.load(SCORES + rows[:, None] * keys + cols[None, :],
+                             mask=in_group[:, None] & inside[None, :], other=float("-inf"))  # fmt: skip
+            mass = tl.sum(tl.exp(scores - safe[:, None]) / total[:, None], 0)
+            target = MASS + batch * smb + kv_head * smh + cols * sms
+            if ADD_MASS:
+                mass += tl.load(target, mask=inside, other=0.0)
+            tl.store(target, mass, mask=inside)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    column: torch.Tensor,
+    sliding_window: int | None,
+    scaling: float,
+    with_mass: bool,
+    add_mass_to: torch.Tensor | None = None,
+    softcap: float | None = None,
+    explicit: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decode query per sequence over a buffer whose slots are in any order.
+
+    ``query`` is ``[batch, q_heads, 1, dim]``; ``positions``/``valid`` (``[batch, 1 or kv_heads,
+    slots]``) describe the slots, which must include the query's own token; ``column`` is a
+    one-element tensor (read on the device, so a captured step stays correct on replay), used only
+    for a sliding window. Returns the output and, if ``with_mass``, the mass ``[batch, kv_heads,
+    slots]`` (each key's probability summed over the query heads sharing it), unless
+    ``add_mass_to`` (running scores of that shape) is given: the mass is then added to it in place.
+    The Triton pair serves it where :func:`squeezekv.ops.attention.fused` allows.
+    """
+    if fused(query, softcap, explicit):
+        return decode_attention_triton(
+            query, key, value, positions, valid, column, sliding_window, scaling, with_mass, add_mass_to
+        )
+    return decode_attention_torch(
+        query, key, value, positions, valid, column, sliding_window, scaling, with_mass, add_mass_to,
+        softcap, explicit,
+    )  # fmt: skip
+
+
+def decode_attention_torch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    column: torch.Tensor,
+    sliding_window: int | None,
+    scaling: float,
+    with_mass: bool,
+    add_mass_to: torch.Tensor | None = None,
+    softcap: float | None = None,
+    explicit: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch twin of :func:`decode_attention_triton` (same arguments, same result)."""
+    mask = valid
+    if sliding_window is not None:
+        mask = mask & (positions > column - sliding_window)
+    output, mass = attend(
+        query, key, value, mask.unsqueeze(2), scaling, int(with_mass), None, softcap, explicit=explicit
+    )
+    if add_mass_to is not None and mass is not None:
+        add_mass_to.add_(mass)
+        return output, None
+    return output, mass
+
+
+def decode_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    column: torch.Tensor,
+    sliding_window: int | None,
+    scaling: float,
+    with_mass: bool,
+    add_mass_to: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton pair behind :func:`decode_attention`."""
+    batch, q_heads, _, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    members = triton.next_power_of_2(group)
+    splits = math.ceil(keys / DECODE_CHUNK)
+    floats = dict(dtype=torch.float32, device=query.device)
+    part_max = torch.empty(batch * q_heads * splits, **floats)
+    part_sum = torch.empty(batch * q_heads * splits, **floats)
+    part_acc = torch.empty(batch * q_heads * splits, dim, **floats)
+    scores = torch.empty(batch, q_heads, keys, **floats) if with_mass else part_max
+    mass = None
+    if with_mass:
+        mass = add_mass_to if add_mass_to is not None else torch.empty(batch, kv_heads, keys, **floats)
+    output = torch.empty_like(query)
+    valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid
+    _decode_chunk[(splits, batch * kv_heads)](
+        query, key, value, positions, valid, column, scores, part_max, part_sum, part_acc,
+        query.stride(0), query.stride(1), query.stride(3),
+        *key.stride(), *value.stride(), *positions.stride(),
+        keys, q_heads, kv_heads, splits, sliding_window or 0, scaling,
+        HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
+        DIM=dim, GROUP=group, GM=max(16, members), CHUNK=DECODE_CHUNK, BN=DECODE_BLOCK,
+        IEEE=query.dtype == torch.float32, num_warps=DECODE_WARPS,
+    )  # fmt: skip
+    blocks = math.ceil(keys / DECODE_MASS_BLOCK) if with_mass else 1
+    _decode_combine[(blocks, batch * kv_heads)](
+        scores, part_max, part_sum, part_acc, output, mass if with_mass else part_max,
+        output.stride(0), output.stride(1), output.stride(3), *(mass.stride() if with_mass else (0, 0, 0)),
+        keys, q_heads, kv_heads, splits,
+        WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group, GP=members,
+        SP=triton.next_power_of_2(splits), BN=DECODE_MASS_BLOCK,
+        num_warps=DECODE_MASS_WARPS if with_mass else 4,
+    )  # fmt: skip
+    return output, (mass if add_mass_to is None else None)

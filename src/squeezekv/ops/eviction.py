@@ -1,0 +1,118 @@
+"""The fast engine's eviction: per row, the lowest-priority valid slot leaves if the row is over its
+budget, and the next free slot is found. The Triton kernel does it in a single pass per row, one
+launch per layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from squeezekv.ops.common import tl, triton, use_triton
+
+EVICT_BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _evict_lowest(
+        PRIORITY, VALID, POSITIONS, BUDGET, FREE, COLUMN, NEWEST, slots, heads,
+        spb, sph, sps, svb, svh, svs, sqb, sqh, sqs,
+        BS: tl.constexpr, BLOCKS: tl.constexpr, HAS_NEWEST: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        batch, head = row // heads, row % heads
+        none = 2**62
+        if HAS_NEWEST:
+            kept_after = tl.load(COLUMN) - tl.load(NEWEST + batch)
+        lowest = tl.full((), float("inf"), tl.float32)
+        oldest = tl.full((), none, tl.int64)
+        victim = tl.full((), 0, tl.int64)
+        held = tl.zeros((), tl.int64)
+        first_empty = tl.full((), none, tl.int64)
+        for block in range(0, BLOCKS):
+            cols = (block * BS + tl.arange(0, BS)).to(tl.int64)
+            inside = cols < slots
+            valid = tl.load(VALID + batch * svb + head * svh + cols * svs, mask=inside, other=0) != 0
+            priority = tl.load(
+                PRIORITY + batch * spb + head * sph + cols * sps, mask=valid, other=float("inf")
+            )
+            positions = tl.load(POSITIONS + batch * sqb + head * sqh + cols * sqs, mask=valid, other=none)
+            priority = priority.to(tl.float32)
+            if HAS_NEWEST:
+                priority = tl.where(positions > kept_after, float("inf"), priority)
+            block_lowest = tl.min(priority, 0)
+            tied = valid & (priority == block_lowest)
+            block_oldest = tl.min(tl.where(tied, positions, none), 0)
+            block_victim = tl.min(tl.where(tied & (positions == block_oldest), cols, none), 0)
+            better = (block_lowest < lowest) | ((block_lowest == lowest) & (block_oldest < oldest))
+            lowest = tl.where(better, block_lowest, lowest)
+            oldest = tl.where(better, block_oldest, oldest)
+            victim = tl.where(better, block_victim, victim)
+            held += tl.sum(valid.to(tl.int64), 0)
+            first_empty = tl.minimum(first_empty, tl.min(tl.where(inside & ~valid, cols, none), 0))
+        if held > tl.load(BUDGET + batch):
+            tl.store(VALID + batch * svb + head * svh + victim * svs, 0)
+            first_empty = tl.minimum(first_empty, victim)
+        tl.store(FREE + row, tl.where(first_empty == none, 0, first_empty))
+
+
+def evict_lowest(
+    priority: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    budget: torch.Tensor,
+    free: torch.Tensor,
+    column: torch.Tensor | None = None,
+    newest: torch.Tensor | None = None,
+) -> None:
+    """In place, per row of ``[batch, heads, slots]``: if more slots are valid than the sequence's
+    ``budget`` (``[batch]``), invalidates the valid slot of lowest ``priority`` (ties: smallest
+    position); then sets ``free`` (``[batch, heads]``, contiguous) to the first invalid slot (0 if
+    none). ``priority`` and ``positions`` may have one head for all. With ``newest`` (``[batch]``),
+    tokens at positions above ``column`` (one element) minus ``newest`` rank as ``KEEP``.
+    """
+    evict = evict_lowest_triton if use_triton(valid) else evict_lowest_torch
+    evict(priority, valid, positions, budget, free, column, newest)
+
+
+def evict_lowest_torch(
+    priority: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    budget: torch.Tensor,
+    free: torch.Tensor,
+    column: torch.Tensor | None = None,
+    newest: torch.Tensor | None = None,
+) -> None:
+    """The torch twin of :func:`evict_lowest_triton` (same arguments, same result)."""
+    if newest is not None:
+        priority = torch.where(positions > column - newest.view(-1, 1, 1), torch.inf, priority)
+    priority = torch.where(valid, priority.float(), torch.inf)  # float32, as the kernel ranks
+    lowest = priority == priority.amin(-1, keepdim=True)
+    oldest = torch.where(lowest & valid, positions, torch.iinfo(torch.int64).max)
+    victim = oldest.argmin(-1, keepdim=True)
+    over = valid.sum(-1, keepdim=True) > budget.view(-1, 1, 1)
+    valid.scatter_(-1, victim, valid.gather(-1, victim) & ~over)
+    free.copy_((~valid).to(torch.uint8).argmax(-1))
+
+
+def evict_lowest_triton(
+    priority: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    budget: torch.Tensor,
+    free: torch.Tensor,
+    column: torch.Tensor | None = None,
+    newest: torch.Tensor | None = None,
+) -> None:
+    """The Triton kernel behind :func:`evict_lowest`."""
+    batch, heads, slots = valid.shape
+    priority, positions = priority.expand_as(valid), positions.expand_as(valid)
+    flags = valid.view(torch.int8)
+    _evict_lowest[(batch * heads,)](
+        priority, flags, positions, budget, free, column, newest, slots, heads,
+        *priority.stride(), *flags.stride(), *positions.stride(),
+        BS=EVICT_BLOCK, BLOCKS=triton.next_power_of_2(math.ceil(slots / EVICT_BLOCK)),
+        HAS_NEWEST=newest is not None,
+    )  # fmt: skip

@@ -1,0 +1,225 @@
+"""Every Triton kernel against its torch twin: the same arguments give the same results and the same
+in-place changes.
+
+The prefill pair and bf16 matrix products need a GPU (Triton's interpreter computes bf16 products
+wrongly); the rest run anywhere Triton is installed: without a GPU, in Triton's interpreter
+(``tests/conftest.py`` turns it on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from squeezekv.ops import common, cosine, decode, eviction, prefill, slots
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+
+@dataclass
+class Case:
+    """Arguments for one run of a pair; tensors are copied to the device for each side, so in-place
+    work compares (``args`` may instead be a function that builds them there, to keep strided views).
+
+    ``tolerance``: ``assert_close`` keywords (exact equality when empty); ``rows``: which entries of
+    the first output count (padding queries' outputs are never used); ``check``: a further check on
+    the torch side's arguments after the run.
+    """
+
+    args: tuple | Callable[[], list]
+    tolerance: dict = field(default_factory=dict)
+    gpu: bool = False
+    rows: torch.Tensor | None = None
+    check: Callable[[tuple], None] | None = None
+
+
+def prefill_case(seed, batch=2, kv_heads=2, group=2, cached=37, queries=70, dim=16, per_head=False):
+    generator = torch.Generator().manual_seed(seed)
+    keys = cached + queries
+    heads = kv_heads if per_head else 1
+    query = torch.randn(batch, kv_heads * group, queries, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    old = torch.sort(torch.randperm(cached * 2, generator=generator)[:cached]).values
+    first_column = cached * 2 + 3
+    positions = torch.cat([old, torch.arange(first_column, first_column + queries)]).expand(batch, heads, -1)
+    valid = torch.rand(batch, heads, keys, generator=generator) > 0.25
+    valid[..., cached:] = True
+    valid[0, :, cached : cached + 5] = False  # a padded row: its first queries are padding
+    query_valid = valid[:, 0, cached:].clone()
+    return query, key, value, positions.contiguous(), valid, first_column, query_valid
+
+
+def prefill_cases():
+    for per_head in (False, True):
+        for window in (None, 29):
+            for scored in (70, 9):
+                query, key, value, positions, valid, first_column, query_valid = prefill_case(
+                    0, per_head=per_head
+                )
+                args = (query, key, value, positions, valid, first_column, window, 0.3, scored, query_valid)
+                real = query_valid[:, None, :, None].expand_as(query)
+                yield (
+                    f"per_head={per_head}-window={window}-scored={scored}",
+                    Case(args, dict(atol=2e-5, rtol=1e-4), gpu=True, rows=real),
+                )
+    query, key, value, positions, valid, first_column, query_valid = prefill_case(
+        1, queries=300, cached=200, dim=64
+    )
+    query, key, value = (tensor.bfloat16() for tensor in (query, key, value))
+    args = (query, key, value, positions, valid, first_column, None, 0.125, 300, query_valid)
+    real = query_valid[:, None, :, None].expand_as(query)
+    yield "bf16", Case(args, dict(atol=5e-2, rtol=2e-2), gpu=True, rows=real)
+
+
+def decode_cases():
+    """Slots in no order, some empty, more slots than one program's chunk."""
+    for group in (1, 2, 4):
+        for per_head in (False, True):
+            for window in (None, 300):
+                generator = torch.Generator().manual_seed(group)
+                batch, kv_heads, slots_, dim = 3, 2, decode.DECODE_CHUNK * 2 + 77, 32
+                heads = kv_heads if per_head else 1
+                column = 5000
+                query = torch.randn(batch, kv_heads * group, 1, dim, generator=generator)
+                key = torch.randn(batch, kv_heads, slots_, dim, generator=generator)
+                value = torch.randn(batch, kv_heads, slots_, dim, generator=generator)
+                rows = [torch.randperm(column, generator=generator)[:slots_] for _ in range(batch * heads)]
+                positions = torch.stack(rows).view(batch, heads, slots_)
+                positions[:, :, 17] = column  # the query's own token
+                valid = torch.rand(batch, heads, slots_, generator=generator) > 0.3
+                valid[:, :, 17] = True
+                cached = (query, key, value, positions, valid, torch.tensor([column]), window, 0.2)
+                running = torch.rand(batch, kv_heads, slots_, generator=generator)
+                name = f"group={group}-per_head={per_head}-window={window}"
+                close = dict(atol=2e-5, rtol=1e-4)
+                yield f"{name}-mass", Case((*cached, True), close)
+                yield f"{name}-unscored", Case((*cached, False), close)
+                yield f"{name}-added", Case((*cached, True, running), close)
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(4, 8, 1, 128, generator=generator).bfloat16()
+    key = torch.randn(4, 8, 1500, 128, generator=generator).bfloat16()
+    value = torch.randn(4, 8, 1500, 128, generator=generator).bfloat16()
+    positions = torch.arange(1500).expand(4, 1, -1).contiguous()
+    valid = torch.ones(4, 1, 1500, dtype=torch.bool)
+    valid[0, :, :600] = False
+    args = (query, key, value, positions, valid, torch.tensor([1499]), None, 128**-0.5, True)
+    yield "bf16", Case(args, dict(atol=2e-2, rtol=2e-2), gpu=True)
+
+
+def eviction_cases():
+    """Ties in priority (oldest goes), always-kept tokens, rows under and over budget, empty slots,
+    and each sequence's newest tokens kept."""
+    for heads in (1, 4):
+        for keeps_newest in (False, True):
+            generator = torch.Generator().manual_seed(heads)
+            batch, slots_ = 5, eviction.EVICT_BLOCK + 300
+            priority = torch.randint(0, 40, (batch, heads, slots_), generator=generator).float()
+            priority[priority > 35] = torch.inf
+            priority[4] = (
+                torch.inf
+            )  # a row that keeps everything still loses its oldest token when over budget
+            positions = torch.stack(
+                [torch.randperm(10 * slots_, generator=generator)[:slots_] for _ in range(batch * heads)]
+            ).view(batch, heads, slots_)
+            valid = torch.rand(batch, heads, slots_, generator=generator) > 0.2
+            held = valid.sum(-1).amin(-1)
+            budget = torch.stack([held[0] - 1, held[1], held[2] + 5, held[3] - 1, held[4] - 1])
+            free = torch.zeros(batch, heads, dtype=torch.long)
+            newest = (torch.tensor([10 * slots_ - 1]), torch.tensor([0, 3 * slots_, 50, 9 * slots_, 7]))
+            before = valid.sum(-1).to(DEVICE)
+
+            def evicted(args, before=before):
+                assert (args[1].sum(-1) < before).any()
+
+            args = (priority, valid, positions, budget, free, *(newest if keeps_newest else (None, None)))
+            yield f"heads={heads}-keeps_newest={keeps_newest}", Case(args, check=evicted)
+
+
+def slot_cases():
+    for heads in (1, 3):
+        generator = torch.Generator().manual_seed(heads)
+        batch, kv_heads, slots_, dim = 2, 3, 11, 16
+        new = torch.randn(batch, 1, kv_heads, 2 * dim, generator=generator).transpose(1, 2)  # strided views
+        buffers = (
+            torch.randn(batch, kv_heads, slots_, dim, generator=generator),
+            torch.randn(batch, kv_heads, slots_, dim, generator=generator),
+            torch.randint(0, 30, (batch, heads, slots_), generator=generator),
+            torch.rand(batch, heads, slots_, generator=generator) > 0.5,
+            torch.rand(batch, heads, slots_, generator=generator),
+        )
+        free = torch.randint(0, slots_, (batch, heads), generator=generator)
+        column = torch.tensor([40])
+
+        def one_per_row(args, rows=batch * heads):
+            assert (args[4] == 40).sum() == rows  # one position written per bookkeeping row
+
+        def args(new=new, dim=dim, rest=(*buffers, free, column)):
+            new = new.to(DEVICE)
+            return [new[..., :dim], new[..., dim:], *(on_device(tensor) for tensor in rest)]
+
+        yield f"heads={heads}", Case(args, check=one_per_row)
+
+
+def cosine_cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        generator = torch.Generator().manual_seed(3)
+        residual = torch.randn(2, 37, 1500, generator=generator).to(dtype)
+        attention = (0.3 * torch.randn(2, 37, 1500, generator=generator)).to(dtype)
+        attention[1, 4] = -residual[1, 4]  # residual + attention is zero: the norm's eps decides
+        yield str(dtype), Case((residual, attention), dict(atol=1e-6, rtol=1e-5))
+
+
+PAIRS = {
+    "prefill_attention": (prefill.prefill_attention_triton, prefill.prefill_attention_torch, prefill_cases),
+    "decode_attention": (decode.decode_attention_triton, decode.decode_attention_torch, decode_cases),
+    "evict_lowest": (eviction.evict_lowest_triton, eviction.evict_lowest_torch, eviction_cases),
+    "write_slot": (slots.write_slot_triton, slots.write_slot_torch, slot_cases),
+    "residual_cosine": (cosine.residual_cosine_triton, cosine.residual_cosine_torch, cosine_cases),
+}
+PARAMS = [
+    pytest.param(name, case, id=f"{name}-{case_id}")
+    for name, (_, _, cases) in PAIRS.items()
+    for case_id, case in cases()
+]
+
+
+def on_device(value):
+    return value.clone().to(DEVICE) if isinstance(value, torch.Tensor) else value
+
+
+def flat(result) -> list[torch.Tensor | None]:
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+@pytest.mark.skipif(common.triton is None, reason="needs Triton")
+@pytest.mark.parametrize(("name", "case"), PARAMS)
+def test_triton_kernel_matches_its_torch_twin(name, case):
+    if case.gpu and not GPU:
+        pytest.skip("needs a CUDA device")
+    triton_side, torch_side, _ = PAIRS[name]
+    build = case.args if callable(case.args) else lambda: [on_device(a) for a in case.args]
+    expected_args, actual_args = build(), build()
+    expected, actual = flat(torch_side(*expected_args)), flat(triton_side(*actual_args))
+    if case.rows is not None:
+        rows = case.rows.to(DEVICE)
+        expected[0], actual[0] = expected[0][rows], actual[0][rows]
+    for want, got in zip(expected + expected_args, actual + actual_args, strict=True):
+        if not isinstance(want, torch.Tensor):
+            assert got is want or (want is not None and got == want)
+        elif case.tolerance:
+            torch.testing.assert_close(got.float(), want.float(), **case.tolerance)
+        else:
+            assert torch.equal(got, want)
+    if case.check is not None:
+        case.check(expected_args)
+
+
+def test_the_dispatch_rule_is_a_gpu_tensor_with_triton_installed():
+    assert not common.use_triton(torch.zeros(1))
+    if GPU:
+        assert common.use_triton(torch.zeros(1, device="cuda")) == (common.triton is not None)
