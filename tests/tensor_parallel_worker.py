@@ -21,13 +21,13 @@ import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
 
-from models import left_pad, prompts
+from models import left_pad, prompts, short_policy
 
 NEW_TOKENS = 12
 CASES = {
     "keep-everything": dict(budget=1000, policy="window", allocator="uniform"),
     **{
-        f"{policy}-squeeze": dict(budget=0.3, policy=policy, allocator="squeeze", sinks=2, snapkv_window=8)
+        f"{policy}-squeeze": dict(budget=0.3, policy=short_policy(policy, window=8), allocator="squeeze")
         for policy in sorted(squeezekv.POLICIES)
     },
 }
@@ -77,13 +77,13 @@ def single_process(model_dir: str, device: str = "cpu") -> dict:
 @contextmanager
 def disagreeing_plan(rank: int):
     """Makes ranks other than the first plan the layers' budgets in reverse order."""
-    plan = squeezekv.session.plan_budgets
+    plan = SqueezeConfig.plan_budgets
     if rank > 0:
-        squeezekv.session.plan_budgets = lambda *args, **kwargs: plan(*args, **kwargs).flip(-1)
+        SqueezeConfig.plan_budgets = lambda *args, **kwargs: plan(*args, **kwargs).flip(-1)
     try:
         yield
     finally:
-        squeezekv.session.plan_budgets = plan
+        SqueezeConfig.plan_budgets = plan
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import torch
 from squeezekv import SqueezeConfig
 from squeezekv.distributed import agree, local_parameter_bytes, model_devices, tensor_parallel_size
 
-from models import tiny_model
+from models import short_policy, tiny_model
 from tensor_parallel_worker import CASES, single_process
 
 TESTS = Path(__file__).parent
@@ -100,7 +100,7 @@ def test_device_map_keeps_each_layer_on_its_device_and_changes_nothing(policy):
 
     from tensor_parallel_worker import NEW_TOKENS, batch, kept_tokens
 
-    config = SqueezeConfig(budget=0.3, policy=policy, allocator="squeeze", sinks=2)
+    config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator="squeeze")
     layers = tiny_model("llama").config.num_hidden_layers
     half = {f"model.layers.{index}": int(index >= layers // 2) for index in range(layers)}
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, **half, "model.norm": 1, "lm_head": 1}

@@ -9,7 +9,7 @@ import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator, compiled_parts
 
-from models import FAMILIES, left_pad, prompts, tiny_model
+from models import FAMILIES, left_pad, prompts, short_policy, tiny_model
 
 NEW_TOKENS = 12
 
@@ -27,7 +27,7 @@ def kept_positions(layer, row, head):
 def test_fast_engine_equals_simple_path(family, policy):
     model = tiny_model(family)
     ids, mask = left_pad(prompts([40, 25, 33], seed=1))
-    config = SqueezeConfig(budget=0.3, policy=policy, allocator="squeeze", sinks=2, snapkv_window=4)
+    config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=4), allocator="squeeze")
     with squeezekv.compress(model, config, max_new_tokens=NEW_TOKENS) as session:
         simple = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
         simple_cache = session.cache
@@ -78,7 +78,7 @@ def test_chunked_prefill_at_a_keep_everything_budget_matches_model_generate():
 def test_chunked_prefill_holds_at_most_budget_plus_one_chunk(policy):
     model = tiny_model("qwen2")
     ids, mask = left_pad(prompts([48, 37], seed=5))
-    config = SqueezeConfig(budget=0.25, policy=policy, sinks=2, snapkv_window=4)
+    config = SqueezeConfig(budget=0.25, policy=short_policy(policy, window=4))
     widest, planned = [], []
 
     def widths(*_):

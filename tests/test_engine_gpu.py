@@ -7,7 +7,7 @@ import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
 
-from models import left_pad, prompts, tiny_model
+from models import left_pad, prompts, short_policy, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -17,7 +17,7 @@ def test_graphed_decode_equals_simple_path_on_the_gpu(policy):
     model = tiny_model("llama", "eager").to("cuda")  # float64: slot order cannot flip a greedy tie
     ids, mask = left_pad(prompts([60, 41, 52], seed=7))
     ids, mask = ids.cuda(), mask.cuda()
-    config = SqueezeConfig(budget=0.3, policy=policy, allocator="squeeze", sinks=2, snapkv_window=8)
+    config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=8), allocator="squeeze")
     try:
         simple = squeezekv.generate(
             model, ids, config, attention_mask=mask, max_new_tokens=24, do_sample=False

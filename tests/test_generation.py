@@ -4,7 +4,7 @@ import torch
 import squeezekv
 from squeezekv import SqueezeConfig
 
-from models import FAMILIES, left_pad, prompts, tiny_model
+from models import FAMILIES, left_pad, prompts, short_policy, tiny_model
 
 POLICY_NAMES = sorted(squeezekv.POLICIES)
 ALLOCATOR_NAMES = sorted(squeezekv.ALLOCATORS)
@@ -39,7 +39,7 @@ def test_batch_equals_one_by_one(family, policy):
     model = tiny_model(family)
     sequences = prompts([34, 21, 28], seed=1)
     ids, mask = left_pad(sequences)
-    config = SqueezeConfig(budget=0.4, policy=policy, allocator="squeeze", sinks=2)
+    config = SqueezeConfig(budget=0.4, policy=short_policy(policy), allocator="squeeze")
     batched = squeezekv.generate(
         model, ids, config, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False
     )

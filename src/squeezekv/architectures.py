@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from squeezekv.attention import squeezekv_attention
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -47,8 +49,6 @@ def falcon_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Falcon's rotary attention, routed through squeezekv's attention."""
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
-
-    from squeezekv.session import squeezekv_attention
 
     query, key, value = self._split_heads(self.query_key_value(hidden_states))
     batch, length = query.shape[:2]

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from squeezekv.cache import CompressedCache
 from squeezekv.config import SqueezeConfig
-from squeezekv.session import Session, compress
+from squeezekv.session import compress
 
 
 @dataclass
@@ -27,19 +28,27 @@ class GenerationStats:
     config: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, session: Session) -> GenerationStats:
-        cache = session.cache
+    def of(
+        cls,
+        cache: CompressedCache,
+        config: SqueezeConfig,
+        similarity: torch.Tensor,
+        prefill_seconds: float,
+        decode_seconds: float,
+        decode_steps: int,
+    ) -> GenerationStats:
+        """The stats of a generation that ended with ``cache`` (either kind)."""
         return cls(
-            layer_similarity=session.similarity,
+            layer_similarity=similarity,
             layer_budget=cache.budgets,
             layer_tokens_held=cache.held_tokens(),
             prompt_tokens=cache.prompt_tokens.tolist(),
             kv_bytes_full=cache.kv_bytes_full(),
             kv_bytes_kept=cache.kv_bytes_kept(),
-            prefill_seconds=session.prefill_seconds,
-            decode_seconds=session.decode_seconds,
-            decode_steps=session.decode_forwards,
-            config=dict(vars(session.config)),
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            decode_steps=decode_steps,
+            config=config.to_dict(),
         )
 
     @property
@@ -114,4 +123,12 @@ def generate(
         sequences = model.generate(
             input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **generation_kwargs
         )
-        return GenerationResult(sequences=sequences, stats=GenerationStats.of(session))
+        stats = GenerationStats.of(
+            session.cache,
+            config,
+            session.similarity,
+            session.prefill_seconds,
+            session.decode_seconds,
+            session.decode_forwards,
+        )
+        return GenerationResult(sequences=sequences, stats=stats)

@@ -14,43 +14,16 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
-from squeezekv.allocators import plan_budgets
 from squeezekv.architectures import Architecture, architecture_of, decoder_layers, sliding_window_of
-from squeezekv.attention import IMPLEMENTATION
+from squeezekv.attention import IMPLEMENTATION, OWNER_ATTRIBUTE
 from squeezekv.cache import SqueezeCache
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import agree, model_devices, synchronized, tensor_parallel_group
 from squeezekv.importance import ImportanceRecorder
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_OWNER_ATTRIBUTE = "_squeezekv_owner"
-
-
-def squeezekv_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface entry: attention over this layer's compressed cache."""
-    owner = getattr(module, _OWNER_ATTRIBUTE, None)
-    if owner is None or owner.cache is None:
-        raise RuntimeError("squeezekv attention called outside squeezekv.compress(...)")
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output = owner.cache.attention(module.layer_idx, query, key, value, scaling, softcap, sliding_window)
-    return output.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(IMPLEMENTATION, squeezekv_attention)
 
 
 @contextmanager
@@ -64,7 +37,7 @@ def routed_attention(
     implementation = model.config._attn_implementation
     attentions = [getattr(layer, architecture.attention) for layer in decoder_layers(model, architecture)]
     for attention in attentions:
-        setattr(attention, _OWNER_ATTRIBUTE, owner)
+        setattr(attention, OWNER_ATTRIBUTE, owner)
         if architecture.attention_forward is not None:
             attention.forward = architecture.attention_forward.__get__(attention)
     model.config._attn_implementation = IMPLEMENTATION
@@ -73,12 +46,17 @@ def routed_attention(
     finally:
         model.config._attn_implementation = implementation
         for attention in attentions:
-            attention.__dict__.pop(_OWNER_ATTRIBUTE, None)
+            attention.__dict__.pop(OWNER_ATTRIBUTE, None)
             attention.__dict__.pop("forward", None)
 
 
 def checked_implementation(model: nn.Module) -> str:
     implementation = model.config._attn_implementation
+    if implementation == IMPLEMENTATION:
+        raise ValueError(
+            "a squeezekv session is already active on this model; exit it (leave its "
+            "`with squeezekv.compress(...)` block) before starting another"
+        )
     if implementation not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"squeezekv supports attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, "
@@ -94,7 +72,6 @@ class Session:
         self.model, self.config, self.max_new_tokens = model, config, max_new_tokens
         self.architecture = architecture_of(model)
         self.layers = decoder_layers(model, self.architecture)
-        config.check_layers(len(self.layers))
         self.explicit = checked_implementation(model) == "eager"
         self.attentions = [getattr(layer, self.architecture.attention) for layer in self.layers]
         self.sliding_windows = [sliding_window_of(model, attention) for attention in self.attentions]
@@ -197,12 +174,8 @@ class Session:
         cache = self.cache
         if cache.phase == "prefill":
             self.similarity = self.importance.similarity()
-            budgets = plan_budgets(
-                self.similarity,
-                cache.prompt_tokens.cpu(),
-                self.config,
-                self.sliding_windows,
-                self.max_new_tokens,
+            budgets = self.config.plan_budgets(
+                self.similarity, cache.prompt_tokens.cpu(), self.sliding_windows, self.max_new_tokens
             )
             cache.budgets = agree(budgets, self.group, self.devices[0])
         cache.evict()

@@ -10,12 +10,12 @@ positions stay true after eviction.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from squeezekv import kernels
-from squeezekv.attention import attend, layer_mask
+from squeezekv.cache.base import CompressedCache
 from squeezekv.config import SqueezeConfig
-from squeezekv.policies import POLICIES, LayerView, ranking, select
+from squeezekv.ops import prefill_attention
+from squeezekv.policies import LayerView, Policy, select
 
 
 class SqueezeLayer(CacheLayerMixin):
@@ -68,14 +68,14 @@ class SqueezeLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise RuntimeError("SqueezeLayer is updated through SqueezeCache.update")
 
-    def add_mass(self, mass: torch.Tensor, phase: str, config: SqueezeConfig) -> None:
+    def add_mass(self, mass: torch.Tensor, phase: str, policy: Policy) -> None:
         """Folds this forward's attention mass per key (``[batch, kv_heads, slots]``) into the scores."""
         scores = (
             self.scores.expand(-1, mass.shape[1], -1)
             if self.scores.shape[1] != mass.shape[1]
             else self.scores
         )
-        self.scores = POLICIES[config.policy].fold(scores, mass.float(), phase, config)
+        self.scores = policy.fold(scores, mass.float(), phase)
 
     def visible(self) -> torch.Tensor:
         """Valid slots that a future query can still see (sliding windows drop the rest for good)."""
@@ -97,7 +97,7 @@ class SqueezeLayer(CacheLayerMixin):
         budget: torch.Tensor,
         width: int,
         visible: torch.Tensor,
-        config: SqueezeConfig,
+        policy: Policy,
         phase: str,
         prompt_columns: int,
         first_column: torch.Tensor,
@@ -111,7 +111,7 @@ class SqueezeLayer(CacheLayerMixin):
         """
         if selection is None:
             view = LayerView(self.positions, visible, self.scores, phase, prompt_columns, first_column)
-            priority = ranking(view, budget, config)
+            priority = policy.ranking(view, budget)
             heads = max(priority.shape[1], self.scores.shape[1])
             selection = select(priority.expand(-1, heads, -1), visible.expand(-1, heads, -1), budget, width)
         chosen, kept = (part.to(visible.device) for part in selection)
@@ -154,7 +154,7 @@ def gather_slots(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return states.gather(2, chosen.unsqueeze(-1).expand(batch, heads, -1, dim))
 
 
-class SqueezeCache(Cache):
+class SqueezeCache(CompressedCache):
     """The cache squeezekv installs: one :class:`SqueezeLayer` per decoder layer.
 
     The model hook calls :meth:`begin_forward` with the new tokens' validity before each forward;
@@ -217,34 +217,25 @@ class SqueezeCache(Cache):
             raise RuntimeError(
                 f"layer {layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
             )
-        queries, first_column = query.shape[2], layer.seen - query.shape[2]
-        new_valid = self.new_valid.to(query.device)  # under a device_map, layers sit on several devices
-        scored = POLICIES[self.config.policy].scored_queries(self.phase, queries, self.config)
-        fused = scored and queries > 1 and query.is_cuda and not self.explicit and softcap is None
-        if fused and kernels.available(query):
-            weight = torch.zeros(query.shape[0], queries, device=query.device)
-            weight[:, queries - scored :] = new_valid[:, queries - scored :].float()
-            output, mass = kernels.attend_scored(
-                query,
-                key,
-                value,
-                layer.positions,
-                layer.valid,
-                first_column,
-                layer.sliding_window,
-                scaling,
-                weight,
-            )
-        else:
-            mask = None
-            if not (self.plainly_causal and layer.sliding_window is None and key.shape[2] == queries):
-                columns = torch.arange(first_column, layer.seen, device=query.device)
-                mask = layer_mask(layer.positions, layer.valid, columns, layer.sliding_window)
-            output, mass = attend(
-                query, key, value, mask, scaling, scored, new_valid, softcap, explicit=self.explicit
-            )
+        policy = self.config.policy
+        scored = 0 if self.config.keeps_everything else policy.scored_queries(self.phase, query.shape[2])
+        output, mass = prefill_attention(
+            query,
+            key,
+            value,
+            layer.positions,
+            layer.valid,
+            layer.seen - query.shape[2],
+            layer.sliding_window,
+            scaling,
+            scored,
+            self.new_valid.to(query.device),  # under a device_map, layers sit on several devices
+            softcap,
+            self.explicit,
+            self.plainly_causal,
+        )
         if mass is not None:
-            layer.add_mass(mass, self.phase, self.config)
+            layer.add_mass(mass, self.phase, policy)
         return output
 
     def evict(self) -> None:
@@ -252,17 +243,22 @@ class SqueezeCache(Cache):
 
         Layers that never evicted and see every column hold the same tokens, so under a policy
         that ranks by position alone those with the same budgets share one plan and one selection
-        (at a whole-prompt prefill: one per budget group instead of one per layer).
+        (at a whole-prompt prefill: one per budget group instead of one per layer). A
+        keep-everything budget limits a layer to every column seen: only what a sliding window no
+        longer sees leaves.
         """
+        limits = self.budgets
+        if self.config.keeps_everything:
+            limits = torch.full_like(limits, self.layers[0].seen)
         visible = [layer.visible() for layer in self.layers]
         home = visible[0].device
-        on_home = self.budgets.to(home)  # one copy to the device; budgets are planned on the host
+        on_home = limits.to(home)  # one copy to the device; budgets are planned on the host
         budgets = [on_home[:, index].to(seen.device) for index, seen in enumerate(visible)]
-        by_position = POLICIES[self.config.policy].ranks_by_position
+        by_position = self.config.policy.ranks_by_position
         groups: dict[tuple, list[int]] = {}
         for index, layer in enumerate(self.layers):
             shared = by_position and layer.appended_only and layer.sliding_window is None
-            key = ("shared", *self.budgets[:, index].tolist()) if shared else ("own", index)
+            key = ("shared", *limits[:, index].tolist()) if shared else ("own", index)
             groups.setdefault(key, []).append(index)
         leaders = [members[0] for members in groups.values()]
         needs = [SqueezeLayer.eviction_need(visible[i], budgets[i]).to(home) for i in leaders]
@@ -274,7 +270,7 @@ class SqueezeCache(Cache):
                     budgets[index],
                     width,
                     visible[index],
-                    self.config,
+                    self.config.policy,
                     self.phase,
                     self.prompt_columns,
                     self.first_column,
@@ -285,7 +281,6 @@ class SqueezeCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def kv_bytes_full(self) -> int:
-        """Bytes a plain cache would hold for every column seen, in every layer."""
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
@@ -294,5 +289,4 @@ class SqueezeCache(Cache):
         return total
 
     def held_tokens(self) -> torch.Tensor:
-        """``[batch, layers]``: the tokens each layer really holds for each sequence."""
         return torch.stack([layer.held_tokens().cpu() for layer in self.layers], dim=1)

@@ -4,7 +4,7 @@ import torch
 import squeezekv
 from squeezekv import SqueezeConfig
 
-from models import MQA, left_pad, prompts, tiny_model
+from models import MQA, left_pad, prompts, short_policy, tiny_model
 
 
 def compressed_forward(model, ids, config, mask=None):
@@ -19,7 +19,7 @@ def compressed_forward(model, ids, config, mask=None):
 def test_layers_hold_their_budget_after_prefill_and_never_more(family, policy):
     model = tiny_model(family)
     ids, mask = left_pad(prompts([40, 29]))
-    config = SqueezeConfig(budget=0.3, policy=policy, allocator="squeeze", sinks=2)
+    config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator="squeeze")
     with squeezekv.compress(model, config) as session:
         output = model(ids, attention_mask=mask)
         cache = session.cache
@@ -83,7 +83,9 @@ def test_compressed_cache_continues_like_a_model_run_on_the_kept_tokens(policy, 
     model = tiny_model("llama")
     ids = prompts([40])[0][None]
     follow = prompts([5], seed=3)[0][None]
-    config = SqueezeConfig(budget=12, policy=policy, allocator=allocator, sinks=4, snapkv_window=4)
+    config = SqueezeConfig(
+        budget=12, policy={"snapkv": "snapkv:window=4"}.get(policy, policy), allocator=allocator
+    )
     reference = model(ids).cache
     with squeezekv.compress(model, config):
         compressed = model(ids).cache
@@ -131,7 +133,7 @@ def test_multi_token_continuation_on_a_padded_compressed_batch():
 def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, allocator, monkeypatch):
     """Position-ranked policies plan once per budget group at prefill; ranking every layer on its
     own (as score-ranked policies do) must keep the very same slots."""
-    from squeezekv import cache as cache_module
+    from squeezekv.cache import dynamic as cache_module
 
     selections, real_select = [], cache_module.select
 
@@ -142,7 +144,7 @@ def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, al
     monkeypatch.setattr(cache_module, "select", counting_select)
     model = tiny_model("llama")
     ids, mask = left_pad(prompts([40, 29]))
-    config = SqueezeConfig(budget=0.3, policy=policy, allocator=allocator, sinks=2)
+    config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator=allocator)
     shared = compressed_forward(model, ids, config, mask).cache
     groups = len({tuple(budget.tolist()) for budget in shared.budgets.T})
     assert len(selections) == groups < len(shared.layers)
