@@ -341,7 +341,8 @@ def agreement(
     ids, mask = (ids * mask).to(device), mask.to(device)
     checks = {"keep-all": SqueezeConfig(budget=1.0, policy="window", allocator="uniform")}
     for policy in policies:
-        checks[policy] = SqueezeConfig(budget=0.3, policy=policy, sinks=2, snapkv_window=8)
+        short = {"streaming": "streaming:sinks=2", "snapkv": "snapkv:window=8"}.get(policy, policy)
+        checks[policy] = SqueezeConfig(budget=0.3, policy=short)
     results = {}
     for name, config in checks.items():
         simple = generate(model, ids, config, attention_mask=mask, max_new_tokens=24, do_sample=False)

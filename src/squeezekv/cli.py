@@ -33,12 +33,10 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allocator", default="squeeze", help=f"one of {', '.join(sorted(ALLOCATORS))} (default squeeze)"
     )
-    parser.add_argument(
-        "--p", type=float, default=0.35, help="squeezed group's share of the budget (default 0.35)"
-    )
-    parser.add_argument("--groups", type=int, default=3, help="similarity clusters (default 3)")
-    parser.add_argument("--sinks", type=int, default=4, help="streaming policy's sink tokens (default 4)")
-    parser.add_argument("--recent-ratio", type=float, default=0.5, help="h2o's recent share of a budget")
+    parser.add_argument("--p", type=float, help="squeeze allocator: the squeezed group's share of the budget")
+    parser.add_argument("--groups", type=int, help="squeeze allocator: similarity clusters")
+    parser.add_argument("--sinks", type=int, help="streaming policy: sink tokens")
+    parser.add_argument("--recent-ratio", type=float, help="h2o policy: recent share of a budget")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +85,9 @@ def from_arguments(cls, args: argparse.Namespace):
 def config_from(args: argparse.Namespace):
     from squeezekv import SqueezeConfig
 
-    return from_arguments(SqueezeConfig, args)
+    names = ("p", "groups", "sinks", "recent_ratio")
+    settings = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return SqueezeConfig.build(budget=args.budget, policy=args.policy, allocator=args.allocator, **settings)
 
 
 def run_generate(args: argparse.Namespace) -> None:

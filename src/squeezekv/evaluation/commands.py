@@ -46,7 +46,7 @@ def add_eval(commands) -> None:
     parser.add_argument("--budgets", default="0.1,0.2,0.3,0.5", help="comma-separated budgets")
     parser.add_argument("--policies", default=DEFAULT_POLICIES)
     parser.add_argument("--allocators", default=DEFAULT_ALLOCATORS)
-    parser.add_argument("--p", type=float, default=0.35, help="squeezed group's share (default 0.35)")
+    parser.add_argument("--p", type=float, help="squeeze allocator: the squeezed group's share")
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
     parser.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
     parser.add_argument("--data", help="JSONL input (default: the bundled held-out documents)")
@@ -95,7 +95,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
         budgets=budgets(args.budgets),
         policies=names(args.policies),
         allocators=names(args.allocators),
-        p=args.p,
+        **({} if args.p is None else {"p": args.p}),
         limit=args.limit,
         dtype=args.dtype,
         options=options,
@@ -134,8 +134,8 @@ def add_profile(commands) -> None:
     parser.add_argument("--context", type=int, default=2048, help="tokens of each prompt kept (default 2048)")
     parser.add_argument("--budget", default="0.2", help="budget the allocators plan for (default 0.2)")
     parser.add_argument("--policy", default="window", help="its floor bounds budgets; similarity ignores it")
-    parser.add_argument("--groups", type=int, default=3)
-    parser.add_argument("--p", type=float, default=0.35)
+    parser.add_argument("--groups", type=int)
+    parser.add_argument("--p", type=float)
     parser.add_argument("--allocators", default=DEFAULT_ALLOCATORS)
     parser.add_argument("--out", default="profile", help="directory for the JSON and PNG (default ./profile)")
     parser.set_defaults(run=run_profile_command)
@@ -148,7 +148,8 @@ def run_profile_command(args: argparse.Namespace) -> None:
     from squeezekv.evaluation.data import load_documents
 
     (budget,) = budgets(args.budget)
-    config = SqueezeConfig(budget=budget, policy=args.policy, groups=args.groups, p=args.p)
+    settings = {name: getattr(args, name) for name in ("groups", "p") if getattr(args, name) is not None}
+    config = SqueezeConfig.build(budget=budget, policy=args.policy, allocator="squeeze", **settings)
     if args.context < 2:
         raise ValueError(f"--context {args.context} must be >= 2")
     if args.prompt_file is not None:

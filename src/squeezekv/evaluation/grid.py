@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from squeezekv import SqueezeConfig
+from squeezekv.allocators import Squeeze
 from squeezekv.evaluation.tasks import TaskOptions
 
 FULL = "full"
@@ -55,7 +56,7 @@ class EvalConfig:
     budgets: tuple[float | int, ...]
     policies: tuple[str, ...]
     allocators: tuple[str, ...]
-    p: float = 0.35
+    p: float = Squeeze.p
     limit: int | None = None
     dtype: str = "auto"
     options: TaskOptions = field(default_factory=TaskOptions)
@@ -73,7 +74,7 @@ class EvalConfig:
         for budget in self.budgets:
             for policy in self.policies:
                 for allocator in self.allocators:
-                    SqueezeConfig(budget=budget, policy=policy, allocator=allocator, p=self.p)
+                    self.own_config(budget, policy, allocator)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
         if self.batch_size < 1:
@@ -92,7 +93,12 @@ class EvalConfig:
     def squeeze_config(self, cell: Cell) -> SqueezeConfig | None:
         if cell.method == FULL:
             return None
-        return SqueezeConfig(budget=cell.budget, policy=cell.policy, allocator=cell.allocator, p=self.p)
+        return self.own_config(cell.budget, cell.policy, cell.allocator)
+
+    def own_config(self, budget: float | int, policy: str, allocator: str) -> SqueezeConfig:
+        """``p`` tunes the squeeze allocator only."""
+        settings = {"p": self.p} if allocator == "squeeze" else {}
+        return SqueezeConfig.build(budget=budget, policy=policy, allocator=allocator, **settings)
 
     def identity(self) -> dict:
         """The fields that decide what a run measures (JSON-shaped, for comparing with a stored run)."""

@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from squeezekv import SqueezeConfig
 from squeezekv.evaluation.grid import Cell
+from squeezekv.policies import SnapKV, Streaming
 
 RUNNERS = {"kvpress": Path(__file__).with_name("kvpress_runner.py")}
 PRESSES = {"kvpress": ("snapkv", "streaming", "pyramid", "observed")}
@@ -52,8 +52,8 @@ def check_peer(peer: str, python: str | None) -> None:
 def press_settings() -> dict:
     """squeezekv's default observation window, kernel and sink count, given to the peer's presses so
     that its SnapKV, PyramidKV and StreamingLLM differ from ours in implementation, not in settings."""
-    defaults = SqueezeConfig(budget=1.0)
-    return {"window": defaults.snapkv_window, "kernel": defaults.snapkv_kernel, "sinks": defaults.sinks}
+    snapkv = SnapKV()
+    return {"window": snapkv.window, "kernel": snapkv.kernel, "sinks": Streaming().sinks}
 
 
 def run_runner(peer: str, python: str, request: dict) -> Iterator[dict]:

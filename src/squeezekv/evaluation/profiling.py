@@ -19,7 +19,6 @@ from torch import nn
 
 import squeezekv
 from squeezekv import SqueezeConfig
-from squeezekv.allocators import plan_budgets
 from squeezekv.allocators.squeeze import kmeans_1d
 
 
@@ -49,13 +48,15 @@ def layer_profile(
         similarity, windows = session.similarity, session.sliding_windows
     tokens = torch.tensor([len(prompt)])
     budgets = {
-        name: plan_budgets(similarity, tokens, dataclasses.replace(config, allocator=name), windows)[
-            0
-        ].tolist()
+        name: dataclasses.replace(
+            config, allocator=config.allocator if name == config.allocator.name else name
+        )
+        .plan_budgets(similarity, tokens, windows)[0]
+        .tolist()
         for name in allocators
     }
     values = similarity[0].tolist()
-    return Profile(len(prompt), values, kmeans_1d(values, config.groups), budgets)
+    return Profile(len(prompt), values, kmeans_1d(values, config.allocator.groups), budgets)
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
