@@ -8,8 +8,8 @@ the median time of one call of each path and the bandwidth it reaches over the k
 
 import torch
 
-from squeezekv import kernels
-from squeezekv.attention import attend
+from squeezekv.ops.attention import attend
+from squeezekv.ops.decode import decode_attention_triton
 
 SHAPES = ((41, 32, 32, 1640), (8, 32, 32, 8449), (16, 32, 8, 8449))
 
@@ -41,8 +41,8 @@ def report(batch: int, q_heads: int, kv_heads: int, slots: int) -> None:
     paths = {
         "sdpa (masked)": lambda: attend(q, k, v, mask, scale, 0),
         "plain path with mass": lambda: attend(q, k, v, mask, scale, 1),
-        "kernel": lambda: kernels.attend_decode(*buffer, False),
-        "kernel with mass": lambda: kernels.attend_decode(*buffer, True),
+        "kernel": lambda: decode_attention_triton(*buffer, False),
+        "kernel with mass": lambda: decode_attention_triton(*buffer, True),
     }
     kv_bytes = 2 * k.numel() * k.element_size()
     print(f"batch {batch}, heads {q_heads}/{kv_heads}, slots {slots} ({kv_bytes / 1e6:.0f} MB of K and V)")

@@ -83,7 +83,7 @@ def test_generate_json_has_the_same_facts(model_dir, prompt_file, capsys):
     assert report["prompt_tokens"] == [60]
     assert sum(report["layer_budget"][0]) == 6 * 12
     assert report["kv_bytes_kept"] < report["kv_bytes_full"]
-    assert report["config"]["policy"] == "snapkv"
+    assert report["config"]["policy"]["name"] == "snapkv"
 
 
 @pytest.mark.parametrize(
@@ -91,9 +91,9 @@ def test_generate_json_has_the_same_facts(model_dir, prompt_file, capsys):
     [
         (["--budget", "0"], "budget 0 must be >= 1"),
         (["--budget", "1.5"], "budget 1.5 is a fraction"),
-        (["--budget", "0.3", "--p", "0"], "p 0.0 must lie in (0, 1]"),
-        (["--budget", "0.3", "--groups", "1"], "groups 1"),
-        (["--budget", "0.3", "--groups", "9"], "groups 9 exceeds the model's 6 layers"),
+        (["--budget", "0.3", "--p", "0"], "p=0.0 must be in (0, 1]"),
+        (["--budget", "0.3", "--groups", "1"], "groups=1"),
+        (["--budget", "0.3", "--allocator", "uniform", "--p", "0.5"], "no setting 'p'"),
         (["--budget", "4", "--policy", "streaming"], "sinks=4"),
         (["--budget", "0.3", "--policy", "lru"], "unknown policy 'lru'"),
         (["--budget", "0.3", "--allocator", "fair"], "unknown allocator 'fair'"),

@@ -125,3 +125,17 @@ def test_compiled_parts_share_one_graph_per_kind_and_give_the_model_back(family)
         after = model(ids).logits
     assert len(graphs) == len(kinds) + len(functions)  # e.g. Llama: norms, MLPs, rotary embeddings
     assert torch.equal(plain, compiled) and torch.equal(plain, after)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "falcon", "gemma3", "gpt_neox", "opt", "phi3"])
+def test_fast_engine_at_a_budget_of_one_is_model_generate(family):
+    model = tiny_model(family)
+    ids, mask = left_pad(prompts([33, 21], seed=8))
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for policy in ("h2o", "snapkv", "streaming"):
+        generator = FastGenerator(model, SqueezeConfig(budget=1.0, policy=policy))
+        fast = generator.generate(ids, mask, NEW_TOKENS, prefill_batch=1)
+        assert torch.equal(fast.sequences, expected), policy
+        if family not in ("mistral", "gemma3"):  # sliding layers drop what they can no longer see
+            held = mask.sum(-1, keepdim=True) + NEW_TOKENS - 1
+            assert torch.equal(fast.stats.layer_tokens_held, held.expand(-1, 6))

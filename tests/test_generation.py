@@ -113,3 +113,27 @@ def test_fraction_too_small_for_the_prompt_is_rejected_before_running():
     config = SqueezeConfig(budget=0.05, policy="streaming")
     with pytest.raises(ValueError, match="too small for policy 'streaming'"):
         squeezekv.generate(tiny_model("llama"), prompts([40])[0][None], config, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_budget_of_one_keeps_everything_and_is_model_generate(family):
+    """1.0 keeps the prompt and every new token, in every family, whatever the policy, even when the
+    session is not told how many tokens will follow."""
+    model = tiny_model(family, implementations(family)[0])
+    lengths = [30] if family == "gemma2" else [30, 19]  # plain eager Gemma-2 emits pad tokens on padded rows
+    ids, mask = left_pad(prompts(lengths, seed=6))
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for policy in ("h2o", "snapkv", "streaming"):
+        config = SqueezeConfig(budget=1.0, policy=policy)
+        result = squeezekv.generate(
+            model, ids, config, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False
+        )
+        assert torch.equal(result.sequences, expected), policy
+        with squeezekv.compress(model, config) as session:  # max_new_tokens unknown
+            untold = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+            held = session.cache.held_tokens()
+        assert torch.equal(untold, expected), policy
+        if model.config.get_text_config().to_dict().get("sliding_window") is None:
+            assert result.stats.kv_bytes_kept == result.stats.kv_bytes_full
+            everything = mask.sum(-1, keepdim=True) + NEW_TOKENS - 1  # the last token is never cached
+            assert torch.equal(held, everything.expand_as(held))

@@ -57,7 +57,7 @@ def test_rerun_skips_finished_cells_and_resumes_missing_ones(eval_args, tmp_path
     original = Perplexity.evaluate
 
     def counting(self, model, tokenizer, samples, prepared, config):
-        calls.append((config.policy, config.allocator, config.budget) if config else "full")
+        calls.append((config.policy.name, config.allocator.name, config.budget) if config else "full")
         return original(self, model, tokenizer, samples, prepared, config)
 
     monkeypatch.setattr(Perplexity, "evaluate", counting)

@@ -19,7 +19,7 @@ from torch import nn
 
 import squeezekv
 from squeezekv import SqueezeConfig
-from squeezekv.allocators.squeeze import kmeans_1d
+from squeezekv.allocators.squeeze import Squeeze, kmeans_1d
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def layer_profile(
         for name in allocators
     }
     values = similarity[0].tolist()
-    return Profile(len(prompt), values, kmeans_1d(values, config.allocator.groups), budgets)
+    groups = getattr(config.allocator, "groups", Squeeze.groups)  # squeeze's grouping, whatever allocates
+    return Profile(len(prompt), values, kmeans_1d(values, groups), budgets)
 
 
 def jaccard(a: set[int], b: set[int]) -> float:
