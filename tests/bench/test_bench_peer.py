@@ -9,8 +9,12 @@ import pytest
 import torch
 import transformers
 
-from squeezekv import bench
-from squeezekv.bench import GIB, BenchConfig, build_model, kvpress_kept_tokens, markdown, run
+from squeezekv.bench import peer as bench_peer
+from squeezekv.bench.config import BenchConfig
+from squeezekv.bench.orchestrate import benchmark
+from squeezekv.bench.peer import kvpress_kept_tokens
+from squeezekv.bench.report import markdown
+from squeezekv.bench.shapes import build_model
 from squeezekv.cli import main
 from squeezekv.engine import kv_bytes_per_token
 
@@ -22,6 +26,7 @@ def bench_args(python, out, budgets="1.0,0.25"):
     args = ["bench", "--shape", "tiny", "--device", "cpu", "--prompt-tokens", str(PROMPT)]
     args += ["--new-tokens", str(NEW), "--reference-batch", str(REFERENCE), "--budgets", budgets]
     args += ["--policies", "window", "--allocators", "uniform", "--baselines", "full", "--out", str(out)]
+    args += ["--repeats", "1"]
     return args + ["--peer", "kvpress"] + ([] if python is None else ["--peer-python", str(python)])
 
 
@@ -64,7 +69,7 @@ def test_peer_rows_come_last_at_the_batch_that_fits_the_same_memory(stand_in_pyt
         whole = rows[f"kvpress {press} b=1.0"]
         assert whole["error"] is None and whole["batch"] == REFERENCE
         assert whole["extra"] == {"kept_prompt_tokens": PROMPT}
-        assert whole["kv_gib"] * GIB == REFERENCE * (PROMPT + NEW - 1) * token_bytes
+        assert whole["kv_bytes"] == REFERENCE * (PROMPT + NEW - 1) * token_bytes
         assert whole["prefill_seconds"] > 0 and whole["decode_ms_per_step"] > 0 and whole["roofline_ms"] > 0
         assert whole["tokens_per_second"] == pytest.approx(REFERENCE * 1000 / whole["decode_ms_per_step"])
         assert whole["peak_gib"] is None
@@ -78,16 +83,16 @@ def test_peer_rows_come_last_at_the_batch_that_fits_the_same_memory(stand_in_pyt
 
 def test_a_failing_runner_fails_its_unfinished_jobs_only(monkeypatch):
     config = BenchConfig(shape="tiny", prompt_tokens=PROMPT, new_tokens=NEW, peer="kvpress", device="cpu")
-    request = bench.peer_request(config, "unused", 0, memory=3 * (7 + NEW) * 1000, token_bytes=1000)
+    request = bench_peer.peer_request(config, "unused", 0, memory=3 * (7 + NEW) * 1000, token_bytes=1000)
 
     def runner(peer, python, request):
         yield {"versions": {"kvpress": "0.5.5"}}
         yield {**request["jobs"][0], "error": "out of memory: CUDA out of memory"}
         raise ValueError("the kvpress runner failed: Killed")
 
-    monkeypatch.setattr(bench, "run_runner", runner)
+    monkeypatch.setattr(bench_peer, "run_runner", runner)
     recorded = []
-    assert bench.measure_peer(config, request, recorded.append) == {"kvpress": "0.5.5"}
+    assert bench_peer.measure_peer(config, request, recorded.append) == {"kvpress": "0.5.5"}
     assert [(m.path, m.batch, m.error) for m in recorded] == [
         ("kvpress streaming b=0.2", 3, "out of memory: CUDA out of memory"),
         ("kvpress snapkv b=0.2", 3, "the kvpress runner failed: Killed"),
@@ -123,10 +128,10 @@ def test_bad_peer_settings_are_rejected(tmp_path, capsys):
 def test_real_kvpress_keeps_what_the_batch_was_sized_for(token_bytes):
     config = BenchConfig(
         shape="tiny", prompt_tokens=PROMPT, new_tokens=NEW, reference_batch=REFERENCE, budgets=(0.2,),
-        policies=("window",), allocators=("uniform",), baselines=(), device="cpu", peer="kvpress",
+        policies=("window",), allocators=("uniform",), baselines=(), device="cpu", peer="kvpress", repeats=1,
         peer_python=os.environ["SQUEEZEKV_KVPRESS_PYTHON"],
     )  # fmt: skip
-    report = run(config)
+    report = benchmark(config)
     kept = kvpress_kept_tokens(PROMPT, 0.2)
     assert kept == 7 != int(PROMPT * 0.2)
     batch = REFERENCE * (PROMPT + NEW) // (kept + NEW)
@@ -135,7 +140,7 @@ def test_real_kvpress_keeps_what_the_batch_was_sized_for(token_bytes):
     for row in rows.values():
         assert row["error"] is None and row["batch"] == batch == 7
         assert row["extra"] == {"kept_prompt_tokens": kept}  # every layer kept that many
-        assert row["kv_gib"] * GIB == batch * (kept + NEW - 1) * token_bytes
+        assert row["kv_bytes"] == batch * (kept + NEW - 1) * token_bytes
         assert row["tokens_per_second"] > 0
     assert report["peer"]["transformers"] != transformers.__version__  # its own environment
     assert report["peer"]["kvpress"]

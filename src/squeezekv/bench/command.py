@@ -1,0 +1,128 @@
+"""``squeezekv bench``: its options and what running it does (files where the user asked)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from squeezekv.bench.config import BASELINES, BENCH_PRESSES
+from squeezekv.bench.shapes import SHAPES
+
+
+def comma_list(kind):
+    """An argparse type: ``"a,b"`` -> ``(kind("a"), kind("b"))``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(item) for item in text.split(",") if item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {kind.__name__}"
+            ) from None
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's options, on its subcommand's parser."""
+    parser.add_argument("--shape", default="llama2-7b", help=f"{', '.join(SHAPES)} or a config.json path")
+    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--reference-batch", type=int, default=8, help="the full cache of this batch sets the KV memory limit"
+    )
+    parser.add_argument("--budgets", type=comma_list(float), default=(0.2,))
+    parser.add_argument("--policies", type=comma_list(str), default=("h2o", "window"))
+    parser.add_argument("--allocators", type=comma_list(str), default=("squeeze", "uniform"))
+    parser.add_argument(
+        "--baselines",
+        type=comma_list(str),
+        default=BASELINES,
+        help=f"comma-separated, of {','.join(BASELINES)} (default all)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per path after a full-length warm-up (default 3)"
+    )
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    spread = parser.add_mutually_exclusive_group()
+    spread.add_argument(
+        "--tp", type=int, default=1, help="tensor parallel over this many GPUs (relaunches under torchrun)"
+    )
+    spread.add_argument(
+        "--device-map", help="spread layers over the GPUs with accelerate, e.g. balanced (decodes eagerly)"
+    )
+    parser.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="decode eagerly on the GPU"
+    )
+    parser.add_argument(
+        "--no-compile-layers",
+        dest="compile_layers",
+        action="store_false",
+        help="keep the layers' norms and MLPs uncompiled in the captured decode step",
+    )
+    parser.add_argument(
+        "--out", default=".", help="folder for the JSON and markdown results (default: the current folder)"
+    )
+    parser.add_argument(
+        "--peer", choices=sorted(BENCH_PRESSES), help="also run a peer library's presses, in its environment"
+    )
+    parser.add_argument("--peer-python", help="the Python interpreter of the peer's environment")
+    parser.add_argument(
+        "--peer-presses",
+        type=comma_list(str),
+        default=BENCH_PRESSES["kvpress"],
+        help=f"comma-separated (default {','.join(BENCH_PRESSES['kvpress'])})",
+    )
+
+
+def output_folder(out: str) -> Path:
+    """``out`` (relative to the current folder) created and writable, before anything is measured."""
+    folder = Path(out).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out!r} cannot be created as a folder: {error.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out!r} ({folder}) is not writable")
+    return folder
+
+
+def run(args: argparse.Namespace) -> None:
+    """Measures, writes the report into ``--out``, prints it; fails (after writing) when a path held
+    more KV memory than the limit."""
+    import torch
+
+    from squeezekv.bench.config import BenchConfig
+    from squeezekv.bench.orchestrate import benchmark, check_memory
+    from squeezekv.bench.report import markdown, write_report
+    from squeezekv.distributed import is_first_rank
+
+    if args.device_map is not None:
+        args.cuda_graphs = False  # one CUDA graph cannot span the devices of a device_map
+    config = BenchConfig(
+        **{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
+    )
+    folder = output_folder(args.out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.tp > 1 and config.device != "cpu" and torch.cuda.device_count() < config.tp:
+        raise ValueError(f"--tp {config.tp} needs {config.tp} GPUs, {torch.cuda.device_count()} are visible")
+    if config.tp > 1 and world == 1:  # one process per rank, started by torchrun
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launch += [f"--nproc-per-node={config.tp}", "-m", "squeezekv.cli", *args.argv]
+        completed = subprocess.run(launch, check=False)
+        if completed.returncode:
+            raise SystemExit(completed.returncode)
+        return
+    if world != config.tp:
+        raise ValueError(f"--tp {config.tp} under torchrun needs WORLD_SIZE {config.tp}, not {world}")
+    report = benchmark(config)
+    if is_first_rank():
+        paths = write_report(report, folder)
+        print(markdown(report))
+        print("written: " + ", ".join(str(path) for path in paths))
+    check_memory(report)
