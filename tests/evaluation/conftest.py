@@ -94,3 +94,11 @@ def by_cell(directory) -> dict[str, dict[str, dict]]:
     for record in results(directory):
         table.setdefault(record["cell"], {})[record["sample"]] = record
     return table
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The bundled reference model and tokenizer (25M parameters, held-out documents alongside)."""
+    from squeezekv.loading import load_model
+
+    return load_model(None, "cpu")

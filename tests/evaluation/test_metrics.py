@@ -52,3 +52,19 @@ def test_perplexity_nll_and_kl_by_hand():
     assert metrics.kl_divergence(logits, logits).item() == 0.0
     with pytest.raises(ValueError):
         metrics.perplexity([])
+
+
+def test_paired_bootstrap_interval():
+    same = metrics.paired_bootstrap([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert (same.difference, same.low, same.high, same.decided) == (0.0, 0.0, 0.0, False)
+    better = [0.5 + 0.01 * i for i in range(50)]
+    shifted = metrics.paired_bootstrap(better, [b - 0.1 for b in better])
+    assert shifted.difference == pytest.approx(0.1) and shifted.decided
+    noisy = metrics.paired_bootstrap([1.0, 0.0] * 10, [0.0, 1.0] * 10)
+    assert noisy.low < 0 < noisy.high and not noisy.decided
+    assert metrics.paired_bootstrap([1.0, 0.0] * 10, [0.0, 1.0] * 10, seed=0) == noisy  # fixed seed
+    # weighted means through a transform: perplexity from token-weighted NLLs
+    ppl = metrics.paired_bootstrap([1.0, 2.0], [1.0, 1.0], weights=[1, 3], statistic=lambda a, b: a - b)
+    assert ppl.difference == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        metrics.paired_bootstrap([1.0], [1.0, 2.0])

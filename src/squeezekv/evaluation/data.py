@@ -45,15 +45,39 @@ def read_jsonl(
     return records
 
 
-def load_documents(path: str | None) -> list[dict]:
-    """Documents (``id``, ``text``) from ``path``, or the reference model's long held-out split."""
+def load_documents(path: str | None, split: str = "long") -> list[dict]:
+    """Documents (``id``, ``source``, ``text``) from ``path`` or a held-out split, sources interleaved.
+
+    The order takes one document from each source in turn, so the first N documents (``--limit``,
+    a batch) cover every source instead of the first source's files. A file's records without a
+    ``source`` are grouped by the part of their ``id`` before the first ``/``.
+    """
     if path is not None:
-        documents = read_jsonl(path, {"text": str})
-        return [{"id": str(doc.get("id", index)), "text": doc["text"]} for index, doc in enumerate(documents)]
-    try:
-        from squeezekv.reference import load_heldout
-    except ImportError:
-        raise FileNotFoundError(
-            "the bundled held-out data (squeezekv.reference) is not available; pass --data FILE.jsonl"
-        ) from None
-    return [{"id": str(doc["id"]), "text": doc["text"]} for doc in load_heldout("long")]
+        records = read_jsonl(path, {"text": str})
+        documents = [
+            {"id": str(doc.get("id", index)), "source": doc.get("source"), "text": doc["text"]}
+            for index, doc in enumerate(records)
+        ]
+    else:
+        try:
+            from squeezekv.reference import load_heldout
+        except ImportError:
+            raise FileNotFoundError(
+                "the bundled held-out data (squeezekv.reference) is not available; pass --data FILE.jsonl"
+            ) from None
+        documents = [
+            {"id": str(doc["id"]), "source": doc["source"], "text": doc["text"]}
+            for doc in load_heldout(split)
+        ]
+    for document in documents:
+        document["source"] = str(document["source"] or document["id"].split("/")[0])
+    return interleaved(documents)
+
+
+def interleaved(documents: list[dict]) -> list[dict]:
+    """Round-robin over sources (in order of first appearance), each source's documents in file order."""
+    by_source: dict[str, list[dict]] = {}
+    for document in documents:
+        by_source.setdefault(document["source"], []).append(document)
+    queues = list(by_source.values())
+    return [queue[rank] for rank in range(max(map(len, queues))) for queue in queues if rank < len(queue)]

@@ -2,8 +2,9 @@
 
 The answer metrics follow LongBench's definitions: QA-F1 over normalised word tokens, ROUGE-L F1,
 classification and retrieval by which labels or paragraph numbers an answer names, and code edit
-similarity of the first code line. Every metric returns a value in [0, 1] for one prediction
-against the best of its reference answers.
+similarity of the first code line; RULER's are string matches of every expected answer (all) or of
+any (part). Every metric returns a value in [0, 1] for one prediction against its reference answers.
+:func:`paired_bootstrap` puts a confidence interval on a difference between two cells.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -106,3 +110,63 @@ def code_similarity(prediction: str, answer: str) -> float:
 def best_of(metric, prediction: str, answers: list[str], **kwargs) -> float:
     """A metric against the best-matching of several reference answers."""
     return max(metric(prediction, answer, **kwargs) for answer in answers)
+
+
+def string_match_all(prediction: str, answers: list[str]) -> float:
+    """RULER: the share of the expected answers that occur in the prediction (case-insensitive)."""
+    text = prediction.lower()
+    return sum(answer.lower() in text for answer in answers) / len(answers)
+
+
+def string_match_part(prediction: str, answers: list[str]) -> float:
+    """RULER's QA score: 1 when any of the accepted answers occurs in the prediction."""
+    text = prediction.lower()
+    return float(any(answer.lower() in text for answer in answers))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A statistic's difference between two cells with its bootstrap confidence interval."""
+
+    difference: float
+    low: float
+    high: float
+
+    @property
+    def decided(self) -> bool:
+        """Whether the interval excludes zero (one cell is better at the chosen level)."""
+        return self.low > 0 or self.high < 0
+
+
+def paired_bootstrap(
+    a: Sequence[float],
+    b: Sequence[float],
+    weights: Sequence[float] | None = None,
+    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """``statistic(A) - statistic(B)`` over the same samples, with a percentile bootstrap interval.
+
+    ``a[i]`` and ``b[i]`` are the two cells' values on sample ``i``; each resample draws the samples
+    (not the cells) with replacement, so the interval reflects only how much the comparison depends
+    on which samples were drawn. A cell's statistic is the ``weights``-weighted mean of its values,
+    optionally mapped through ``statistic(mean_a, mean_b)`` (which then returns the difference to
+    report, e.g. a relative change). A fixed ``seed`` makes a summary reproducible.
+    """
+    a_values, b_values = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a_values.shape != b_values.shape or a_values.ndim != 1 or not len(a_values):
+        raise ValueError(f"paired samples need two equal, non-empty lists (got {len(a)} and {len(b)})")
+    w = np.ones_like(a_values) if weights is None else np.asarray(weights, dtype=float)
+    compare = statistic or (lambda mean_a, mean_b: mean_a - mean_b)
+    draws = np.random.default_rng(seed).integers(0, len(a_values), size=(resamples, len(a_values)))
+    chosen = w[draws]
+    totals = chosen.sum(1)
+    replicated = compare(
+        (a_values[draws] * chosen).sum(1) / totals, (b_values[draws] * chosen).sum(1) / totals
+    )
+    point = compare(np.array([(a_values * w).sum() / w.sum()]), np.array([(b_values * w).sum() / w.sum()]))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(replicated, [tail, 100 - tail])
+    return Interval(float(point[0]), float(low), float(high))

@@ -49,9 +49,12 @@ def metric_vs_budget(summaries, budgets, metric: str, path: Path) -> None:
 def layer_profile(
     similarity: list[float], budgets: dict[str, list[int]], squeezed: list[bool], path: Path
 ) -> None:
-    """Per-layer similarity (squeezed layers marked) above the budget each allocator gives."""
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    """Per-layer similarity (squeezed layers marked) above the budget each allocator gives.
+
+    The figure widens with the layer count, so every layer of a 30-layer model keeps a labelled tick.
+    """
     layers = list(range(len(similarity)))
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * len(layers)), 6), sharex=True)
     top.plot(layers, similarity, marker="o", color="tab:blue")
     marked = [layer for layer in layers if squeezed[layer]]
     top.scatter(
@@ -68,6 +71,8 @@ def layer_profile(
     width = 0.8 / max(1, len(budgets))
     for index, (allocator, values) in enumerate(budgets.items()):
         bottom.bar([layer + index * width for layer in layers], values, width=width, label=allocator)
+    bottom.set_xticks(layers)
+    bottom.tick_params(axis="x", labelsize=7)
     bottom.set_xlabel("layer")
     bottom.set_ylabel("budget (tokens)")
     bottom.legend(fontsize=8)

@@ -1,14 +1,18 @@
 """Turning results into per-cell aggregates and the ``summary.md`` tables.
 
 Only samples finished in every cell are aggregated, so all cells of a table compare the same
-samples, also for a partial run.
+samples, also for a partial run. Every allocator is compared with ``uniform`` at equal memory with
+a paired bootstrap interval, so a stated win is one the samples support.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from squeezekv.evaluation.grid import FULL, Cell, EvalConfig
+from squeezekv.evaluation.metrics import paired_bootstrap
 from squeezekv.evaluation.tasks import Task
 
 
@@ -63,36 +67,66 @@ def policy_budget_table(title: str, config: EvalConfig, cell) -> list[str]:
     return lines
 
 
-def squeeze_gain(config: EvalConfig, task: Task, summaries: list[CellSummary]) -> list[str]:
-    """Relative change of the headline metric from ``uniform`` to ``squeeze`` (positive = better)."""
-    if not {"uniform", "squeeze"} <= set(config.allocators):
-        return []
-    found = {(s.cell.policy, s.cell.allocator, s.cell.budget): s.metrics[task.metric] for s in summaries}
+BASELINE = "uniform"
+
+
+def headline_terms(task: Task, results: list[dict]):
+    """Per-sample values and weights whose weighted mean, through ``transform``, is the headline metric.
+
+    A task whose headline is not a plain mean over samples says how to rebuild it with a
+    ``bootstrap_terms(results) -> (values, weights, transform)`` method (perplexity: mean NLL per
+    document weighted by its tokens, then exp; RULER: scores weighted to average the subtasks).
+    """
+    terms = getattr(task, "bootstrap_terms", None)
+    if terms is not None:
+        return terms(results)
+    return [r["metrics"][task.metric] for r in results], None, None
+
+
+def versus_baseline(
+    config: EvalConfig, task: Task, samples: list[str], records: dict, allocator: str
+) -> list[str]:
+    """``allocator`` vs ``uniform`` at equal memory: relative change with its paired 95 % interval.
+
+    The interval comes from 2,000 paired bootstrap resamples of the samples (seed 0); a change whose
+    interval excludes zero is marked with ``*``, and only such a change says one allocator beats the other.
+    """
     sign = 1.0 if task.higher_is_better else -1.0
 
     def change(policy: str, budget) -> str:
-        uniform, squeeze = found[(policy, "uniform", budget)], found[(policy, "squeeze", budget)]
-        return f"{100 * sign * (squeeze - uniform) / abs(uniform):+.2f}" if uniform else "n/a"
+        ours = [records[(s, f"{policy}/{allocator}/{budget}")] for s in samples]
+        base = [records[(s, f"{policy}/{BASELINE}/{budget}")] for s in samples]
+        values, weights, transform = headline_terms(task, ours)
+        base_values, _, _ = headline_terms(task, base)
+        transform = transform or (lambda x: x)
 
-    title = f"squeeze vs uniform at equal memory: change of {task.metric} in % (positive: squeeze better)"
-    return policy_budget_table(title, config, change)
+        def relative(mean_a, mean_b):
+            a, b = transform(mean_a), transform(mean_b)
+            return 100 * sign * (a - b) / np.where(b == 0, np.nan, np.abs(b))
 
-
-def squeeze_wins(config: EvalConfig, task: Task, samples: list[str], records: dict) -> list[str]:
-    """Per policy and budget: on how many samples ``squeeze`` strictly beats ``uniform`` (paired)."""
-    if not {"uniform", "squeeze"} <= set(config.allocators):
-        return []
-    sign = 1.0 if task.higher_is_better else -1.0
-
-    def value(sample: str, policy: str, allocator: str, budget) -> float:
-        return sign * records[(sample, f"{policy}/{allocator}/{budget}")]["metrics"][task.metric]
+        interval = paired_bootstrap(values, base_values, weights, relative)
+        if np.isnan(interval.difference):
+            return "n/a"
+        mark = "*" if interval.decided else ""
+        return f"{interval.difference:+.2f}{mark} [{interval.low:+.2f}, {interval.high:+.2f}]"
 
     def wins(policy: str, budget) -> str:
-        better = [value(s, policy, "squeeze", budget) > value(s, policy, "uniform", budget) for s in samples]
-        return str(sum(better))
+        def value(sample: str, name: str) -> float:
+            return sign * records[(sample, f"{policy}/{name}/{budget}")]["metrics"][task.metric]
 
-    title = f"samples on which squeeze beats uniform (per-sample {task.metric}, of {len(samples)})"
-    return policy_budget_table(title, config, wins)
+        return str(sum(value(s, allocator) > value(s, BASELINE) for s in samples))
+
+    title = (
+        f"{allocator} vs {BASELINE} at equal memory: change of {task.metric} in % (positive: {allocator} "
+        "better), 95 % paired bootstrap interval; * the interval excludes 0"
+    )
+    counted = f"samples on which {allocator} beats {BASELINE} (per-sample {task.metric}, of {len(samples)})"
+    return [
+        *policy_budget_table(title, config, change),
+        "",
+        *policy_budget_table(counted, config, wins),
+        "",
+    ]
 
 
 def markdown(
@@ -135,7 +169,8 @@ def markdown(
         lines += [f"### {task.metric} / full-cache {task.metric}", "", *table(config, summaries, ratio), ""]
     lines += ["### KV tokens held per layer (mean, end of run)", ""]
     lines += [*table(config, summaries, lambda s, _: f"{s.kv_tokens:.1f}"), ""]
-    gain = squeeze_gain(config, task, summaries)
-    if gain:
-        lines += [*gain, "", *squeeze_wins(config, task, samples, records), ""]
+    if BASELINE in config.allocators:
+        for allocator in config.allocators:
+            if allocator != BASELINE:
+                lines += versus_baseline(config, task, samples, records, allocator)
     return "\n".join(lines)

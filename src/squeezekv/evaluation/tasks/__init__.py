@@ -27,6 +27,9 @@ class TaskOptions:
     passkey_lengths: tuple[int, ...] | None = None
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
+    ruler_subtasks: tuple[str, ...] | None = None
+    ruler_lengths: tuple[int, ...] | None = None
+    ruler_samples: int = 100
 
 
 @dataclass(frozen=True)
@@ -100,4 +103,4 @@ def model_context(model: nn.Module, default: int = 2048) -> int:
     return min(default, limit) if limit else default
 
 
-from squeezekv.evaluation.tasks import fidelity, longbench, passkey, ppl  # noqa: E402,F401  (registers them)
+from squeezekv.evaluation.tasks import drift, fidelity, longbench, passkey, ppl, ruler  # noqa: E402,F401  (registers them)

@@ -1,8 +1,9 @@
 """Perplexity of held-out text scored token by token after a compressed prompt.
 
-Each document gives one fixed window of ``context`` tokens: the first three quarters are the
-prompt (prefilled and compressed), the next ``score_tokens`` are fed one at a time while the cache
-keeps evicting, and each is scored before it is fed.
+Documents come from every source of the held-out set in turn (so ``--limit 32`` is 32 documents
+from 32 sources, not one source's first files). Each gives one fixed window of ``context`` tokens:
+the first three quarters are the prompt (prefilled and compressed), the next ``score_tokens`` are
+fed one at a time while the cache keeps evicting, and each is scored before it is fed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 
+import numpy as np
 import torch
 
 from squeezekv.evaluation.data import load_documents
@@ -88,6 +90,10 @@ class Perplexity(Task):
         """Perplexity over all scored tokens of all documents (not a mean of perplexities)."""
         mean_nll = sum(r["nll_sum"] for r in results) / sum(r["tokens"] for r in results)
         return {"ppl": math.exp(mean_nll), "nll": mean_nll}
+
+    def bootstrap_terms(self, results):
+        """Each document's mean NLL weighted by its tokens; exp of their weighted mean is the perplexity."""
+        return [r["nll_sum"] / r["tokens"] for r in results], [r["tokens"] for r in results], np.exp
 
     def peer_job(self, sample):
         return {"kind": "score", "prompt": sample.prompt, "targets": sample.facts["targets"]}
