@@ -137,8 +137,21 @@ def evaluate(
     }
 
 
+def loss_runs(path: Path) -> list[tuple[list[tuple[int, float]], int]]:
+    """(loss log as (tokens, loss) pairs, tokens trained) of the run in a ``train_model`` report, or of
+    each stage of the shipped model in a training summary (``models/squeeze-ref-25m/training.json``)."""
+    data = json.loads(path.read_text())
+    if "stages" in data:
+        return [
+            ([(t, loss) for t, loss in s["loss_log"]], s["tokens_trained"])
+            for s in data["stages"]
+            if s["chain"]
+        ]
+    return [([(r["tokens"], r["loss"]) for r in data["loss_log"]], data["tokens_trained"])]
+
+
 def plot_loss(reports: list[Path], png: Path, name: str = "") -> None:
-    """Training loss against tokens seen; consecutive reports (e.g. a continued run) are chained.
+    """Training loss against tokens seen; consecutive runs (e.g. a continued run) are chained.
 
     ``name`` (default: the PNG's folder name) heads the title.
     """
@@ -147,19 +160,16 @@ def plot_loss(reports: list[Path], png: Path, name: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [run for path in reports for run in loss_runs(path)]
     fig, ax = plt.subplots(figsize=(7, 4))
     offset = 0
-    for i, path in enumerate(reports):
-        rep = json.loads(path.read_text())
-        log = rep["loss_log"]
-        ax.plot(
-            [offset + r["tokens"] / 1e6 for r in log], [r["loss"] for r in log], lw=0.8, label=f"run {i + 1}"
-        )
-        offset += rep["tokens_trained"] / 1e6
+    for i, (log, tokens_trained) in enumerate(runs):
+        ax.plot([offset + t / 1e6 for t, _ in log], [loss for _, loss in log], lw=0.8, label=f"run {i + 1}")
+        offset += tokens_trained / 1e6
     title = f"{name or png.parent.name}: training loss (one batch per point, every 10 steps)"
     ax.set(xlabel="training tokens (M)", ylabel="loss (nats/token)", ylim=(1.5, 6), title=title)
     ax.grid(alpha=0.3)
-    if len(reports) > 1:
+    if len(runs) > 1:
         ax.legend()
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
@@ -183,7 +193,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--plot-loss", type=Path, help="only plot the loss of --reports into this PNG")
     parser.add_argument(
-        "--reports", type=Path, nargs="*", default=[], help="report.json files of train_model"
+        "--reports",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="train_report.json files of train_model, or a training summary such as "
+        "models/squeeze-ref-25m/training.json",
     )
     args = parser.parse_args()
     if args.trials < 1:

@@ -20,12 +20,12 @@ training the model is cast to bf16 and saved in shards of at most 15 MB together
 then evaluated (held-out perplexity by position bucket, pass-key accuracy); ``train_report.json`` and
 ``loss_curve.png`` are written next to it.
 
-GPU run:   python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --compile
+GPU run:   python scripts/train_model.py --data .carry/train.u16.xz --out out/m --compile
 Continue:  add --init-from models/squeeze-ref-25m (weights only; see the model card for each stage)
-CPU smoke: python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --device cpu --tiny \
+CPU smoke: python scripts/train_model.py --data .carry/train.u16.xz --out out/m --device cpu --tiny \
                --seq-len 256 --batch-size 2 --steps 3 --warmup-steps 1 --synthetic-pool 4 \
                --synthetic-prob 0.5 --synthetic-max-fraction 1 --eval-trials 1 --eval-max-docs 2
-Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out /tmp/m --simulate-steps 2145 \
+Simulate:  python scripts/train_model.py --data .carry/train.u16.xz --out out/m --simulate-steps 2145 \
                --seed 6 --passkey-min-len 0.9 --passkey-depth-power 2 --passkey-share 1.0
                (the bundled model's last stage)
 (the test suite runs the smoke path too: tests/test_reference.py::test_training_smoke_cpu)

@@ -30,14 +30,24 @@ def test_a_folder_without_a_model_is_refused(tmp_path):
         load_model(str(tmp_path), "cpu")
 
 
-def test_devices():
+def test_auto_and_cpu_resolve():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match=r"unknown device 'foo'; use \"auto\", \"cpu\""):
-        resolve_device("foo")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"device 'cuda' is not available \(this machine has 0 GPUs\)"):
-            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("device", ["foo", "gpu", "cuda:x", "cpu:0"])
+def test_a_device_that_is_not_one_is_named_with_the_allowed_ones(device):
+    with pytest.raises(
+        ValueError, match=f"device '{device}' is not a device; allowed: cpu, cuda, cuda:N or auto"
+    ):
+        resolve_device(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_says_so(device):
+    with pytest.raises(ValueError, match=f"device '{device}' needs a CUDA GPU and none is visible"):
+        resolve_device(device)
 
 
 def test_convert_refuses_a_non_empty_folder(tmp_path):

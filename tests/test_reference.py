@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
+from squeezekv import reference  # noqa: E402
 from squeezekv.reference import (  # noqa: E402
     PASSKEY_QUESTION,
     REFERENCE_MODEL,
@@ -60,12 +62,22 @@ def _nll(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).item()
 
 
-def test_model_path_and_env_override(tmp_path, monkeypatch):
+def test_model_and_data_are_found_under_one_root(tmp_path, monkeypatch):
     path = reference_model_path()
-    assert path.name == REFERENCE_MODEL and (path / "config.json").is_file()
-    monkeypatch.setenv("SQUEEZEKV_MODEL_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="SQUEEZEKV_MODEL_DIR"):
+    assert path == reference.DATA_ROOT / "models" / REFERENCE_MODEL and (path / "config.json").is_file()
+    monkeypatch.setattr(reference, "DATA_ROOT", tmp_path)
+    with pytest.raises(FileNotFoundError, match="SQUEEZEKV_HOME"):
         reference_model_path()
+    with pytest.raises(FileNotFoundError, match="SQUEEZEKV_HOME"):
+        load_heldout("short")
+
+
+def test_squeezekv_home_sets_the_root(tmp_path):
+    """The setting is read once, at import: a fresh interpreter sees it."""
+    code = "from squeezekv.reference import DATA_ROOT; print(DATA_ROOT)"
+    env = {**os.environ, "SQUEEZEKV_HOME": str(tmp_path)}
+    found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == str(tmp_path)
 
 
 def test_config_shape_and_size(model):

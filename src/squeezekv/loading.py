@@ -7,6 +7,7 @@ configuration) that later loads read in seconds.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,25 +16,27 @@ import torch
 
 from squeezekv.gguf import check_packages, gguf_file, unmark_quantized
 
-DEVICES = '"auto", "cpu", "cuda" or "cuda:N"'
+DEVICES = "cpu, cuda, cuda:N or auto"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-def resolve_device(text: str) -> torch.device:
-    """``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a device."""
+def resolve_device(text: str | torch.device) -> torch.device:
+    """``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a device; a
+    device this machine lacks is refused in one line."""
+    text = str(text)
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if text == "cpu":
         return torch.device("cpu")
-    kind, _, index = text.partition(":")
-    if kind == "cuda" and (not index or index.isdigit()):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(index or 0) >= count:
-            raise ValueError(
-                f"device {text!r} is not available (this machine has {count} GPUs); use {DEVICES}"
-            )
-        return torch.device(text)
-    raise ValueError(f"unknown device {text!r}; use {DEVICES}")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ValueError(f"device {text!r} is not a device; allowed: {DEVICES}")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        raise ValueError(f"device {text!r} needs a CUDA GPU and none is visible; use cpu or auto")
+    if match.group(1) is not None and int(match.group(1)) >= visible:
+        raise ValueError(f"device {text!r}: only cuda:0 to cuda:{visible - 1} are visible")
+    return torch.device(text)
 
 
 def _torch_dtype(dtype: str, device: torch.device):
@@ -53,12 +56,17 @@ def locate(name: str | None) -> tuple[Path, Path | None]:
         return reference_model_path(), None
     path = Path(name).expanduser()
     if not path.exists():
-        if not name.startswith((".", "/", "~")) and name.count("/") == 1 and not name.endswith(".gguf"):
+        if name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1:
+            raise FileNotFoundError(f"model path {name!r} does not exist")
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")  # a hub model downloaded earlier
+        if not isinstance(cached, str):
             raise FileNotFoundError(
-                f"model {name!r} is not on disk; a hub name needs a downloaded copy: pass its local folder "
-                "(for example one written by `huggingface-cli download`)"
+                f"model {name!r} is not on disk; squeezekv downloads nothing, so a hub name needs a "
+                f"downloaded copy: `hf download {name} --local-dir DIR`, then pass DIR"
             )
-        raise FileNotFoundError(f"model path {name!r} does not exist")
+        path = Path(cached).parent
     file = gguf_file(path)
     if file is None and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {name!r} holds neither a config.json nor a .gguf file")

@@ -5,6 +5,10 @@ documents it has never seen. Neither can be downloaded where this project is bui
 small Llama-architecture model (``models/squeeze-ref-25m``) and held-out documents
 (``data/heldout_*.jsonl.xz``) ship with the repository; this module finds and loads them, and builds
 the pass-key retrieval prompts used to test long-range recall.
+
+Both are found under one folder, ``DATA_ROOT``: ``$SQUEEZEKV_HOME`` when set (an installed package,
+or a copy of ``models/`` and ``data/`` elsewhere), otherwise the repository checkout this module
+sits in. It is resolved once, at import.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Any, Protocol
 
 REFERENCE_MODEL = "squeeze-ref-25m"
 HELDOUT_SPLITS = ("long", "short")
-MODEL_DIR_ENV = "SQUEEZEKV_MODEL_DIR"
+HOME_ENV = "SQUEEZEKV_HOME"
+# src/squeezekv/reference.py -> the repository checkout (an editable install or a source tree)
+DATA_ROOT = Path(os.environ.get(HOME_ENV) or Path(__file__).resolve().parents[2])
 
 # The classic pass-key retrieval task: a key hidden at some depth inside repetitive filler.
 PASSKEY_INTRO = (
@@ -35,34 +41,27 @@ class _Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
-def _repo_root() -> Path:
-    # src/squeezekv/reference.py -> repository root (editable install / source checkout).
-    return Path(__file__).resolve().parents[2]
-
-
 def reference_model_path() -> Path:
-    """Folder of the reference model (weights + tokenizer).
-
-    ``$SQUEEZEKV_MODEL_DIR`` wins so that an installed (non-editable) package or a CI cache can point
-    at a copy; otherwise the repository's ``models/squeeze-ref-25m`` is used.
-    """
-    override = os.environ.get(MODEL_DIR_ENV)
-    path = Path(override) if override else _repo_root() / "models" / REFERENCE_MODEL
+    """Folder of the reference model (weights + tokenizer): ``DATA_ROOT/models/squeeze-ref-25m``."""
+    path = DATA_ROOT / "models" / REFERENCE_MODEL
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"reference model not found at {path} (expected config.json there); set ${MODEL_DIR_ENV} "
-            "or rebuild it as described in models/squeeze-ref-25m/README.md"
+            f"reference model not found at {path} (expected config.json there); point ${HOME_ENV} at "
+            "a folder holding models/ and data/ as the repository does"
         )
     return path
 
 
 def heldout_path(split: str) -> Path:
-    """Path of a held-out split file; the data folder sits next to ``models/`` in the repository."""
+    """Path of a held-out split file: ``DATA_ROOT/data/heldout_<split>.jsonl.xz``."""
     if split not in HELDOUT_SPLITS:
         raise ValueError(f"unknown held-out split {split!r}; allowed: {', '.join(HELDOUT_SPLITS)}")
-    path = _repo_root() / "data" / f"heldout_{split}.jsonl.xz"
+    path = DATA_ROOT / "data" / f"heldout_{split}.jsonl.xz"
     if not path.is_file():
-        raise FileNotFoundError(f"held-out data not found at {path}; rebuild with scripts/build_corpus.py")
+        raise FileNotFoundError(
+            f"held-out data not found at {path}; point ${HOME_ENV} at the repository, "
+            "or rebuild it with scripts/build_corpus.py"
+        )
     return path
 
 

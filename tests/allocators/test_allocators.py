@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squeezekv import SqueezeConfig
-from squeezekv.allocators import Pyramid, Squeeze, conserve
+from squeezekv.allocators import Blend, Pyramid, Squeeze, SqueezeLowest, SqueezeRandom, conserve
 from squeezekv.allocators.squeeze import kmeans_1d
 
 
@@ -150,3 +150,34 @@ def test_squeeze_clusters_fewer_layers_than_groups_into_as_many_groups():
 def test_bad_settings_are_refused_with_the_setting_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# a SmolLM2-like profile: three layers stand out, the rest are alike
+PROFILE = torch.tensor([0.61, 0.85] + [0.98, 0.97] * 11 + [0.89] + [0.97] * 5, dtype=torch.float64)
+CAPS = torch.full((30,), 4096.0)
+
+
+def test_controls_squeeze_as_many_layers_as_squeeze_but_others():
+    squeezed = Squeeze().squeezed_layers(PROFILE)
+    lowest = SqueezeLowest().squeezed_layers(PROFILE)
+    assert int(lowest.sum()) == int(squeezed.sum()) == 27
+    assert set(torch.argsort(PROFILE, stable=True)[:27].tolist()) == set(lowest.nonzero().flatten().tolist())
+    drawn = [SqueezeRandom(seed=seed).squeezed_layers(PROFILE) for seed in (0, 0, 1)]
+    assert all(int(d.sum()) == 27 for d in drawn) and torch.equal(drawn[0], drawn[1])
+    assert not torch.equal(drawn[0], drawn[2])
+    for allocator in (Squeeze(), SqueezeLowest(), SqueezeRandom()):  # same budget rule, same total
+        budgets = allocator.allocate(PROFILE, 800, floor=1, caps=CAPS)
+        assert (
+            int(budgets.sum()) == 30 * 800
+            and sorted(budgets.tolist())[:27]
+            == sorted(Squeeze().allocate(PROFILE, 800, floor=1, caps=CAPS).tolist())[:27]
+        )
+
+
+def test_blend_moves_a_bounded_share_by_contribution():
+    budgets = Blend(share=0.3).allocate(PROFILE, 800, floor=1, caps=CAPS)
+    assert int(budgets.sum()) == 30 * 800
+    assert int(budgets.min()) >= 0.7 * 800 and int(budgets.argmax()) == 0  # the lowest similarity
+    assert torch.equal(Blend(share=0.0).allocate(PROFILE, 800, floor=1, caps=CAPS), torch.full((30,), 800))
+    with pytest.raises(ValueError, match=r"share=1.5 must be in \[0, 1\]"):
+        Blend(share=1.5)

@@ -11,7 +11,14 @@ from squeezekv.evaluation.grid import EvalConfig
 from squeezekv.evaluation.metrics import string_match_all, string_match_part
 from squeezekv.evaluation.runner import run_eval
 from squeezekv.evaluation.tasks import TaskOptions, task_named
-from squeezekv.evaluation.tasks.ruler import SUBTASKS, Generator, largest_fitting, until_eos, write_samples
+from squeezekv.evaluation.tasks.ruler import (
+    SUBTASKS,
+    Generator,
+    largest_fitting,
+    read_samples,
+    until_eos,
+    write_samples,
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +136,14 @@ def test_tiny_run_writes_scores_and_samples(reference, tmp_path):
     assert [w["id"] for w in written] == [s.id for s in samples]
     assert written[0]["input_ids"] == tokenizer(written[0]["prompt"]).input_ids
     assert written[0]["answers"][0] in written[0]["prompt"] and written[0]["max_new_tokens"] == 128
+    replayed = TaskOptions(samples_file=str(tmp_path / "s.jsonl"))
+    assert task_named("ruler", replayed).samples(tokenizer, model) == samples  # the very same samples
+
+
+def test_a_bad_samples_file_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: line 1 is not a RULER sample"):
+        read_samples(bad)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_samples(tmp_path / "missing.jsonl")

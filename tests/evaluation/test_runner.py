@@ -50,19 +50,13 @@ def test_unknown_task_and_missing_model(eval_args, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_foreign_or_corrupt_out_dirs_are_refused(eval_args, tmp_path, capsys):
+def test_foreign_out_dirs_are_refused(eval_args, tmp_path, capsys):
     out = tmp_path / "foreign"
     out.mkdir()
     (out / "results.jsonl").write_text("{}\n")
     assert main(eval_args("ppl", out=out)) == 2
     assert "holds results but no config.json" in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == "{}\n"
-    good = tmp_path / "good"
-    assert main(eval_args("ppl", out=good)) == 0
-    lines = (good / "results.jsonl").read_text().splitlines()
-    (good / "results.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
-    assert main(eval_args("ppl", out=good)) == 2
-    assert "results.jsonl:2: not a results line" in capsys.readouterr().err
 
 
 def test_config_json_records_the_run(eval_args, tmp_path):

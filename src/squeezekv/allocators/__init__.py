@@ -15,15 +15,21 @@ from squeezekv.allocators.base import (
     register_allocator,
     resolve_allocator,
 )
+from squeezekv.allocators.blend import Blend
 from squeezekv.allocators.pyramid import Pyramid
 from squeezekv.allocators.squeeze import Squeeze
+from squeezekv.allocators.squeeze_lowest import SqueezeLowest
+from squeezekv.allocators.squeeze_random import SqueezeRandom
 from squeezekv.allocators.uniform import Uniform
 
 __all__ = [
     "ALLOCATORS",
     "Allocator",
+    "Blend",
     "Pyramid",
     "Squeeze",
+    "SqueezeLowest",
+    "SqueezeRandom",
     "Targets",
     "Uniform",
     "conserve",

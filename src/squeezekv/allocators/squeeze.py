@@ -65,9 +65,13 @@ class Squeeze(Allocator):
         self.require(0.0 < self.p <= 1.0, "p", "in (0, 1]")
         self.require(self.groups >= 2, "groups", "an integer >= 2")
 
-    def targets(self, similarity: torch.Tensor, mean_budget: int) -> Targets:
+    def squeezed_layers(self, similarity: torch.Tensor) -> torch.Tensor:
+        """Which layers get ``p * b``: the cluster with the highest similarity (least important)."""
         labels = torch.tensor(kmeans_1d(similarity.tolist(), self.groups))
-        squeezed = labels == labels.max()
+        return labels == labels.max()
+
+    def targets(self, similarity: torch.Tensor, mean_budget: int) -> Targets:
+        squeezed = self.squeezed_layers(similarity)
         layers, n_squeezed = similarity.numel(), int(squeezed.sum())
         if n_squeezed == layers:  # one cluster: nothing to tell the layers apart
             return Targets(torch.full_like(similarity, float(mean_budget)))

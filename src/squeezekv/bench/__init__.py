@@ -24,10 +24,6 @@ visible GPUs (accelerate), decoding without CUDA graphs.
 The package, by job: :mod:`~squeezekv.bench.shapes` (models), :mod:`~squeezekv.bench.config` (what
 a run measures), :mod:`~squeezekv.bench.measure` (timing a path), :mod:`~squeezekv.bench.gqa`,
 :mod:`~squeezekv.bench.agreement` (fast equals simple), :mod:`~squeezekv.bench.orchestrate` (the
-run), :mod:`~squeezekv.bench.peer` (kvpress), :mod:`~squeezekv.bench.report` and
-:mod:`~squeezekv.bench.command` (the CLI entry points, re-exported here).
+run), :mod:`~squeezekv.bench.peer` (kvpress) and :mod:`~squeezekv.bench.report`; the command's
+options live in :mod:`squeezekv.cli.bench`.
 """
-
-from squeezekv.bench.command import add_arguments, run
-
-__all__ = ["add_arguments", "run"]

@@ -4,36 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from squeezekv.bench.shapes import shape_config
 from squeezekv.config import SqueezeConfig
 from squeezekv.engine import WARM_STEPS
+from squeezekv.loading import resolve_device
 from squeezekv.peers import press_settings
 
 BASELINES = ("hf_dynamic", "hf_static", "hf_static_gqa", "full")
 # the bench sizes a press's batch from its kept tokens, the same in every layer for these (PyramidKV
 # varies them per layer; observed attention needs eager attention, the whole score matrix per layer)
 BENCH_PRESSES = {"kvpress": ("streaming", "snapkv")}
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` is the GPU when one is visible, else the CPU; any other device must exist here."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not one of cpu, cuda, cuda:N or auto") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not one of cpu, cuda, cuda:N or auto")
-    if parsed.type == "cuda":
-        visible = torch.cuda.device_count()
-        if visible == 0:
-            raise ValueError(f"device {device!r}: no CUDA GPU is visible here; use --device cpu or auto")
-        if parsed.index is not None and parsed.index >= visible:
-            raise ValueError(f"device {device!r}: only {visible} CUDA GPU(s) are visible")
-    return device
 
 
 @dataclass(frozen=True)
@@ -66,7 +46,7 @@ class BenchConfig:
     peer_presses: tuple[str, ...] = BENCH_PRESSES["kvpress"]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "device", resolve_device(self.device))  # frozen: resolved once, here
+        object.__setattr__(self, "device", str(resolve_device(self.device)))  # frozen: resolved once, here
         shape_config(self.shape)  # a bad shape or config.json fails here, before any model is built
         if self.prompt_tokens < 1 or self.reference_batch < 1:
             raise ValueError("prompt_tokens and reference_batch must be >= 1")

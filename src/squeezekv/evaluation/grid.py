@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from squeezekv import SqueezeConfig
-from squeezekv.allocators import Squeeze
 from squeezekv.evaluation.tasks import TaskOptions
 
 FULL = "full"
@@ -56,7 +55,6 @@ class EvalConfig:
     budgets: tuple[float | int, ...]
     policies: tuple[str, ...]
     allocators: tuple[str, ...]
-    p: float = Squeeze.p
     limit: int | None = None
     dtype: str = "auto"
     options: TaskOptions = field(default_factory=TaskOptions)
@@ -96,9 +94,8 @@ class EvalConfig:
         return self.own_config(cell.budget, cell.policy, cell.allocator)
 
     def own_config(self, budget: float | int, policy: str, allocator: str) -> SqueezeConfig:
-        """``p`` tunes the squeeze allocator only."""
-        settings = {"p": self.p} if allocator == "squeeze" else {}
-        return SqueezeConfig.build(budget=budget, policy=policy, allocator=allocator, **settings)
+        """``policy`` and ``allocator`` are names or specs (``squeeze:p=0.5``)."""
+        return SqueezeConfig(budget=budget, policy=policy, allocator=allocator)
 
     def identity(self) -> dict:
         """The fields that decide what a run measures (JSON-shaped, for comparing with a stored run)."""

@@ -8,10 +8,13 @@ and ``summary.md`` is rewritten after every batch, so a run cut short still leav
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 from tqdm import tqdm
+from transformers.utils import logging
 
 from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig
 from squeezekv.evaluation.peer import check_peer, run_peer
@@ -31,6 +34,18 @@ def record(sample: Sample, cell: Cell, result: dict, seconds: float) -> dict:
     return {"sample": sample.id, "cell": cell.key, **fields, **result, "seconds": round(seconds, 4)}
 
 
+@contextmanager
+def whole_documents_tokenized() -> Iterator[None]:
+    """Tasks tokenize whole documents and cut them to the model's length on purpose, so the
+    tokenizer's warning that a sequence exceeds that length is noise here: silenced, only here."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def run_eval(config: EvalConfig, model: nn.Module, tokenizer, out: str | Path, progress: bool = True) -> Path:
     """Runs (or resumes) the grid into ``out``; returns the path of ``summary.md``."""
     task = task_named(config.task, config.options)
@@ -38,7 +53,8 @@ def run_eval(config: EvalConfig, model: nn.Module, tokenizer, out: str | Path, p
         if not task.peer_supported:
             raise ValueError(f"task {config.task!r} cannot run on a peer library")
         check_peer(config.peer, config.peer_python)
-    samples = task.samples(tokenizer, model)[: config.limit]
+    with whole_documents_tokenized():
+        samples = task.samples(tokenizer, model)[: config.limit]
     ids = [sample.id for sample in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"the {config.task} samples have repeated ids; give every record a unique id")

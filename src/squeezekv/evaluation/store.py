@@ -1,7 +1,8 @@
 """The output directory: ``config.json``, the append-only ``results.jsonl`` and atomic rewrites.
 
 A run appends one line per (sample, cell) and flushes it, so an interrupted run loses at most the
-line being written; a rerun reads the file back and skips every pair already there.
+line being written; a rerun reads the file back and skips every pair already there. A line that
+cannot be read (a damaged file) is moved to ``results.jsonl.bad`` and its pair is simply redone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from squeezekv.evaluation.grid import EvalConfig, to_json
 
-CONFIG, RESULTS = "config.json", "results.jsonl"
+CONFIG, RESULTS, SET_ASIDE = "config.json", "results.jsonl", "results.jsonl.bad"
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -29,6 +30,19 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def read_config(path: Path) -> dict:
+    """A stored run's ``config.json``; a damaged one is refused, named."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path}: not a readable run configuration ({error}); fix it or choose another --out"
+        ) from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: not a run configuration (a JSON object); fix it or choose another --out")
+    return stored
 
 
 class ResultStore:
@@ -48,7 +62,7 @@ class ResultStore:
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"--out {str(self.directory)!r} is a file, not a directory")
         if config_path.is_file():
-            stored = json.loads(config_path.read_text(encoding="utf-8"))
+            stored = read_config(config_path)
             wanted = config.identity()
             differing = sorted(
                 name
@@ -68,22 +82,33 @@ class ResultStore:
         write_atomic(config_path, json.dumps(to_json(config), indent=2) + "\n")
 
     def load(self) -> None:
+        """Reads the stored results; unreadable lines are set aside so that their pairs are redone."""
         if not self.path.exists():
             return
-        text = self.path.read_text(encoding="utf-8")
+        text = self.path.read_text(encoding="utf-8", errors="replace")
         lines = text.split("\n")
-        if lines and lines[-1]:  # an interrupted write: drop the partial line, it is recomputed
+        unfinished = lines.pop()  # "" unless a write was interrupted; that line is recomputed
+        if unfinished:
             print(f"{self.path}: dropping an unfinished last line from an interrupted run", file=sys.stderr)
-            write_atomic(self.path, "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
-            lines = lines[:-1]
+        kept, bad = [], []
         for number, line in enumerate(lines, start=1):
             if not line:
                 continue
             try:
                 record = json.loads(line)
                 self.records[(record["sample"], record["cell"])] = record
+                kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{self.path}:{number}: not a results line; choose another --out") from None
+                bad.append(line)
+                print(
+                    f"{self.path}:{number}: not a results line; moved to {SET_ASIDE}, its result is redone",
+                    file=sys.stderr,
+                )
+        if bad:
+            with (self.directory / SET_ASIDE).open("a", encoding="utf-8") as file:
+                file.write("".join(line + "\n" for line in bad))
+        if bad or unfinished:
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def done(self, sample: str, cell: str) -> bool:
         return (sample, cell) in self.records

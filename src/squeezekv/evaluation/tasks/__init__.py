@@ -30,6 +30,10 @@ class TaskOptions:
     ruler_subtasks: tuple[str, ...] | None = None
     ruler_lengths: tuple[int, ...] | None = None
     ruler_samples: int = 100
+    samples_file: str | None = None  # run exactly these samples (a JSONL from --write-samples)
+    engine: str = (
+        "simple"  # how compressed cells generate: "simple" (session hooks) or "fast" (FastGenerator)
+    )
 
 
 @dataclass(frozen=True)

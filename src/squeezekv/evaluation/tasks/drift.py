@@ -64,7 +64,9 @@ class Drift(Task):
 
     def answers(self, model, tokenizer, samples, config) -> tuple[list[str], float]:
         prompts = [sample.prompt for sample in samples]
-        tokens, held = greedy_generate(model, prompts, ANSWER_TOKENS, config, pad_id(tokenizer))
+        tokens, held = greedy_generate(
+            model, prompts, ANSWER_TOKENS, config, pad_id(tokenizer), self.options.engine
+        )
         texts = [
             tokenizer.decode(until_eos(row, tokenizer), skip_special_tokens=True).strip() for row in tokens
         ]

@@ -166,7 +166,9 @@ class LongBench(Task):
         results = [None] * len(samples)
         for new_tokens, indices in groups.items():
             prompts = [samples[i].prompt for i in indices]
-            answers, held = greedy_generate(model, prompts, new_tokens, config, pad_id(tokenizer))
+            answers, held = greedy_generate(
+                model, prompts, new_tokens, config, pad_id(tokenizer), self.options.engine
+            )
             for i, answer in zip(indices, answers, strict=True):
                 results[i] = self.scored(tokenizer, samples[i], answer, held)
         return results

@@ -55,7 +55,9 @@ class Passkey(Task):
 
     def evaluate(self, model, tokenizer, samples, prepared, config):
         prompts = [sample.prompt for sample in samples]
-        answers, held = greedy_generate(model, prompts, ANSWER_TOKENS, config, pad_id(tokenizer))
+        answers, held = greedy_generate(
+            model, prompts, ANSWER_TOKENS, config, pad_id(tokenizer), self.options.engine
+        )
         return [
             self.scored(tokenizer, sample, answer, held)
             for sample, answer in zip(samples, answers, strict=True)

@@ -324,6 +324,8 @@ class Ruler(Task):
         return names, lengths, options.ruler_samples
 
     def samples(self, tokenizer, model):
+        if self.options.samples_file is not None:
+            return read_samples(self.options.samples_file)
         names, lengths, count = self.settings(model)
         generator = Generator(tokenizer, load_documents(self.options.data))
         samples = []
@@ -341,7 +343,9 @@ class Ruler(Task):
         results = [None] * len(samples)
         for new_tokens, indices in groups.items():
             prompts = [samples[i].prompt for i in indices]
-            answers, held = greedy_generate(model, prompts, new_tokens, config, pad_id(tokenizer))
+            answers, held = greedy_generate(
+                model, prompts, new_tokens, config, pad_id(tokenizer), self.options.engine
+            )
             for i, answer in zip(indices, answers, strict=True):
                 results[i] = self.scored(tokenizer, samples[i], answer, held)
         return results
@@ -415,3 +419,25 @@ def write_samples(samples: list[Sample], path: str | Path) -> Path:
     temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     temporary.replace(path)
     return path
+
+
+def read_samples(path: str | Path) -> list[Sample]:
+    """The samples :func:`write_samples` wrote, to run exactly them again (another seed, machine or tool)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"RULER samples file {str(path)!r} does not exist")
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+            facts = {
+                "subtask": record["subtask"],
+                "length": record["length"],
+                "text": record["prompt"],
+                "answers": record["answers"],
+                "new_tokens": record["max_new_tokens"],
+            }
+            samples.append(Sample(record["id"], record["input_ids"], facts))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: line {number} is not a RULER sample ({error})") from None
+    return samples

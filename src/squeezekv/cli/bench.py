@@ -6,25 +6,20 @@ import argparse
 import os
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from squeezekv.bench.config import BASELINES, BENCH_PRESSES
 from squeezekv.bench.shapes import SHAPES
+from squeezekv.cli.common import DEVICES, from_arguments
+from squeezekv.cli.common import parse_list as comma_list
 
 
-def comma_list(kind):
-    """An argparse type: ``"a,b"`` -> ``(kind("a"), kind("b"))``."""
-
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(item) for item in text.split(",") if item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a comma-separated list of {kind.__name__}"
-            ) from None
-
-    return parse
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "bench", help="throughput and memory against the full cache and transformers"
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=3, help="timed runs per path after a full-length warm-up (default 3)"
     )
     parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICES} (default auto)")
     spread = parser.add_mutually_exclusive_group()
     spread.add_argument(
         "--tp", type=int, default=1, help="tensor parallel over this many GPUs (relaunches under torchrun)"
@@ -104,9 +99,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.device_map is not None:
         args.cuda_graphs = False  # one CUDA graph cannot span the devices of a device_map
-    config = BenchConfig(
-        **{f.name: getattr(args, f.name) for f in fields(BenchConfig) if hasattr(args, f.name)}
-    )
+    config = from_arguments(BenchConfig, args)
     folder = output_folder(args.out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.tp > 1 and config.device != "cpu" and torch.cuda.device_count() < config.tp:

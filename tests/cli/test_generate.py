@@ -139,12 +139,34 @@ def test_missing_model_path_and_prompt_file(model_dir, prompt_file, tmp_path, ca
     assert "prompt file" in capsys.readouterr().err
 
 
-def test_empty_and_too_long_prompts(model_dir, tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    assert main(["generate", "--model", str(model_dir), "--prompt-file", str(empty), "--budget", "0.3"]) == 2
-    assert "empty prompt" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty or only whitespace"),
+        (b"  \n\t\n", "is empty or only whitespace"),
+        (b"\xff\xfe\x00caf\xe9", "is not UTF-8 text"),
+        (b"cache\x00\x01\x02keeps", "looks binary"),
+    ],
+)
+def test_unusable_prompt_files_are_refused_by_name(model_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(content)
+    assert generate(model_dir, path, "--budget", "0.3") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt file {str(path)!r}" in err and message in err
+
+
+def test_too_long_prompt(model_dir, tmp_path, capsys):
     long = tmp_path / "long.txt"
     long.write_text(" ".join(WORDS * 20))
-    assert main(["generate", "--model", str(model_dir), "--prompt-file", str(long), "--budget", "0.3"]) == 2
+    assert generate(model_dir, long, "--budget", "0.3") == 2
     assert "exceeds the model's maximum of 256 positions" in capsys.readouterr().err
+
+
+def test_progress_goes_to_stderr_and_json_stays_clean(model_dir, prompt_file, capsys):
+    assert generate(model_dir, prompt_file, "--budget", "0.3", "--max-new-tokens", "5", "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["decode_steps"] >= 1  # stdout is exactly one JSON object
+    assert "5/5" in captured.err and "generating" in captured.err
+    assert generate(model_dir, prompt_file, "--budget", "0.3", "--max-new-tokens", "5", "--no-progress") == 0
+    assert capsys.readouterr().err == ""
