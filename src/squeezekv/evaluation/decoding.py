@@ -61,6 +61,14 @@ def decode(
 ENGINES = ("simple", "fast")
 
 
+def pad_id(tokenizer) -> int:
+    """What fills the left of a ragged batch: the pad token, else the end-of-sequence token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: nn.Module,

@@ -9,12 +9,14 @@ with the same code as their own cells.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
 
 from squeezekv import SqueezeConfig
+from squeezekv.evaluation.decoding import greedy_generate, pad_id
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,28 @@ class Task:
         raise ValueError(f"task {self.name!r} cannot run on a peer library")
 
     def peer_result(self, tokenizer, sample: Sample, output: dict) -> dict:
+        raise NotImplementedError
+
+
+class AnswerTask(Task):
+    """A task that generates a greedy answer per sample, ``facts["new_tokens"]`` tokens long at most,
+    and scores it with :meth:`scored`; samples of one answer length are generated together."""
+
+    def evaluate(self, model, tokenizer, samples, prepared, config):
+        groups = defaultdict(list)
+        for index, sample in enumerate(samples):
+            groups[sample.facts["new_tokens"]].append(index)
+        results = [None] * len(samples)
+        for new_tokens, indices in groups.items():
+            prompts = [samples[i].prompt for i in indices]
+            answers, held = greedy_generate(
+                model, prompts, new_tokens, config, pad_id(tokenizer), self.options.engine
+            )
+            for i, answer in zip(indices, answers, strict=True):
+                results[i] = self.scored(tokenizer, samples[i], answer, held)
+        return results
+
+    def scored(self, tokenizer, sample: Sample, answer: list[int], kv_tokens: float) -> dict:
         raise NotImplementedError
 
 

@@ -9,10 +9,9 @@ requests cycle through several kinds, so no single prompt style decides the resu
 from __future__ import annotations
 
 from squeezekv.evaluation.data import load_documents
-from squeezekv.evaluation.decoding import greedy_generate
+from squeezekv.evaluation.decoding import greedy_generate, pad_id
 from squeezekv.evaluation.metrics import rouge_l
 from squeezekv.evaluation.tasks import Sample, Task, model_context, register_task
-from squeezekv.evaluation.tasks.passkey import pad_id
 from squeezekv.evaluation.tasks.ruler import until_eos
 
 ANSWER_TOKENS = 64

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 from squeezekv.evaluation import metrics
 from squeezekv.evaluation.data import read_jsonl
-from squeezekv.evaluation.decoding import greedy_generate
-from squeezekv.evaluation.tasks import Sample, Task, model_context, register_task
-from squeezekv.evaluation.tasks.passkey import pad_id
+from squeezekv.evaluation.tasks import AnswerTask, Sample, model_context, register_task
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ def score(dataset: str, prediction: str, answers: list[str], classes: list[str] 
 
 
 @register_task
-class LongBench(Task):
+class LongBench(AnswerTask):
     name = "longbench"
     metric = "score"
     higher_is_better = True
@@ -158,20 +156,6 @@ class LongBench(Task):
             }
             samples.append(Sample(str(record.get("_id", index)), middle_truncated(ids, limit), facts))
         return samples
-
-    def evaluate(self, model, tokenizer, samples, prepared, config):
-        groups = defaultdict(list)
-        for index, sample in enumerate(samples):
-            groups[sample.facts["new_tokens"]].append(index)
-        results = [None] * len(samples)
-        for new_tokens, indices in groups.items():
-            prompts = [samples[i].prompt for i in indices]
-            answers, held = greedy_generate(
-                model, prompts, new_tokens, config, pad_id(tokenizer), self.options.engine
-            )
-            for i, answer in zip(indices, answers, strict=True):
-                results[i] = self.scored(tokenizer, samples[i], answer, held)
-        return results
 
     def scored(self, tokenizer, sample: Sample, answer: list[int], kv_tokens: float) -> dict:
         text = tokenizer.decode(answer, skip_special_tokens=True)

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import random
 
-from squeezekv.evaluation.decoding import greedy_generate
+from squeezekv.evaluation.decoding import greedy_generate, pad_id
 from squeezekv.evaluation.tasks import Sample, Task, model_context, register_task
 from squeezekv.reference import passkey_prompt, random_passkey
 
 ANSWER_TOKENS = 10
-
-
-def pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
 
 
 @register_task

@@ -27,10 +27,8 @@ from itertools import pairwise
 from pathlib import Path
 
 from squeezekv.evaluation.data import load_documents
-from squeezekv.evaluation.decoding import greedy_generate
 from squeezekv.evaluation.metrics import string_match_all
-from squeezekv.evaluation.tasks import Sample, Task, register_task
-from squeezekv.evaluation.tasks.passkey import pad_id
+from squeezekv.evaluation.tasks import AnswerTask, Sample, register_task
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER's 40 evenly spaced needle depths, in %
@@ -297,7 +295,7 @@ def largest_fitting(tokens_of: Callable[[int], int], budget: int, first: int = 6
 
 
 @register_task
-class Ruler(Task):
+class Ruler(AnswerTask):
     name = "ruler"
     metric = "score"
     higher_is_better = True
@@ -335,20 +333,6 @@ class Ruler(Task):
                     generator.sample(name, length, index, self.options.seed) for index in range(count)
                 ]
         return samples
-
-    def evaluate(self, model, tokenizer, samples, prepared, config):
-        groups = defaultdict(list)
-        for index, sample in enumerate(samples):
-            groups[sample.facts["new_tokens"]].append(index)
-        results = [None] * len(samples)
-        for new_tokens, indices in groups.items():
-            prompts = [samples[i].prompt for i in indices]
-            answers, held = greedy_generate(
-                model, prompts, new_tokens, config, pad_id(tokenizer), self.options.engine
-            )
-            for i, answer in zip(indices, answers, strict=True):
-                results[i] = self.scored(tokenizer, samples[i], answer, held)
-        return results
 
     def scored(self, tokenizer, sample: Sample, answer: list[int], kv_tokens: float) -> dict:
         text = tokenizer.decode(until_eos(answer, tokenizer), skip_special_tokens=True)
@@ -409,6 +393,7 @@ def write_samples(samples: list[Sample], path: str | Path) -> Path:
                 "prompt": sample.facts["text"],
                 "input_ids": sample.prompt,
                 "answers": sample.facts["answers"],
+                "depths": sample.facts["depths"],
                 "max_new_tokens": sample.facts["new_tokens"],
                 "metric": "string_match_all",
             }
@@ -436,6 +421,7 @@ def read_samples(path: str | Path) -> list[Sample]:
                 "text": record["prompt"],
                 "answers": record["answers"],
                 "new_tokens": record["max_new_tokens"],
+                "depths": record.get("depths"),  # where the needles sit, when the writer recorded it
             }
             samples.append(Sample(record["id"], record["input_ids"], facts))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
