@@ -11,7 +11,7 @@ from __future__ import annotations
 from squeezekv.evaluation.data import load_documents
 from squeezekv.evaluation.decoding import greedy_generate, pad_id
 from squeezekv.evaluation.metrics import rouge_l
-from squeezekv.evaluation.tasks import Sample, Task, model_context, register_task
+from squeezekv.evaluation.tasks.base import Sample, Task, model_context, register_task
 from squeezekv.evaluation.tasks.ruler import until_eos
 
 ANSWER_TOKENS = 64

@@ -12,7 +12,7 @@ import torch
 
 from squeezekv.evaluation.decoding import decode
 from squeezekv.evaluation.metrics import kl_divergence
-from squeezekv.evaluation.tasks import Task, register_task
+from squeezekv.evaluation.tasks.base import Task, register_task
 from squeezekv.evaluation.tasks.ppl import document_windows, stacked
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from squeezekv.evaluation import metrics
 from squeezekv.evaluation.data import read_jsonl
-from squeezekv.evaluation.tasks import AnswerTask, Sample, model_context, register_task
+from squeezekv.evaluation.tasks.base import AnswerTask, Sample, model_context, register_task
 
 
 @dataclass(frozen=True)

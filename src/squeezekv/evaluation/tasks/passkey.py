@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from squeezekv.evaluation.decoding import greedy_generate, pad_id
-from squeezekv.evaluation.tasks import Sample, Task, model_context, register_task
+from squeezekv.evaluation.tasks.base import Sample, Task, model_context, register_task
 from squeezekv.reference import passkey_prompt, random_passkey
 
 ANSWER_TOKENS = 10

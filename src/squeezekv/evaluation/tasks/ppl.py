@@ -17,7 +17,7 @@ import torch
 from squeezekv.evaluation.data import load_documents
 from squeezekv.evaluation.decoding import decode
 from squeezekv.evaluation.metrics import perplexity, token_nll
-from squeezekv.evaluation.tasks import Sample, Task, model_context, register_task
+from squeezekv.evaluation.tasks.base import Sample, Task, model_context, register_task
 
 PROMPT_SHARE = 0.75
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from squeezekv.evaluation.data import load_documents
 from squeezekv.evaluation.metrics import string_match_all
-from squeezekv.evaluation.tasks import AnswerTask, Sample, register_task
+from squeezekv.evaluation.tasks.base import AnswerTask, Sample, register_task
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER's 40 evenly spaced needle depths, in %
