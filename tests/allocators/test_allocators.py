@@ -6,8 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squeezekv import SqueezeConfig
-from squeezekv.allocators import Blend, Pyramid, Squeeze, SqueezeLowest, SqueezeRandom, conserve
+from squeezekv.allocators import Pyramid, Squeeze, conserve
+from squeezekv.allocators.blend import Blend
 from squeezekv.allocators.squeeze import kmeans_1d
+from squeezekv.allocators.squeeze_lowest import SqueezeLowest
+from squeezekv.allocators.squeeze_random import SqueezeRandom
 
 
 def brute_force_kmeans_cost(values: list[float], groups: int) -> float:

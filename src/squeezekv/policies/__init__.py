@@ -3,8 +3,12 @@
 A policy ranks a layer's cached tokens; :func:`select` keeps the best-ranked ones. Policies that
 rank by attention ask for the attention mass of the last ``scored_queries`` queries of a forward
 and fold it into the layer's running scores. Adding a policy is one small module: a frozen
-dataclass of its settings, decorated with :func:`register_policy` and imported below.
+dataclass of its settings, decorated with :func:`register_policy`. Every module of this package is imported
+(so registered) below: a new file needs no other edit; the built-in ones are also exported by name.
 """
+
+import importlib
+import pkgutil
 
 from squeezekv.policies.base import (
     KEEP,
@@ -33,3 +37,6 @@ __all__ = [
     "resolve_policy",
     "select",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
