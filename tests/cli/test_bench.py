@@ -58,3 +58,10 @@ def test_the_device_defaults_to_auto_and_a_bad_one_is_one_clear_error(tmp_path, 
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU and none is visible"):
             BenchConfig(shape="tiny", device="cuda")
+
+
+def test_a_shape_too_large_for_this_cpu_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(orchestrate, "benchmark", never_run)
+    assert main(["bench", "--device", "cpu", "--shape", "llama2-70b", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "shape 'llama2-70b' needs 257.0 GiB of float32 weights on the CPU" in err and "--shape tiny" in err

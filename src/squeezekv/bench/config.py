@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from squeezekv.bench.shapes import shape_config
+from squeezekv.bench.shapes import check_fits_in_memory
 from squeezekv.config import SqueezeConfig
 from squeezekv.engine import WARM_STEPS
 from squeezekv.loading import resolve_device
@@ -47,7 +47,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", str(resolve_device(self.device)))  # frozen: resolved once, here
-        shape_config(self.shape)  # a bad shape or config.json fails here, before any model is built
+        check_fits_in_memory(self.shape, self.device)  # a bad shape fails here, before any model is built
         if self.prompt_tokens < 1 or self.reference_batch < 1:
             raise ValueError("prompt_tokens and reference_batch must be >= 1")
         if self.new_tokens <= WARM_STEPS + 1:

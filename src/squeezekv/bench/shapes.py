@@ -87,6 +87,29 @@ def shape_config(shape: str):
         raise ValueError(f"shape {shape!r} is not a model's config.json: {first}") from None
 
 
+def weight_bytes(shape: str, device: str) -> int:
+    """The bytes of a shape's weights as :func:`build_model` makes them (counted on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape_config(shape))
+    return sum(p.numel() for p in model.parameters()) * (4 if device == "cpu" else 2)
+
+
+def check_fits_in_memory(shape: str, device: str) -> None:
+    """On a CPU, refuses a shape whose weights alone would not fit in this machine's memory."""
+    if device != "cpu":
+        return
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    needed = weight_bytes(shape, device)
+    if needed > 0.8 * memory:
+        raise ValueError(
+            f"shape {shape!r} needs {needed / 2**30:.1f} GiB of float32 weights on the CPU, more than "
+            f"this machine's {memory / 2**30:.1f} GiB allow; use --device cuda, or --shape tiny to try "
+            "the bench here"
+        )
+
+
 def build_model(
     shape: str, device: str, max_positions: int, tp: int = 1, device_map: str | None = None
 ) -> nn.Module:
