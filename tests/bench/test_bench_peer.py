@@ -112,7 +112,7 @@ def test_bad_peer_settings_are_rejected(tmp_path, capsys):
         BenchConfig(peer="kvpress", device_map="balanced", cuda_graphs=False)
     with pytest.raises(ValueError, match="kvpress snapkv needs prompts longer than 32 tokens, not 32"):
         BenchConfig(peer="kvpress", prompt_tokens=32)
-    BenchConfig(peer="kvpress", prompt_tokens=32, peer_presses=("streaming",))
+    BenchConfig(shape="tiny", peer="kvpress", prompt_tokens=32, peer_presses=("streaming",))
     assert main(bench_args(None, tmp_path)) == 2
     assert "--peer kvpress needs --peer-python" in capsys.readouterr().err
     assert main(bench_args(tmp_path / "nope", tmp_path)) == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from squeezekv.bench.shapes import check_fits_in_memory
+from squeezekv.bench.shapes import check_fits_in_memory, shape_config
 from squeezekv.config import SqueezeConfig
 from squeezekv.engine import WARM_STEPS
 from squeezekv.loading import resolve_device
@@ -47,7 +47,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", str(resolve_device(self.device)))  # frozen: resolved once, here
-        check_fits_in_memory(self.shape, self.device)  # a bad shape fails here, before any model is built
+        shape_config(self.shape)  # a bad shape or config.json fails here, before any model is built
         if self.prompt_tokens < 1 or self.reference_batch < 1:
             raise ValueError("prompt_tokens and reference_batch must be >= 1")
         if self.new_tokens <= WARM_STEPS + 1:
@@ -72,6 +72,7 @@ class BenchConfig:
                     SqueezeConfig(budget=budget, policy=policy, allocator=allocator)
         if self.peer is not None:
             self.check_peer_settings()
+        check_fits_in_memory(self.shape, self.device)
 
     @property
     def total_tokens(self) -> int:
