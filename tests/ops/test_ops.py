@@ -1,9 +1,8 @@
 """Every Triton kernel against its torch twin: the same arguments give the same results and the same
 in-place changes.
 
-The prefill pair and bf16 matrix products need a GPU (Triton's interpreter computes bf16 products
-wrongly); the rest run anywhere Triton is installed: without a GPU, in Triton's interpreter
-(``tests/conftest.py`` turns it on).
+bf16 matrix products need a GPU (Triton's interpreter computes them wrongly); the rest run anywhere
+Triton is installed: without a GPU, in Triton's interpreter (``tests/conftest.py`` turns it on).
 """
 
 from __future__ import annotations
@@ -55,6 +54,10 @@ def prefill_case(seed, batch=2, kv_heads=2, group=2, cached=37, queries=70, dim=
 
 
 def prefill_cases():
+    """Padded rows, windows, per-head positions, every query scored or the last few; the longer
+    cases span several blocks of rows and keys, so that blocks off the diagonal take the kernels'
+    unmasked path."""
+    close = dict(atol=2e-5, rtol=1e-4)
     for per_head in (False, True):
         for window in (None, 29):
             for scored in (70, 9):
@@ -63,10 +66,14 @@ def prefill_cases():
                 )
                 args = (query, key, value, positions, valid, first_column, window, 0.3, scored, query_valid)
                 real = query_valid[:, None, :, None].expand_as(query)
-                yield (
-                    f"per_head={per_head}-window={window}-scored={scored}",
-                    Case(args, dict(atol=2e-5, rtol=1e-4), gpu=True, rows=real),
-                )
+                yield f"per_head={per_head}-window={window}-scored={scored}", Case(args, close, rows=real)
+    for window, scored in ((None, 300), (29, 40)):
+        query, key, value, positions, valid, first_column, query_valid = prefill_case(
+            2, queries=300, cached=150, per_head=True
+        )
+        args = (query, key, value, positions, valid, first_column, window, 0.3, scored, query_valid)
+        real = query_valid[:, None, :, None].expand_as(query)
+        yield f"long-window={window}-scored={scored}", Case(args, close, rows=real)
     query, key, value, positions, valid, first_column, query_valid = prefill_case(
         1, queries=300, cached=200, dim=64
     )
@@ -223,3 +230,17 @@ def test_the_dispatch_rule_is_a_gpu_tensor_with_triton_installed():
     assert not common.use_triton(torch.zeros(1))
     if GPU:
         assert common.use_triton(torch.zeros(1, device="cuda")) == (common.triton is not None)
+
+
+def test_prefill_tiles_shrink_to_fit_shared_memory():
+    bf16_128 = prefill.fitting(prefill.ROW_CONFIGS, True, 128, 2)
+    assert (bf16_128["BM"], bf16_128["BN"]) == prefill.ROW_CONFIGS[0][:2]
+    for configs, rows_resident in ((prefill.ROW_CONFIGS, True), (prefill.MASS_CONFIGS, False)):
+        for dim, size in ((128, 4), (256, 2), (256, 4)):
+            tiles = prefill.fitting(configs, rows_resident, dim, size)
+            resident, streamed = (
+                (tiles["BM"], 2 * tiles["BN"]) if rows_resident else (tiles["BN"], tiles["BM"])
+            )
+            assert dim * size * (resident + tiles["num_stages"] * streamed) <= prefill.SHARED_BYTES
+    with pytest.raises(ValueError, match="4096 elements of 4 bytes"):
+        prefill.fitting(prefill.ROW_CONFIGS, True, 4096, 4)
