@@ -1,9 +1,14 @@
 """Where squeezekv's prefill overhead goes: plain forward vs the compressed prefill, on one GPU.
 
-For a random-weight model of a bench shape and one prompt, prints the wall time of each (median of
-``--rounds``), the GPU time its kernels take, and the kernels and host calls whose totals differ
-most between the two, so that the cost of importance, planning and eviction can be told apart
-from time the GPU spends waiting for the host.
+For a random-weight model of a bench shape and one prompt, prints:
+
+- one layer's prefill attention alone: SDPA's causal kernel (the plain forward's) against
+  :func:`~squeezekv.ops.prefill_attention` scoring every query (median of CUDA-event timings);
+- each policy's prefill overhead as ``squeezekv bench`` measures it (plain and compressed
+  forwards alternating, median of ``--rounds``);
+- the GPU time of each path's kernels, and the kernels and host calls whose totals differ most
+  from the plain forward's, so that the cost of importance, planning and eviction can be told
+  apart from time the GPU spends waiting for the host.
 
     python benchmarks/prefill_profile.py --shape llama2-7b --prompt-tokens 8192 --policies window,h2o
 """
@@ -15,21 +20,51 @@ import statistics
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from squeezekv.bench import build_model
+from squeezekv.bench.orchestrate import prefill_overhead
+from squeezekv.bench.shapes import build_model
 from squeezekv.config import SqueezeConfig
-from squeezekv.distributed import synchronized
+from squeezekv.ops import prefill_attention
 from squeezekv.session import compress
 
 
-def timed(run, rounds: int) -> float:
+def event_median_ms(run, rounds: int) -> float:
+    """Median of ``rounds`` CUDA-event timings of ``run``, after two warm-up calls."""
+    for _ in range(2):
+        run()
     times = []
     for _ in range(rounds):
-        started = synchronized(torch.device("cuda"))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         run()
-        times.append(synchronized(torch.device("cuda")) - started)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def attention_ms(model, tokens: int, rounds: int) -> tuple[float, float]:
+    """One layer's prefill attention on random bf16 inputs of the model's head shape: SDPA's causal
+    forward, and ``prefill_attention`` with every query scored."""
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    query = torch.randn(1, heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
+    key, value = (
+        torch.randn(1, kv_heads, tokens, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)
+    )
+    positions = torch.arange(tokens, device="cuda").view(1, 1, tokens)
+    valid = torch.ones(1, 1, tokens, dtype=torch.bool, device="cuda")
+    args = (query, key, value, positions, valid, 0, None, dim**-0.5, tokens, valid[:, 0])
+    sdpa = event_median_ms(
+        lambda: F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=dim**-0.5, enable_gqa=heads != kv_heads
+        ),
+        rounds,
+    )
+    return sdpa, event_median_ms(lambda: prefill_attention(*args), rounds)
 
 
 def totals(run) -> tuple[Counter, Counter, Counter]:
@@ -53,7 +88,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=8192)
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--policies", default="window,h2o")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
     model = build_model(args.shape, "cuda", args.prompt_tokens)
@@ -72,17 +107,23 @@ def main() -> None:
 
         runs[policy] = compressed
     with torch.inference_mode():
-        for run in runs.values():
-            run()  # warm-up: kernels compiled, allocator settled
-        walls = {name: timed(run, args.rounds) for name, run in runs.items()}
+        sdpa, scoring = attention_ms(model, args.prompt_tokens, 5 * args.rounds)
+        print(
+            f"one layer's prefill attention: SDPA causal {sdpa:.3f} ms, prefill_attention scoring every "
+            f"query {scoring:.3f} ms ({scoring / sdpa:.2f}x)"
+        )
+        for policy in args.policies.split(","):
+            config = SqueezeConfig(budget=args.budget, policy=policy)
+            measured = prefill_overhead(model, ids, config, args.rounds)
+            print(
+                f"{policy} prefill: plain {measured['plain_seconds']:.4f} s, squeezekv "
+                f"{measured['squeezekv_seconds']:.4f} s ({100 * measured['overhead']:+.1f} %)"
+            )
         profiles = {name: totals(run) for name, run in runs.items()}
     base_device, base_calls, _ = profiles["plain"]
     for name, (device, calls, host) in profiles.items():
         busy = sum(device.values()) / 1e3
-        print(
-            f"\n== {name}: wall {1e3 * walls[name]:.1f} ms, GPU kernels {busy:.1f} ms, "
-            f"{sum(calls.values())} kernel launches"
-        )
+        print(f"\n== {name}: GPU kernels {busy:.1f} ms, {sum(calls.values())} kernel launches")
         if name == "plain":
             continue
         extra = Counter({key: device[key] - base_device.get(key, 0) for key in device})
