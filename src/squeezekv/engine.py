@@ -27,6 +27,7 @@ from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
 from squeezekv.session import compress, routed_attention
 
 WARM_STEPS = 2  # eager decode steps before a CUDA graph is captured
+STOP_CHECK = 8  # decode steps between checks (a host sync each) for an early stop
 
 
 @contextmanager
@@ -86,19 +87,30 @@ class FastGenerator:
         max_new_tokens: int = 32,
         prefill_batch: int | None = None,
         prefill_chunk: int | None = None,
+        question_start: torch.Tensor | None = None,
+        followup_ids: torch.Tensor | None = None,
+        followup_mask: torch.Tensor | None = None,
+        stop_token_id: int | None = None,
     ) -> GenerationResult:
         """Greedy continuation of a (left-padded) batch.
 
         The prefill runs ``prefill_batch`` sequences at a time and, with ``prefill_chunk``, that
-        many columns at a time, compressing after each chunk (see :meth:`Session.prefill`).
+        many columns at a time, compressing after each chunk (see :meth:`Session.prefill`, which
+        also takes ``question_start``). ``followup_ids`` (``[batch, tokens]``, padding marked by
+        ``followup_mask``) are fed after the prompt is compressed, as a question asked later
+        (:meth:`Session.extend`); the answer follows them. With ``stop_token_id``, decoding ends
+        early once every sequence has produced it (the rest of ``new_tokens`` is filled with it).
         """
         check_prompt(self.model, input_ids, attention_mask, max_new_tokens, self.config)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if followup_ids is not None and followup_mask is None:
+            followup_mask = torch.ones_like(followup_ids)
         started = time.perf_counter()
-        caches, similarity, first_tokens = self.prefill(
-            input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk
-        )
+        caches, similarity, first_tokens, attention_mask = self.prefill(
+            input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk,
+            question_start, followup_ids, followup_mask,
+        )  # fmt: skip
         self.cache = StaticCache(caches, self.config)
         prefill_seconds = synchronized(self.devices) - started
         new_tokens = torch.empty(
@@ -107,33 +119,49 @@ class FastGenerator:
         new_tokens[:, 0] = first_tokens
         positions = attention_mask.sum(-1, keepdim=True)
         started = time.perf_counter()
+        steps = max_new_tokens - 1
         with routed_attention(self.model, self.architecture, self):
             step = self.decode_steps(new_tokens[:, :1], positions, max_new_tokens - 1)
             for index in range(1, max_new_tokens):
                 if index == WARM_STEPS + 1:
                     steady_started = synchronized(self.devices)
                 new_tokens[:, index] = step()
-        finished = synchronized(self.devices)
-        decode_seconds = finished - started
-        if max_new_tokens > WARM_STEPS + 1:
-            self.steady_step_seconds = (finished - steady_started) / (max_new_tokens - 1 - WARM_STEPS)
+                if (
+                    stop_token_id is not None
+                    and index % STOP_CHECK == 0
+                    and finished(new_tokens, index, stop_token_id)
+                ):
+                    new_tokens[:, index + 1 :] = stop_token_id
+                    steps = index
+                    break
+        finished_at = synchronized(self.devices)
+        decode_seconds = finished_at - started
+        if steps > WARM_STEPS:
+            self.steady_step_seconds = (finished_at - steady_started) / (steps - WARM_STEPS)
         sequences = torch.cat([input_ids, new_tokens], dim=1)
         stats = GenerationStats.of(
-            self.cache, self.config, similarity, prefill_seconds, decode_seconds, max_new_tokens - 1
+            self.cache, self.config, similarity, prefill_seconds, decode_seconds, steps
         )
         return GenerationResult(sequences=sequences, stats=stats)
 
-    def prefill(self, input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk):
+    def prefill(
+        self, input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk,
+        question_start, followup_ids, followup_mask,
+    ):  # fmt: skip
         rows = prefill_batch or input_ids.shape[0]
-        caches, similarity, first_tokens = [], [], []
+        caches, similarity, first_tokens, masks = [], [], [], []
         with compress(self.model, self.config, max_new_tokens=max_new_tokens) as session:
             for start in range(0, input_ids.shape[0], rows):
                 part = slice(start, start + rows)
-                output = session.prefill(input_ids[part], attention_mask[part], prefill_chunk)
+                questions = None if question_start is None else question_start[part]
+                output = session.prefill(input_ids[part], attention_mask[part], prefill_chunk, questions)
+                if followup_ids is not None:
+                    output = session.extend(followup_ids[part], followup_mask[part])
                 caches.append(session.cache)
                 similarity.append(session.similarity)
                 first_tokens.append(output.logits[:, -1].argmax(-1))
-        return caches, torch.cat(similarity), torch.cat(first_tokens)
+                masks.append(session.attention_mask)
+        return caches, torch.cat(similarity), torch.cat(first_tokens), torch.cat(masks)
 
     def decode_steps(self, tokens: torch.Tensor, positions: torch.Tensor, steps: int):
         """A function that runs one decode step and returns the next tokens (``[batch]``).
@@ -154,6 +182,11 @@ class FastGenerator:
             return lambda: step().clone()
         with compiled_parts(model, self.architecture) if self.compile_layers else nullcontext():
             return CapturedStep(step, buffers=(tokens, positions))
+
+
+def finished(new_tokens: torch.Tensor, index: int, stop_token_id: int) -> bool:
+    """Whether every sequence has produced ``stop_token_id`` among its first ``index + 1`` new tokens."""
+    return bool((new_tokens[:, : index + 1] == stop_token_id).any(-1).all())
 
 
 class CapturedStep:

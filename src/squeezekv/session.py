@@ -77,7 +77,10 @@ class Session:
         self.sliding_windows = [sliding_window_of(model, attention) for attention in self.attentions]
         self.devices = model_devices(model)
         self.group = tensor_parallel_group(model)
+        self.reconstructs = config.policy.reconstructs and not config.keeps_everything
+        self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # what a reconstructing policy repeats
         self.cache: SqueezeCache | None = None
+        self.attention_mask: torch.Tensor | None = None  # every column so far, after a prefill
         self.similarity: torch.Tensor | None = None
         self.importance = ImportanceRecorder(len(self.layers), self._is_prefill, lambda: self.cache.new_valid)
         self.prefill_seconds = self.decode_seconds = 0.0
@@ -93,22 +96,35 @@ class Session:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         chunk_tokens: int | None = None,
+        question_start: torch.Tensor | None = None,
     ):
         """Prefills a prompt on a fresh cache, in chunks of ``chunk_tokens`` columns if given.
 
         In chunks, importance is the mean over the prompt seen so far, budgets are planned after
         every chunk for the whole prompt's length and every layer is evicted to them, so the cache
-        never holds more than its budgets plus one chunk. Returns the last chunk's model output.
+        never holds more than its budgets plus one chunk. ``question_start`` (``[batch]``) is the
+        index, among each prompt's real tokens, of its question's first token, for policies that
+        observe the question. A policy that ``reconstructs`` gets its second pass over the prompt
+        here, before anything is evicted. Returns the last chunk's model output.
         """
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens {chunk_tokens} must be >= 1")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.reconstructs and chunk_tokens is not None:
+            raise ValueError(
+                f"policy {self.config.policy.spec!r} scores the whole prompt in a second pass before "
+                "evicting, so it cannot prefill in chunks: leave chunk_tokens unset"
+            )
         columns = input_ids.shape[1]
         chunk = chunk_tokens or columns
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self._start_generation()
-        self.cache.expect_prompt(attention_mask.bool(), forwards=-(-columns // chunk))
+        self.cache.expect_prompt(
+            attention_mask.bool(),
+            forwards=-(-columns // chunk),
+            question_start=question_columns(question_start, attention_mask),
+        )
         output = None
         for start in range(0, columns, chunk):
             end = min(start + chunk, columns)
@@ -119,6 +135,50 @@ class Session:
                 cache=self.cache,
                 logits_to_keep=1,
             )
+        self.attention_mask = attention_mask
+        return output
+
+    def _reconstruct(self) -> None:
+        """Feeds the prompt a second time (from inside the prefill's forward hook), scoring every
+        original token by the attention the repeating queries give it, then drops the repeat.
+
+        Each repeat starts right after its prompt's last column, padding after it, so that column
+        distances (and sliding windows) are the same whatever the batch's padding."""
+        cache, (input_ids, attention_mask) = self.cache, self._prompt
+        order = torch.sort(attention_mask == 0, dim=1, stable=True).indices  # real tokens first
+        repeat_mask = attention_mask.gather(1, order)
+        positions = attention_mask.sum(-1, keepdim=True) + torch.arange(
+            input_ids.shape[1], device=order.device
+        )
+        cache.prefill_forwards += 1
+        cache.reconstructing = True
+        try:
+            self.model(
+                input_ids.gather(1, order),
+                attention_mask=torch.cat([attention_mask, repeat_mask], dim=1),
+                position_ids=positions,
+                cache=cache,
+                logits_to_keep=1,
+            )
+        finally:
+            cache.reconstructing = False
+        cache.truncate(input_ids.shape[1])
+
+    def extend(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Feeds more tokens after the compressed prompt in one forward (a question asked after
+        compression); the cache holds its budgets through it, as during decode. ``attention_mask``
+        (``[batch, tokens]``) marks padding inside a ragged batch of follow-ups. Returns the model
+        output of its last token."""
+        if self.cache is None or self.cache.budgets is None:
+            raise RuntimeError("extend follows a prefill: call Session.prefill first")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = torch.cat([self.attention_mask, attention_mask.to(self.attention_mask)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        output = self.model(
+            input_ids, attention_mask=mask, position_ids=positions, cache=self.cache, logits_to_keep=1
+        )
+        self.attention_mask = mask
         return output
 
     def install(self) -> None:
@@ -160,7 +220,12 @@ class Session:
             raise ValueError(f"squeezekv needs a 2-D attention mask (batch x columns), got {mask.dim()}-D")
         valid = mask[:, -length:] if mask is not None else torch.ones(batch, length, dtype=torch.bool)
         cache.begin_forward(valid.to(tokens.device))
-        self._started = synchronized(self.devices)
+        if self.reconstructs and cache.phase == "prefill":
+            if tokens.dim() != 2:
+                raise ValueError(f"policy {self.config.policy.spec!r} repeats the prompt: pass input_ids")
+            self._prompt = (tokens, valid.to(tokens.device, torch.long))
+        if not cache.reconstructing:  # a forward inside the prefill's: timed as part of it
+            self._started = synchronized(self.devices)
         return args, kwargs
 
     def _start_generation(self) -> None:
@@ -172,6 +237,21 @@ class Session:
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         cache = self.cache
+        if cache.reconstructing:
+            return  # the prefill forward around it plans and evicts
+        if self.reconstructs and cache.phase == "prefill" and cache.forwards == cache.prefill_forwards:
+            self._reconstruct()
+        self._plan_and_evict()
+        elapsed = synchronized(self.devices) - self._started
+        if cache.phase == "prefill":
+            self.prefill_seconds += elapsed
+        else:
+            self.decode_seconds += elapsed
+            self.decode_forwards += 1
+
+    def _plan_and_evict(self) -> None:
+        """After a prefill forward: measures importance and plans budgets; then evicts to them."""
+        cache = self.cache
         if cache.phase == "prefill":
             self.similarity = self.importance.similarity()
             budgets = self.config.plan_budgets(
@@ -179,12 +259,24 @@ class Session:
             )
             cache.budgets = agree(budgets, self.group, self.devices[0])
         cache.evict()
-        elapsed = synchronized(self.devices) - self._started
-        if cache.phase == "prefill":
-            self.prefill_seconds += elapsed
-        else:
-            self.decode_seconds += elapsed
-            self.decode_forwards += 1
+
+
+def question_columns(
+    question_start: torch.Tensor | None, attention_mask: torch.Tensor
+) -> torch.Tensor | None:
+    """Columns of each prompt's first question token, from indices among its real (left-padded) tokens."""
+    if question_start is None:
+        return None
+    question_start = torch.as_tensor(question_start, device=attention_mask.device).view(-1)
+    real = attention_mask.sum(-1)
+    if question_start.shape[0] != real.shape[0] or bool(
+        ((question_start < 0) | (question_start >= real)).any()
+    ):
+        raise ValueError(
+            f"question_start {question_start.tolist()} must give, for each of the {real.shape[0]} prompts, "
+            f"an index among its tokens (lengths {real.tolist()})"
+        )
+    return attention_mask.shape[1] - real + question_start
 
 
 @contextmanager

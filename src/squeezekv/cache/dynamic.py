@@ -96,21 +96,19 @@ class SqueezeLayer(CacheLayerMixin):
         self,
         budget: torch.Tensor,
         width: int,
-        visible: torch.Tensor,
+        view: LayerView,
         policy: Policy,
-        phase: str,
-        prompt_columns: int,
-        first_column: torch.Tensor,
         selection: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrinks every sequence of this layer to at most its budget (``[batch]`` tokens), in
-        ``width`` slots; ``visible`` and ``width`` come from :meth:`visible` and :meth:`eviction_need`.
+        ``width`` slots; ``view.valid`` and ``width`` come from :meth:`visible` and
+        :meth:`eviction_need`.
 
         Returns the selection (slots kept, and which of them hold a token), which a layer holding
         the same tokens may reuse as ``selection`` instead of ranking its own.
         """
+        visible = view.valid
         if selection is None:
-            view = LayerView(self.positions, visible, self.scores, phase, prompt_columns, first_column)
             priority = policy.ranking(view, budget)
             heads = max(priority.shape[1], self.scores.shape[1])
             selection = select(priority.expand(-1, heads, -1), visible.expand(-1, heads, -1), budget, width)
@@ -123,6 +121,16 @@ class SqueezeLayer(CacheLayerMixin):
         self.values = gather_slots(self.values, chosen)
         self.appended_only = False
         return chosen, kept
+
+    def truncate(self, columns: int) -> None:
+        """Drops every column from ``columns`` on (a pass whose keys must not stay); only a layer
+        that never evicted holds them as its last slots."""
+        if not self.appended_only:
+            raise RuntimeError("truncate needs a layer that never evicted")
+        self.keys, self.values = self.keys[:, :, :columns], self.values[:, :, :columns]
+        self.positions, self.valid = self.positions[..., :columns], self.valid[..., :columns]
+        self.scores = self.scores[..., :columns]
+        self.seen = columns
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -172,20 +180,61 @@ class SqueezeCache(CompressedCache):
         self.prompt_tokens: torch.Tensor | None = None
         self.first_column: torch.Tensor | None = None
         self.new_valid: torch.Tensor | None = None
+        self.question_start: torch.Tensor | None = None
         self.forwards = 0
         self.prefill_forwards = 1
+        self.reconstructing = False  # the second pass of a policy that reconstructs the prompt
         self.plainly_causal = False  # a fresh, unpadded prompt: no mask needed
 
     @property
     def phase(self) -> str:
+        if self.reconstructing:
+            return "reconstruct"
         return "prefill" if self.forwards <= self.prefill_forwards else "decode"
 
-    def expect_prompt(self, valid: torch.Tensor, forwards: int) -> None:
-        """Declares a prompt (``[batch, columns]`` validity) that arrives in ``forwards`` chunks."""
+    def expect_prompt(
+        self, valid: torch.Tensor, forwards: int, question_start: torch.Tensor | None = None
+    ) -> None:
+        """Declares a prompt (``[batch, columns]`` validity) that arrives in ``forwards`` chunks;
+        ``question_start`` (``[batch]`` columns) is where each prompt's question begins, if known."""
         self.prompt_columns = valid.shape[1]
         self.prompt_tokens = valid.sum(-1)
         self.first_column = self.prompt_columns - self.prompt_tokens
         self.prefill_forwards = forwards
+        self.question_start = question_start
+
+    def truncate(self, columns: int) -> None:
+        """Forgets every column from ``columns`` on, in every layer."""
+        for layer in self.layers:
+            layer.truncate(columns)
+
+    def view(self, layer: SqueezeLayer, visible: torch.Tensor) -> LayerView:
+        return LayerView(
+            layer.positions,
+            visible,
+            layer.scores,
+            self.phase,
+            self.prompt_columns,
+            self.first_column,
+            self.question_start,
+        )
+
+    def scoring_queries(self, query: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """How many trailing queries of this forward score keys, and which of them are real (a
+        policy that observes the question counts only the question's)."""
+        policy, queries = self.config.policy, query.shape[2]
+        scored = 0 if self.config.keeps_everything else policy.scored_queries(self.phase, queries)
+        valid = self.new_valid.to(query.device)  # under a device_map, layers sit on several devices
+        if scored and policy.observes_question and self.phase == "prefill":
+            if self.question_start is None:
+                raise ValueError(
+                    f"policy {policy.spec!r} observes the question, but the prompt did not say where it "
+                    "starts: pass question_start (each prompt's first question token)"
+                )
+            seen = self.layers[0].seen
+            columns = torch.arange(seen - queries, seen, device=query.device)
+            valid = valid & (columns >= self.question_start.to(query.device).view(-1, 1))
+        return scored, valid
 
     def begin_forward(self, new_valid: torch.Tensor) -> None:
         self.new_valid = new_valid.bool()
@@ -217,8 +266,7 @@ class SqueezeCache(CompressedCache):
             raise RuntimeError(
                 f"layer {layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
             )
-        policy = self.config.policy
-        scored = 0 if self.config.keeps_everything else policy.scored_queries(self.phase, query.shape[2])
+        scored, scoring_valid = self.scoring_queries(query)
         output, mass = prefill_attention(
             query,
             key,
@@ -229,13 +277,13 @@ class SqueezeCache(CompressedCache):
             layer.sliding_window,
             scaling,
             scored,
-            self.new_valid.to(query.device),  # under a device_map, layers sit on several devices
+            scoring_valid,
             softcap,
             self.explicit,
             self.plainly_causal,
         )
         if mass is not None:
-            layer.add_mass(mass, self.phase, policy)
+            layer.add_mass(mass, self.phase, self.config.policy)
         return output
 
     def evict(self) -> None:
@@ -266,16 +314,9 @@ class SqueezeCache(CompressedCache):
         for members, (needed, width) in zip(groups.values(), plan, strict=True):
             selection = None
             for index in members if needed else ():
-                selection = self.layers[index].evict(
-                    budgets[index],
-                    width,
-                    visible[index],
-                    self.config.policy,
-                    self.phase,
-                    self.prompt_columns,
-                    self.first_column,
-                    selection,
-                )
+                layer = self.layers[index]
+                view = self.view(layer, visible[index])
+                selection = layer.evict(budgets[index], width, view, self.config.policy, selection)
 
     def kv_bytes_kept(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

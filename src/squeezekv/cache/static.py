@@ -127,6 +127,11 @@ class StaticCache(CompressedCache):
         devices = {layer.keys.device for layer in layers}  # several under a device_map
         self.columns = {device: torch.tensor([columns_seen], device=device) for device in devices}
         self.first_columns = {device: first_column.to(device) for device in devices}
+        questions = [cache.question_start for cache in caches]
+        question_start = None if any(q is None for q in questions) else torch.cat(questions)
+        self.question_starts = {
+            device: None if question_start is None else question_start.to(device) for device in devices
+        }
         self.prompt_columns = first.prompt_columns
         self.explicit = first.explicit
 
@@ -173,6 +178,7 @@ class StaticCache(CompressedCache):
             phase="decode",
             prompt_columns=self.prompt_columns,
             first_column=self.first_columns[layer.keys.device],
+            question_start=self.question_starts[layer.keys.device],
             last_column=column,
         )
         layer.evict(view, policy)

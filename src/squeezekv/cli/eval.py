@@ -24,6 +24,7 @@ INTERRUPTED = "interrupted; rerun with the same --out to resume"
 def add_parser(commands) -> None:
     from squeezekv.evaluation.peer import PRESSES
     from squeezekv.evaluation.tasks import TASKS
+    from squeezekv.evaluation.tasks.ruler import QUESTION_SETTINGS
 
     parser = commands.add_parser(
         "eval", help="quality per budget for every policy × allocator, at equal memory"
@@ -57,6 +58,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--ruler-subtasks", help="comma-separated RULER subtasks (default: all eleven)")
     parser.add_argument("--ruler-lengths", help="comma-separated RULER prompt lengths in tokens")
     parser.add_argument("--ruler-samples", type=int, default=100, help="samples per RULER subtask and length")
+    parser.add_argument(
+        "--ruler-question",
+        choices=QUESTION_SETTINGS,
+        default="in-prompt",
+        help="in-prompt: the question is part of the compressed prompt (query-aware); after-compression: "
+        "the context is compressed first, then the question is asked (query-agnostic)",
+    )
     parser.add_argument(
         "--samples-file", help="run exactly the RULER samples of this JSONL (--write-samples)"
     )
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace) -> None:
         ruler_subtasks=names(args.ruler_subtasks) if args.ruler_subtasks else None,
         ruler_lengths=numbers(args.ruler_lengths, int),
         ruler_samples=args.ruler_samples,
+        ruler_question=args.ruler_question,
         samples_file=args.samples_file,
         engine=args.engine,
     )

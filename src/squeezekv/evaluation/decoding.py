@@ -69,6 +69,19 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def left_padded(
+    rows: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists as one left-padded batch of ids and its attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[index, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: nn.Module,
@@ -77,31 +90,70 @@ def greedy_generate(
     config: SqueezeConfig | None,
     pad_id: int,
     engine: str = "simple",
+    question_starts: list[int] | None = None,
+    followups: list[list[int]] | None = None,
+    stop_id: int | None = None,
 ) -> tuple[list[list[int]], float]:
     """Greedy continuations of ragged prompts (left padded), and the mean tokens held per layer.
 
-    ``engine="fast"`` generates compressed cells with :class:`~squeezekv.engine.FastGenerator`
-    (static buffers, CUDA graphs on a GPU; tested to keep the tokens the simple path keeps), always
-    ``new_tokens`` of them: callers cut answers at the end-of-sequence token either way.
+    ``question_starts`` (each prompt's first question token) serve policies that observe the
+    question; ``followups`` are token lists fed after the compressed prompt, a question asked after
+    compression (the query-agnostic setting). ``engine="fast"`` generates compressed cells with
+    :class:`~squeezekv.engine.FastGenerator` (static buffers, CUDA graphs on a GPU; tested to keep
+    the tokens the simple path keeps). Answers may stop early once every one holds ``stop_id``:
+    callers cut them there.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
-    width = max(len(prompt) for prompt in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+    ids, mask = left_padded(prompts, pad_id, model.device)
+    later = left_padded(followups, pad_id, model.device) if followups is not None else (None, None)
+    questions = None if question_starts is None else torch.tensor(question_starts)
     if config is None:
-        sequences = model.generate(ids, attention_mask=mask, **options)
-        held = sum(len(prompt) for prompt in prompts) / len(prompts) + new_tokens - 1
-    else:
-        if engine == "fast":
-            generator = FastGenerator(model, config, compile_layers=False)
-            result = generator.generate(ids, mask, max_new_tokens=new_tokens)
-        else:
-            result = squeezekv.generate(model, ids, config, attention_mask=mask, **options)
+        sequences, held = full_cache_generate(model, ids, mask, later, new_tokens, pad_id, stop_id)
+    elif engine == "fast":
+        generator = FastGenerator(model, config, compile_layers=False)
+        result = generator.generate(
+            ids, mask, new_tokens, question_start=questions, followup_ids=later[0],
+            followup_mask=later[1], stop_token_id=stop_id,
+        )  # fmt: skip
         sequences, held = result.sequences, float(result.stats.layer_tokens_held.float().mean())
-    return [row[width:].tolist() for row in sequences], held
+    else:
+        sequences, held = stepwise_generate(model, config, ids, mask, questions, later, new_tokens, pad_id)
+    return [row[ids.shape[1] :].tolist() for row in sequences], held
+
+
+def full_cache_generate(model, ids, mask, later, new_tokens, pad_id, stop_id) -> tuple[torch.Tensor, float]:
+    """``model.generate`` on the model's own cache; a follow-up is appended to the prompt (a full
+    cache keeps everything, so asking after the prompt is the same as asking in it)."""
+    prompt_columns = ids.shape[1]
+    if later[0] is not None:
+        ids, mask = torch.cat([ids, later[0]], 1), torch.cat([mask, later[1]], 1)
+    options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+    if stop_id is not None:
+        options["eos_token_id"] = stop_id
+    sequences = model.generate(ids, attention_mask=mask, **options)
+    held = float(mask.sum(-1).float().mean()) + new_tokens - 1
+    answers = sequences[:, ids.shape[1] :]
+    return torch.cat([sequences[:, :prompt_columns], answers], 1), held
+
+
+def stepwise_generate(
+    model, config, ids, mask, questions, later, new_tokens, pad_id
+) -> tuple[torch.Tensor, float]:
+    """The simple path: ``model.generate`` under :func:`squeezekv.compress`, or, when the prompt
+    needs :meth:`Session.prefill` (a question start, a follow-up, a policy that reconstructs), that
+    prefill and then one plain forward per new token on the dynamic cache."""
+    if questions is None and later[0] is None and not config.policy.reconstructs:
+        options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+        result = squeezekv.generate(model, ids, config, attention_mask=mask, **options)
+        return result.sequences, float(result.stats.layer_tokens_held.float().mean())
+    with squeezekv.compress(model, config, new_tokens) as session:
+        output = session.prefill(ids, mask, question_start=questions)
+        if later[0] is not None:
+            output = session.extend(*later)
+        tokens = [output.logits[:, -1].argmax(-1)]
+        for _ in range(new_tokens - 1):
+            output = session.extend(tokens[-1][:, None])
+            tokens.append(output.logits[:, -1].argmax(-1))
+        held = float(session.cache.held_tokens().float().mean())
+    return torch.cat([ids, torch.stack(tokens, 1)], 1), held

@@ -41,9 +41,12 @@ class Profile:
 def layer_profile(
     model: nn.Module, prompt: list[int], config: SqueezeConfig, allocators: list[str]
 ) -> Profile:
-    """Prefills ``prompt`` once and plans the budget of every allocator from the same similarities."""
+    """Prefills ``prompt`` once and plans the budget of every allocator from the same similarities.
+
+    Similarities do not depend on the policy, so the prefill runs under ``window`` (which needs no
+    scores, no question start and no second pass)."""
     ids = torch.tensor([prompt], device=model.device)
-    with squeezekv.compress(model, config) as session:
+    with squeezekv.compress(model, dataclasses.replace(config, policy="window")) as session:
         model(input_ids=ids, use_cache=True)
         similarity, windows = session.similarity, session.sliding_windows
     tokens = torch.tensor([len(prompt)])

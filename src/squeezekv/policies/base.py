@@ -18,7 +18,8 @@ class LayerView:
 
     ``heads`` is 1 while every head keeps the same tokens. ``prompt_columns`` is the number of
     columns the prefill covered, ``first_column`` (``[batch]``) each sequence's first real column;
-    ``phase`` is ``"prefill"`` or ``"decode"``.
+    ``phase`` is ``"prefill"`` or ``"decode"``. ``question_start`` (``[batch]`` columns, or
+    ``None`` when the prompt did not say) is where each prompt's question begins.
     """
 
     positions: torch.Tensor
@@ -27,6 +28,16 @@ class LayerView:
     phase: str
     prompt_columns: int
     first_column: torch.Tensor
+    question_start: torch.Tensor | None = None
+
+    def question_columns(self) -> torch.Tensor:
+        """``[batch, 1, 1]``: the first column of each prompt's question (an error if unknown)."""
+        if self.question_start is None:
+            raise ValueError(
+                "this policy observes the question, but the prompt did not say where its question "
+                "starts: pass question_start (the index of each prompt's first question token)"
+            )
+        return self.question_start.to(self.positions.device).view(-1, 1, 1)
 
     def newest(self, count: torch.Tensor) -> torch.Tensor:
         """Whether each slot holds one of the newest ``count`` (``[batch, 1, 1]``) valid tokens;
@@ -56,6 +67,9 @@ class Policy(Component):
     kind: ClassVar[str] = "policy"
     ranks_by_position: ClassVar[bool] = True
     adds_mass: ClassVar[bool] = True
+    reconstructs: ClassVar[bool] = (
+        False  # scores come from a second pass over the prompt (see Session.prefill)
+    )
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -65,12 +79,20 @@ class Policy(Component):
                 "fold is scores + mass, which the fast engine then fuses into its attention kernel)"
             )
 
+    @property
+    def observes_question(self) -> bool:
+        """Only the queries of each prompt's question score keys (the prompt must say where it starts)."""
+        return False
+
     def min_tokens(self) -> int:
         """The fewest tokens per layer this policy can work with."""
         return 1
 
     def scored_queries(self, phase: str, query_length: int) -> int:
-        """How many trailing queries of this forward contribute attention mass (0: none)."""
+        """How many trailing queries of this forward contribute attention mass (0: none).
+
+        ``phase`` is ``"prefill"``, ``"decode"`` or, for a policy that ``reconstructs``,
+        ``"reconstruct"`` (the second pass over the prompt)."""
         return 0
 
     def fold(self, scores: torch.Tensor, mass: torch.Tensor, phase: str) -> torch.Tensor:

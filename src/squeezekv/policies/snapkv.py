@@ -1,6 +1,11 @@
-"""SnapKV: at prefill, keep the observation window (the last prompt tokens) and the tokens those
-queries attend to most (pooled over neighbouring keys); during decode the selected prompt tokens
-stay and the rest of the budget slides over the most recent tokens.
+"""SnapKV: at prefill, keep the observation window and the tokens its queries attend to most (pooled
+over neighbouring keys); during decode the selected prompt tokens stay and the rest of the budget
+slides over the most recent tokens.
+
+The observation window is the last ``window`` prompt tokens, or with ``window=0`` each prompt's
+question, measured per prompt from where it starts. In a chat prompt the last 32 tokens are mostly
+the template's closing tokens and the answer prefix; the question itself is what says which
+context tokens matter.
 """
 
 from dataclasses import dataclass
@@ -14,7 +19,8 @@ from squeezekv.policies.base import KEEP, LayerView, Policy, register_policy
 @register_policy
 @dataclass(frozen=True)
 class SnapKV(Policy):
-    """``window``: the observation window, in tokens; ``kernel``: the pooling width (odd)."""
+    """``window``: the observation window in tokens (0: the question, wherever it starts);
+    ``kernel``: the pooling width (odd)."""
 
     name = "snapkv"
     ranks_by_position = False
@@ -24,23 +30,35 @@ class SnapKV(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require(self.window >= 1, "window", "an integer >= 1")
+        self.require(self.window >= 0, "window", "an integer >= 1, or 0 for the question")
         self.require(self.kernel >= 1 and self.kernel % 2 == 1, "kernel", "an odd integer >= 1")
 
+    @property
+    def observes_question(self) -> bool:
+        return self.window == 0
+
     def scored_queries(self, phase: str, query_length: int) -> int:
-        return min(self.window, query_length) if phase == "prefill" else 0
+        if phase != "prefill":
+            return 0
+        return query_length if self.observes_question else min(self.window, query_length)
 
     def fold(self, scores: torch.Tensor, mass: torch.Tensor, phase: str) -> torch.Tensor:
         if phase != "prefill":
             return scores
-        pooled = F.max_pool1d(
-            mass.flatten(0, 1).unsqueeze(1), self.kernel, stride=1, padding=self.kernel // 2
-        )
-        return pooled.view_as(mass)
+        return pooled(mass, self.kernel)
+
+    def window_start(self, view: LayerView) -> torch.Tensor | int:
+        """The first column of the observation window (``[batch, 1, 1]`` for the question)."""
+        return view.question_columns() if self.observes_question else view.prompt_columns - self.window
 
     def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
-        window_start = view.prompt_columns - self.window
-        recency = view.positions.to(torch.float32)
+        window_start = self.window_start(view)
         if view.phase == "prefill":
             return torch.where(view.positions >= window_start, KEEP, view.scores)
-        return torch.where(view.positions < window_start, KEEP, recency)
+        return torch.where(view.positions < window_start, KEEP, view.positions.to(torch.float32))
+
+
+def pooled(mass: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``mass`` (``[batch, heads, keys]``) max-pooled over ``kernel`` neighbouring keys."""
+    flat = mass.flatten(0, 1).unsqueeze(1)
+    return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).view_as(mass)

@@ -26,6 +26,9 @@ class TaskOptions:
     ruler_lengths: tuple[int, ...] | None = None
     ruler_samples: int = 100
     samples_file: str | None = None  # run exactly these samples (a JSONL from --write-samples)
+    ruler_question: str = (
+        "in-prompt"  # or "after-compression": the question is asked once the context is compressed
+    )
     engine: str = (
         "simple"  # how compressed cells generate: "simple" (session hooks) or "fast" (FastGenerator)
     )
@@ -82,9 +85,23 @@ class Task:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Asked:
+    """What a sample feeds the model: the prompt, where its question starts (``None``: unknown) and
+    the tokens asked after the prompt is compressed (``None``: none)."""
+
+    prompt: list[int]
+    question_start: int | None = None
+    followup: list[int] | None = None
+
+
 class AnswerTask(Task):
     """A task that generates a greedy answer per sample, ``facts["new_tokens"]`` tokens long at most,
-    and scores it with :meth:`scored`; samples of one answer length are generated together."""
+    and scores it with :meth:`scored`; samples of one answer length are generated together. The
+    answer ends at the tokenizer's end-of-sequence token (generation stops once all have it)."""
+
+    def asked(self, sample: Sample) -> Asked:
+        return Asked(sample.prompt)
 
     def evaluate(self, model, tokenizer, samples, prepared, config):
         groups = defaultdict(list)
@@ -92,9 +109,19 @@ class AnswerTask(Task):
             groups[sample.facts["new_tokens"]].append(index)
         results = [None] * len(samples)
         for new_tokens, indices in groups.items():
-            prompts = [samples[i].prompt for i in indices]
+            asked = [self.asked(samples[i]) for i in indices]
+            starts = [a.question_start for a in asked]
+            followups = [a.followup for a in asked]
             answers, held = greedy_generate(
-                model, prompts, new_tokens, config, pad_id(tokenizer), self.options.engine
+                model,
+                [a.prompt for a in asked],
+                new_tokens,
+                config,
+                pad_id(tokenizer),
+                self.options.engine,
+                question_starts=None if None in starts else starts,
+                followups=None if None in followups else followups,
+                stop_id=tokenizer.eos_token_id,
             )
             for i, answer in zip(indices, answers, strict=True):
                 results[i] = self.scored(tokenizer, samples[i], answer, held)

@@ -28,12 +28,13 @@ from pathlib import Path
 
 from squeezekv.evaluation.data import load_documents
 from squeezekv.evaluation.metrics import string_match_all
-from squeezekv.evaluation.tasks.base import AnswerTask, Sample, register_task
+from squeezekv.evaluation.tasks.base import AnswerTask, Asked, Sample, register_task
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER's 40 evenly spaced needle depths, in %
 LENGTHS = (1024, 2048, 4096, 8192)
 SAMPLES = 100
+QUESTION_SETTINGS = ("in-prompt", "after-compression")  # kvpress's query-aware and query-agnostic
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,16 @@ SUBTASKS = {
 
 @dataclass(frozen=True)
 class Built:
-    """A prompt before the chat template: the user's text, the answer prefix and the expected answers."""
+    """A prompt before the chat template: the user's text, the answer prefix and the expected answers.
+
+    ``query`` is the end of the user's text that asks the question (everything before it is the
+    context a cache holds before the question is known)."""
 
     question: str
     prefix: str
     answers: list[str]
     depths: list[int]
+    query: str
 
 
 class Generator:
@@ -106,6 +111,7 @@ class Generator:
         size = largest_fitting(lambda n: len(self.encode(self.render(make(n)))), budget)
         built = make(size)
         text = self.render(built)
+        prompt = self.encode(text)
         facts = {
             "subtask": name,
             "length": length,
@@ -113,8 +119,18 @@ class Generator:
             "new_tokens": spec.new_tokens,
             "depths": built.depths,
             "text": text,
+            "question_start": self.question_start(text, prompt, built.query),
         }
-        return Sample(f"{name}-{length}-{index}", self.encode(text), facts)
+        return Sample(f"{name}-{length}-{index}", prompt, facts)
+
+    def question_start(self, text: str, prompt: list[int], query: str) -> int:
+        """The index of the first token that differs once the text is cut where the question starts:
+        the tokens before it are the context alone, whatever the tokenizer merges at the cut."""
+        context = self.encode(text[: text.rindex(query)])
+        return next(
+            (index for index, (a, b) in enumerate(zip(prompt, context, strict=False)) if a != b),
+            min(len(context), len(prompt) - 1),
+        )
 
     def maker(self, name: str, spec: Subtask, index: int, seed: int, length: int) -> Callable[[int], Built]:
         """``make(size)``: the prompt with a haystack of ``size`` units; the same draws for every size."""
@@ -180,13 +196,13 @@ class Generator:
         else:
             context = inserted_in_text(self.tokenizer.decode(prose[:size]), lines, depths)
         query = ", ".join(asked[:-1]) + " and " + asked[-1] if len(asked) > 1 else asked[0]
+        asking = f"\nWhat are all the special magic {kind} for {query} mentioned in the text above?"
         question = (
             f"Some special magic {kind} are hidden within the following text. Memorise them: I will ask "
-            f"you about these {kind} afterwards.\n{context}\nWhat are all the special magic {kind} for "
-            f"{query} mentioned in the text above?"
+            f"you about these {kind} afterwards.\n{context}{asking}"
         )
         prefix = f" The special magic {kind} for {query} mentioned in the text above are"
-        return Built(question, prefix, answers, depths)
+        return Built(question, prefix, answers, depths, asking)
 
     def variable_tracking(self, draw: random.Random, size: int) -> Built:
         """One chain of four hops: a number assigned to a variable, then copied from variable to variable."""
@@ -198,15 +214,16 @@ class Generator:
         chain = [f"VAR {names[0]} = {number}."] + [f"VAR {b} = VAR {a}." for a, b in pairwise(names)]
         depths = sorted(draw.sample(DEPTHS, len(chain)))
         context = " ".join(inserted([NOISE] * size, chain, depths))
+        asking = f"\nQuestion: Find every variable that is assigned the value {number} in the text above."
         question = (
             "Memorise and follow the chain of variable assignments hidden in the following text.\n\n"
-            f"{context}\nQuestion: Find every variable that is assigned the value {number} in the text above."
+            f"{context}{asking}"
         )
         prefix = (
             f" Answer: Following the chain of assignments in the text above, {len(names)} variables are "
             f"assigned the value {number}, they are: "
         )
-        return Built(question, prefix, names, depths)
+        return Built(question, prefix, names, depths, asking)
 
     def common_words(self, draw: random.Random, size: int, long: bool) -> Built:
         """Ten words repeated often among ``size`` words in a numbered list; one worked example first.
@@ -224,10 +241,10 @@ class Generator:
             draw.shuffle(words)
             return " ".join(f"{i + 1}. {word}" for i, word in enumerate(words)), frequent
 
+        asking = "\nQuestion: Which 10 words appear most often in the list above?"
         instruction = (
             "Below is a numbered list of words. Some of the words appear more often than the others; "
-            "memorise the ones that appear most often.\n{context}\nQuestion: Which 10 words appear most "
-            "often in the list above?"
+            "memorise the ones that appear most often.\n{context}" + asking
         )
         prefix = " Answer: The 10 words that appear most often in the list are:"
         example, example_answer = listing(example_words, example_common, example_rare)
@@ -236,7 +253,7 @@ class Generator:
         question = (
             f"{instruction.format(context=example)}{prefix} {shown}\n\n{instruction.format(context=context)}"
         )
-        return Built(question, prefix, answers, [])
+        return Built(question, prefix, answers, [], asking)
 
     def frequent_words(self, draw: random.Random, size: int) -> Built:
         """Made-up words with Zipf counts (alpha 2): the word of rank r appears ``size // r**2`` times."""
@@ -246,13 +263,15 @@ class Generator:
             vocabulary += [word] if word not in vocabulary else []
         words = [word for rank, word in enumerate(vocabulary, 1) for _ in range(size // rank**2)]
         draw.shuffle(words)
+        asking = (
+            "\nQuestion: Without explaining, which three words appear most often in the coded text above?"
+        )
         question = (
             "Read the following coded text and keep count of how often each coded word appears. Find the "
-            f"three coded words that appear most often.\n{' '.join(words)}\nQuestion: Without explaining, "
-            "which three words appear most often in the coded text above?"
+            f"three coded words that appear most often.\n{' '.join(words)}{asking}"
         )
         prefix = " Answer: The three words that appear most often in the coded text above are:"
-        return Built(question, prefix, vocabulary[:3], [])
+        return Built(question, prefix, vocabulary[:3], [], asking)
 
 
 def inserted(units: list[str], needles: list[str], depths: list[int]) -> list[str]:
@@ -321,7 +340,25 @@ class Ruler(AnswerTask):
             raise ValueError(f"--ruler-samples {options.ruler_samples} must be >= 1")
         return names, lengths, options.ruler_samples
 
+    def asked(self, sample: Sample) -> Asked:
+        """In the prompt (query-aware), or after the context is compressed (query-agnostic: the
+        context is the prompt, the question and answer prefix are fed after compression)."""
+        start = sample.facts.get("question_start")
+        if self.options.ruler_question == "in-prompt":
+            return Asked(sample.prompt, question_start=start)
+        if start is None:
+            raise ValueError(
+                f"RULER sample {sample.id!r} does not say where its question starts (question_start), "
+                "which --ruler-question after-compression needs: write the samples again"
+            )
+        return Asked(sample.prompt[:start], followup=sample.prompt[start:])
+
     def samples(self, tokenizer, model):
+        if self.options.ruler_question not in QUESTION_SETTINGS:
+            raise ValueError(
+                f"ruler_question {self.options.ruler_question!r} must be one of "
+                f"{', '.join(QUESTION_SETTINGS)}"
+            )
         if self.options.samples_file is not None:
             return read_samples(self.options.samples_file)
         names, lengths, count = self.settings(model)
@@ -394,6 +431,7 @@ def write_samples(samples: list[Sample], path: str | Path) -> Path:
                 "input_ids": sample.prompt,
                 "answers": sample.facts["answers"],
                 "depths": sample.facts["depths"],
+                "question_start": sample.facts.get("question_start"),
                 "max_new_tokens": sample.facts["new_tokens"],
                 "metric": "string_match_all",
             }
@@ -422,6 +460,7 @@ def read_samples(path: str | Path) -> list[Sample]:
                 "answers": record["answers"],
                 "new_tokens": record["max_new_tokens"],
                 "depths": record.get("depths"),  # where the needles sit, when the writer recorded it
+                "question_start": record.get("question_start"),  # the first token of the question
             }
             samples.append(Sample(record["id"], record["input_ids"], facts))
         except (json.JSONDecodeError, KeyError, TypeError) as error:

@@ -1,0 +1,34 @@
+"""Query-agnostic scores from reconstructing the prompt (KVzip's idea, arXiv 2505.23416).
+
+A score taken from the prompt's last queries (SnapKV) favours what *that* question needs; a
+question asked after compression, the multi-turn case, finds the rest gone. Here the prefill is
+followed by a second pass that feeds the prompt again: to repeat it, the model must look back at
+the tokens that carry its content, and the attention mass those repeating queries give each
+original token is its score. The second pass's own keys are then dropped. It costs a second
+prefill over twice the keys (the bench reports it); at decode the kept prompt tokens are ranked by
+that score and the new tokens are kept newest first.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from squeezekv.policies.base import KEEP, LayerView, Policy, register_policy
+
+
+@register_policy
+@dataclass(frozen=True)
+class Reconstruct(Policy):
+    name = "reconstruct"
+    ranks_by_position = False
+    adds_mass = False  # the second pass's mass replaces the scores; nothing else scores
+    reconstructs = True
+
+    def scored_queries(self, phase: str, query_length: int) -> int:
+        return query_length if phase == "reconstruct" else 0
+
+    def fold(self, scores: torch.Tensor, mass: torch.Tensor, phase: str) -> torch.Tensor:
+        return mass if phase == "reconstruct" else scores
+
+    def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
+        return torch.where(view.positions >= view.prompt_columns, KEEP, view.scores)
