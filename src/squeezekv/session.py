@@ -22,6 +22,7 @@ from squeezekv.cache import SqueezeCache
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import agree, model_devices, synchronized, tensor_parallel_group
 from squeezekv.importance import ImportanceRecorder
+from squeezekv.policies import Policy
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -77,6 +78,11 @@ class Session:
         self.sliding_windows = [sliding_window_of(model, attention) for attention in self.attentions]
         self.devices = model_devices(model)
         self.group = tensor_parallel_group(model)
+        if self.group is not None and type(config.policy).head_budgets is not Policy.head_budgets:
+            raise ValueError(
+                f"policy {config.policy.name} spreads a layer's budget over all its key-value heads, which "
+                "tensor parallelism splits over ranks; run it on one device or under a device_map"
+            )
         self.cache: SqueezeCache | None = None
         self.similarity: torch.Tensor | None = None
         self.importance = ImportanceRecorder(len(self.layers), self._is_prefill, lambda: self.cache.new_valid)

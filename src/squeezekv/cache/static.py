@@ -4,7 +4,9 @@ After prefill every layer's budget is fixed, so each layer lives in a buffer of 
 plus one slot. A decode step writes the new token into the free slot in place, attends over the
 buffer, updates the policy's scores and frees the slot of the token it evicts: no concatenation,
 no reallocation, the same shapes every step, which makes the step capturable as one CUDA graph. It
-keeps exactly the tokens the dynamic cache keeps.
+keeps exactly the tokens the dynamic cache keeps. A layer whose heads have budgets of their own
+is a packed :class:`~squeezekv.cache.ragged.RaggedStaticLayer` instead, each head its budget plus
+one slot.
 """
 
 from __future__ import annotations
