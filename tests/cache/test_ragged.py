@@ -48,6 +48,28 @@ def test_heads_hold_their_own_budgets_while_decoding():
         assert (cache.held_tokens() <= cache.budgets).all()
 
 
+def test_a_batch_keeps_per_head_what_each_sequence_keeps_alone():
+    model = tiny_model("llama")
+    sequences = prompts([34, 21, 28], seed=1)
+    ids, mask = left_pad(sequences)
+
+    def generate(ids, mask):
+        with squeezekv.compress(model, CONFIG, max_new_tokens=NEW_TOKENS) as session:
+            output = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        return output, session.cache
+
+    batched, cache = generate(ids, mask)
+    assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    for row, sequence in enumerate(sequences):
+        alone, own = generate(sequence[None], None)
+        assert torch.equal(alone[0, len(sequence) :], batched[row, ids.shape[1] :])
+        padding = ids.shape[1] - len(sequence)
+        for together, single in zip(cache.layers, own.layers, strict=True):
+            for head in range(2):
+                shifted = [position + padding for position in kept_positions(single, 0, head)]
+                assert kept_positions(together, row, head) == shifted
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])  # GQA; sliding windows; head_dim 16
 def test_fast_engine_keeps_what_the_simple_path_keeps_per_head(family):
     model = tiny_model(family)

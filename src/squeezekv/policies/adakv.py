@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from squeezekv.policies.base import LayerView, register_policy
+from squeezekv.policies.base import KEEP, LayerView, register_policy
 from squeezekv.policies.snapkv import SnapKV
 
 
@@ -39,7 +39,7 @@ class AdaKV(SnapKV):
         if view.phase != "prefill" or shape[1] == 1:
             return None
         valid = view.valid.expand(shape)
-        in_window = view.positions.expand(shape) >= view.prompt_columns - self.window
+        in_window = (self.priority(view, budget) == KEEP).expand(shape)  # SnapKV's observation window
         candidate = valid & ~in_window
         budget = budget.to(valid.device).view(-1, 1)
         window_held = (valid & in_window).sum(-1)
