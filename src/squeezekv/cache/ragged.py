@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from squeezekv.ops import evict_lowest, write_slot
 from squeezekv.ops.decode import Segments
 from squeezekv.policies import LayerView, Policy, select
 
@@ -209,13 +210,13 @@ def packed_layer(layer, budget: torch.Tensor) -> RaggedLayer:
 class RaggedStaticLayer(CacheLayerMixin):
     """The fast engine's buffer for a head-wise layer: packed ``[slots, dim]`` keys and values and
     per-slot ``positions``, ``valid``, ``scores``; each (sequence, head) a segment of its budget
-    plus one free slot (``segments``), ``free`` (``[batch * heads]``) the packed index of each
+    plus one free slot (``segments``), ``free`` (``[batch, heads]``) the packed index of each
     segment's free slot.
 
-    The decode step writes, attends, and evicts per segment in place, with static shapes, as
-    :class:`~squeezekv.cache.StaticLayer` does. The policy's priority is computed on the per-slot
-    tensors, so a head-wise policy's decode priority must be elementwise (SnapKV's is) and it may
-    not ask for always-kept newest tokens.
+    The decode step writes, attends, and evicts per segment in place, with static shapes, through
+    the same ops as :class:`~squeezekv.cache.StaticLayer` (one launch each on a GPU). The policy's
+    priority is computed on the per-slot tensors, so a head-wise policy's decode priority must be
+    elementwise (SnapKV's is).
     """
 
     is_sliding = False
@@ -228,16 +229,12 @@ class RaggedStaticLayer(CacheLayerMixin):
         device = first.keys.device
         self.sliding_window = first.sliding_window
         self.budget = budget.to(device)
-        if policy.newest_kept(self.budget) is not None:
-            raise ValueError(f"policy {policy.name} keeps newest tokens, which a packed buffer does not rank")
+        self.newest_kept = policy.newest_kept(self.budget)
         self.head_budgets = torch.cat([part.head_budgets for part in parts]).to(device)
         slots = self.head_budgets + 1
         starts = segment_starts(slots)
         self.segments = Segments(starts.contiguous(), slots.contiguous(), int(slots.max()))
-        flat = slots.flatten()
-        total = int(flat.sum())
-        self.segment = torch.repeat_interleave(torch.arange(flat.numel(), device=device), flat)
-        self.slot = torch.arange(total, device=device)
+        total = int(slots.sum())
         self.keys = first.keys.new_zeros(total, first.keys.shape[-1])
         self.values = first.values.new_zeros(total, first.values.shape[-1])
         self.positions = first.token_positions.new_zeros(total)
@@ -259,16 +256,13 @@ class RaggedStaticLayer(CacheLayerMixin):
                 buffer[destination] = packed
             held.append(count)
             base += count.numel()
-        self.free = starts.flatten() + torch.cat(held)
+        self.free = (starts.flatten() + torch.cat(held)).view_as(starts)
         self.is_initialized = True
 
     def write(self, key: torch.Tensor, value: torch.Tensor, column: torch.Tensor) -> None:
         """Puts the new token (``[batch, heads, 1, dim]``) in each segment's free slot, in place."""
-        self.keys.index_copy_(0, self.free, key.reshape(-1, key.shape[-1]))
-        self.values.index_copy_(0, self.free, value.reshape(-1, value.shape[-1]))
-        self.positions.index_copy_(0, self.free, column.expand(self.free.shape))
-        self.valid.index_fill_(0, self.free, True)
-        self.scores.index_fill_(0, self.free, 0.0)
+        buffers = (self.keys, self.values, self.positions, self.valid, self.scores)
+        write_slot(key, value, *buffers, self.free, column, self.segments)
 
     def evict(self, view: LayerView, policy: Policy) -> None:
         """Drops, in segments over their head's budget, the lowest-ranked token (ties: the oldest);
@@ -276,8 +270,10 @@ class RaggedStaticLayer(CacheLayerMixin):
         if self.sliding_window is not None:
             self.valid &= self.positions > view.last_column - self.sliding_window + 1
         priority = policy.priority(view, self.budget)
-        budgets = self.head_budgets.flatten()
-        evict_lowest_packed(priority, self.valid, self.positions, budgets, self.free, self.segment, self.slot)
+        evict_lowest(
+            priority, self.valid, self.positions, self.head_budgets, self.free, view.last_column,
+            self.newest_kept, self.segments,
+        )  # fmt: skip
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a RaggedStaticLayer is built from prefilled layers")
@@ -296,41 +292,8 @@ class RaggedStaticLayer(CacheLayerMixin):
 
     def held_tokens(self) -> torch.Tensor:
         """As :meth:`RaggedLayer.held_tokens`: per head on average, rounded up (``[batch]``)."""
-        held = torch.zeros_like(self.free).index_add_(0, self.segment, self.valid.long())
-        held = held.view_as(self.head_budgets)
+        held = self.segments.padded(self.valid, False).sum(-1)
         return -(-held.sum(-1) // held.shape[-1])
 
     def full_bytes(self, columns: int) -> int:
         return 2 * self.head_budgets.numel() * columns * self.keys.shape[-1] * self.keys.element_size()
-
-
-def evict_lowest_packed(
-    priority: torch.Tensor,
-    valid: torch.Tensor,
-    positions: torch.Tensor,
-    budget: torch.Tensor,
-    free: torch.Tensor,
-    segment: torch.Tensor,
-    slot: torch.Tensor,
-) -> None:
-    """:func:`~squeezekv.ops.evict_lowest` over a packed buffer, in place: per segment (``segment``:
-    each slot's), if more slots are valid than its ``budget``, the valid slot of lowest ``priority``
-    (ties: smallest position) is invalidated; ``free`` becomes each segment's first invalid slot
-    (``slot``: every slot's index). Segment reductions, no host sync (capturable)."""
-    never = torch.iinfo(torch.int64).max
-    segments = budget.numel()
-    ranked = torch.where(valid, priority.float(), torch.inf)
-    lowest = ranked.new_full((segments,), torch.inf).scatter_reduce(0, segment, ranked, "amin")
-    tied = valid & (ranked == lowest[segment])
-    oldest = free.new_full((segments,), never).scatter_reduce(
-        0, segment, torch.where(tied, positions, never), "amin"
-    )
-    victim = free.new_full((segments,), never).scatter_reduce(
-        0, segment, torch.where(tied & (positions == oldest[segment]), slot, never), "amin"
-    )
-    held = torch.zeros_like(free).index_add_(0, segment, valid.long())
-    over = held > budget
-    victim = torch.where(over, victim, free)  # segments within budget rewrite their free slot's flag
-    valid.scatter_(0, victim, valid.gather(0, victim) & ~over)
-    empty = torch.where(valid, never, slot)
-    free.copy_(free.new_full((segments,), never).scatter_reduce(0, segment, empty, "amin"))
