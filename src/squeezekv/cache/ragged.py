@@ -17,12 +17,17 @@ read by offsets and lengths.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from squeezekv.ops import evict_lowest, write_slot
 from squeezekv.ops.decode import Segments
 from squeezekv.policies import LayerView, Policy, select
+
+if TYPE_CHECKING:  # the dense layer it replaces; dynamic imports this module
+    from squeezekv.cache.dynamic import SqueezeLayer
 
 
 def right_aligned(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -57,7 +62,7 @@ class RaggedLayer(CacheLayerMixin):
     is_sliding = False
     appended_only = False
 
-    def __init__(self, layer, head_budgets: torch.Tensor) -> None:
+    def __init__(self, layer: SqueezeLayer, head_budgets: torch.Tensor) -> None:
         super().__init__()
         self.sliding_window, self.seen = layer.sliding_window, layer.seen
         shape = layer.keys.shape[:3]
@@ -198,7 +203,7 @@ class RaggedLayer(CacheLayerMixin):
         return 2 * self.lengths.numel() * self.seen * self.keys.shape[-1] * self.keys.element_size()
 
 
-def packed_layer(layer, budget: torch.Tensor) -> RaggedLayer:
+def packed_layer(layer: SqueezeLayer | RaggedLayer, budget: torch.Tensor) -> RaggedLayer:
     """``layer`` as a :class:`RaggedLayer`: itself if it is one, else every head with ``budget``
     (``[batch]``), for a fast-engine buffer whose other micro-batches are head-wise."""
     if isinstance(layer, RaggedLayer):
