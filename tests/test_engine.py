@@ -26,7 +26,7 @@ def kept_positions(layer, row, head):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "falcon", "gemma3", "gpt_neox", "opt"])
-@pytest.mark.parametrize("policy", sorted(squeezekv.POLICIES))
+@pytest.mark.parametrize("policy", UNIFORM_HEADS)
 def test_fast_engine_equals_simple_path(family, policy):
     model = tiny_model(family)
     ids, mask = left_pad(prompts([40, 25, 33], seed=1))

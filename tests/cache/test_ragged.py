@@ -70,9 +70,10 @@ def test_a_batch_keeps_per_head_what_each_sequence_keeps_alone():
                 assert kept_positions(together, row, head) == shifted
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])  # GQA; sliding windows; head_dim 16
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt_neox"])  # GQA; sliding windows; MHA
 def test_fast_engine_keeps_what_the_simple_path_keeps_per_head(family):
     model = tiny_model(family)
+    heads = 2 if family != "gpt_neox" else 4
     ids, mask = left_pad(prompts([40, 25, 33], seed=1))
     with squeezekv.compress(model, CONFIG, max_new_tokens=NEW_TOKENS) as session:
         simple = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -83,12 +84,12 @@ def test_fast_engine_keeps_what_the_simple_path_keeps_per_head(family):
     assert any(isinstance(layer, RaggedStaticLayer) for layer in generator.cache.layers)
     for dynamic, static in zip(simple_cache.layers, generator.cache.layers, strict=True):
         for row in range(3):
-            for head in range(2):
+            for head in range(heads):
                 assert kept_positions(dynamic, row, head) == kept_positions(static, row, head)
         if isinstance(static, RaggedStaticLayer):  # each head: its budget plus one free slot, packed
             slots = int((static.head_budgets + 1).sum())
             assert static.keys.shape == static.values.shape == (slots, 16)
-            padded = 2 * 3 * 2 * (int(static.head_budgets.max()) + 1) * 16 * 8
+            padded = 2 * 3 * heads * (int(static.head_budgets.max()) + 1) * 16 * 8
             assert static.keys.nbytes + static.values.nbytes < padded
     assert torch.equal(fast.stats.layer_tokens_held, simple_cache.held_tokens())
     assert fast.stats.kv_bytes_kept == generator.cache.kv_bytes_kept() < fast.stats.kv_bytes_full
