@@ -76,7 +76,9 @@ MQA = ("falcon",)  # one key/value head
 def short_policy(name: str, window: int | None = None) -> str:
     """Policy ``name`` with settings that fit tiny prompts: 2 sinks and, if given, a ``window``-token
     observation window."""
-    specs = {"streaming": "streaming:sinks=2", "snapkv": f"snapkv:window={window}" if window else "snapkv"}
+    specs = {"streaming": "streaming:sinks=2"}
+    if window:
+        specs.update(snapkv=f"snapkv:window={window}", adakv=f"adakv:window={window}")
     return specs.get(name, name)
 
 

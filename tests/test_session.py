@@ -27,3 +27,13 @@ def test_a_model_with_fewer_layers_than_groups_is_compressed(allocator):
     config = SqueezeConfig(budget=0.5, allocator=allocator)
     result = squeezekv.generate(model, prompts([30])[0][None], config, max_new_tokens=3, do_sample=False)
     assert int(result.stats.layer_budget.sum()) == 2 * 15
+
+
+def test_a_head_wise_policy_is_refused_under_tensor_parallelism(monkeypatch):
+    monkeypatch.setattr(squeezekv.session, "tensor_parallel_group", lambda model: object())
+    config = SqueezeConfig(budget=0.3, policy="adakv")
+    with (
+        pytest.raises(ValueError, match="adakv spreads a layer's budget"),
+        squeezekv.compress(tiny_model("llama"), config),
+    ):
+        pass

@@ -31,7 +31,8 @@ def agreement(
     ids, mask = (ids * mask).to(device), mask.to(device)
     checks = {"keep-all": SqueezeConfig(budget=1.0, policy="window", allocator="uniform")}
     for policy in policies:
-        short = {"streaming": "streaming:sinks=2", "snapkv": "snapkv:window=8"}.get(policy, policy)
+        short = {"streaming": "streaming:sinks=2", "snapkv": "snapkv:window=8", "adakv": "adakv:window=8"}
+        short = short.get(policy, policy)
         checks[policy] = SqueezeConfig(budget=0.3, policy=short)
     results = {}
     for name, config in checks.items():

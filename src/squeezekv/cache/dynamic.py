@@ -13,6 +13,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from squeezekv.cache.base import CompressedCache
+from squeezekv.cache.ragged import RaggedLayer
 from squeezekv.config import SqueezeConfig
 from squeezekv.ops import prefill_attention
 from squeezekv.policies import LayerView, Policy, select
@@ -23,6 +24,8 @@ class SqueezeLayer(CacheLayerMixin):
 
     ``positions``, ``valid`` and ``scores`` have one head while all heads keep the same tokens.
     ``appended_only``: nothing was ever evicted, so the layer holds every column seen so far.
+    ``head_budgets``: set when the policy spread the budget over the heads at an eviction; the
+    cache then replaces this layer by a packed :class:`~squeezekv.cache.ragged.RaggedLayer`.
     """
 
     is_sliding = False
@@ -33,6 +36,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.positions = self.valid = self.scores = None
         self.seen = 0
         self.appended_only = True
+        self.head_budgets: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, device = key_states.shape[0], key_states.device
@@ -111,7 +115,12 @@ class SqueezeLayer(CacheLayerMixin):
         if selection is None:
             priority = policy.ranking(view, budget)
             heads = max(priority.shape[1], self.scores.shape[1])
-            selection = select(priority.expand(-1, heads, -1), visible.expand(-1, heads, -1), budget, width)
+            keep = self.head_budgets = policy.head_budgets(view, budget)
+            if keep is None:
+                keep = budget
+            else:
+                width = int(torch.minimum(keep, visible.expand(-1, heads, -1).sum(-1)).max())
+            selection = select(priority.expand(-1, heads, -1), visible.expand(-1, heads, -1), keep, width)
         chosen, kept = (part.to(visible.device) for part in selection)
         heads = chosen.shape[1]
         self.positions = self.positions.expand(-1, heads, -1).gather(-1, chosen)
@@ -137,7 +146,7 @@ class SqueezeLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         """Drops every tensor, so the memory is freed."""
-        self.keys = self.values = self.positions = self.valid = self.scores = None
+        self.keys = self.values = self.positions = self.valid = self.scores = self.head_budgets = None
         self.seen, self.is_initialized, self.appended_only = 0, False, True
 
     def get_seq_length(self) -> int:
@@ -154,6 +163,13 @@ class SqueezeLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def full_bytes(self) -> int:
+        """Bytes a plain cache would hold for every column this layer has seen."""
+        if not self.is_initialized:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        return 2 * batch * heads * self.seen * dim * self.keys.element_size()
 
 
 def gather_slots(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -309,7 +325,7 @@ class SqueezeCache(CompressedCache):
             key = ("shared", *limits[:, index].tolist()) if shared else ("own", index)
             groups.setdefault(key, []).append(index)
         leaders = [members[0] for members in groups.values()]
-        needs = [SqueezeLayer.eviction_need(visible[i], budgets[i]).to(home) for i in leaders]
+        needs = [self.layers[i].eviction_need(visible[i], budgets[i]).to(home) for i in leaders]
         plan = torch.stack(needs).tolist()
         for members, (needed, width) in zip(groups.values(), plan, strict=True):
             selection = None
@@ -317,17 +333,14 @@ class SqueezeCache(CompressedCache):
                 layer = self.layers[index]
                 view = self.view(layer, visible[index])
                 selection = layer.evict(budgets[index], width, view, self.config.policy, selection)
+                if isinstance(layer, SqueezeLayer) and layer.head_budgets is not None:  # heads differ: packed
+                    self.layers[index] = RaggedLayer(layer, layer.head_budgets)
 
     def kv_bytes_kept(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
     def kv_bytes_full(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                batch, heads, _, dim = layer.keys.shape
-                total += 2 * batch * heads * layer.seen * dim * layer.keys.element_size()
-        return total
+        return sum(layer.full_bytes() for layer in self.layers)
 
     def held_tokens(self) -> torch.Tensor:
         return torch.stack([layer.held_tokens().cpu() for layer in self.layers], dim=1)

@@ -4,7 +4,9 @@ After prefill every layer's budget is fixed, so each layer lives in a buffer of 
 plus one slot. A decode step writes the new token into the free slot in place, attends over the
 buffer, updates the policy's scores and frees the slot of the token it evicts: no concatenation,
 no reallocation, the same shapes every step, which makes the step capturable as one CUDA graph. It
-keeps exactly the tokens the dynamic cache keeps.
+keeps exactly the tokens the dynamic cache keeps. A layer whose heads have budgets of their own
+is a packed :class:`~squeezekv.cache.ragged.RaggedStaticLayer` instead, each head its budget plus
+one slot.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from squeezekv.cache.base import CompressedCache
 from squeezekv.cache.dynamic import SqueezeCache, SqueezeLayer
+from squeezekv.cache.ragged import RaggedLayer, RaggedStaticLayer, packed_layer
 from squeezekv.config import SqueezeConfig
 from squeezekv.ops import decode_attention, evict_lowest, write_slot
 from squeezekv.policies import LayerView, Policy
@@ -45,6 +48,7 @@ class StaticLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = True
+    segments = None  # one buffer slice per head (a packed, head-wise layer has them)
 
     def __init__(self, parts: list[SqueezeLayer], budget: torch.Tensor, policy: Policy) -> None:
         """Stacks the prefilled layers of several micro-batches (their rows, in order) into one buffer."""
@@ -104,6 +108,14 @@ class StaticLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.keys.shape[2]
 
+    def held_tokens(self) -> torch.Tensor:
+        """Tokens each sequence holds: ``[batch]`` (the largest over heads)."""
+        return self.valid.sum(-1).amax(-1)
+
+    def full_bytes(self, columns: int) -> int:
+        """Bytes a plain cache would hold for ``columns`` columns."""
+        return 2 * self.keys[:, :, :1].nbytes * columns
+
 
 class StaticCache(CompressedCache):
     """Per-layer buffers for single-token decode steps with static shapes, built from the prefilled
@@ -116,7 +128,11 @@ class StaticCache(CompressedCache):
         for index in range(len(first.layers)):
             parts = [cache.layers[index] for cache in caches]
             budget = torch.cat([cache.budgets[:, index] for cache in caches])
-            layers.append(StaticLayer(parts, budget, config.policy))
+            if any(isinstance(part, RaggedLayer) for part in parts):  # heads' budgets differ: packed
+                packed = [packed_layer(p, c.budgets[:, index]) for p, c in zip(parts, caches, strict=True)]
+                layers.append(RaggedStaticLayer(packed, budget, config.policy))
+            else:
+                layers.append(StaticLayer(parts, budget, config.policy))
             for part in parts:  # one layer at a time: the conversion needs one layer's worth of extra memory
                 part.reset()
         super().__init__(layers=layers)
@@ -168,6 +184,7 @@ class StaticCache(CompressedCache):
             add_mass_to=layer.scores if additive else None,
             softcap=softcap,
             explicit=self.explicit,
+            segments=layer.segments,
         )
         if mass is not None:  # in place: a captured step must read this step's scores on replay
             layer.scores.copy_(policy.fold(layer.scores, mass, "decode"))
@@ -196,7 +213,7 @@ class StaticCache(CompressedCache):
 
     def kv_bytes_full(self) -> int:
         columns = self.get_seq_length()
-        return sum(2 * layer.keys[:, :, :1].nbytes * columns for layer in self.layers)
+        return sum(layer.full_bytes(columns) for layer in self.layers)
 
     def held_tokens(self) -> torch.Tensor:
-        return torch.stack([layer.valid.sum(-1).amax(-1).cpu() for layer in self.layers], dim=1)
+        return torch.stack([layer.held_tokens().cpu() for layer in self.layers], dim=1)

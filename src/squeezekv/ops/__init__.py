@@ -4,7 +4,7 @@
 | op | what it does |
 |---|---|
 | :func:`prefill_attention` | attention over a layer's cached tokens plus each key's attention mass |
-| :func:`decode_attention` | one decode query over the fast engine's unordered buffer, plus the mass |
+| :func:`decode_attention` | one decode query over the fast engine's unordered or packed buffer, plus mass |
 | :func:`evict_lowest` | the fast engine's eviction of a row's lowest-priority token |
 | :func:`write_slot` | the fast engine's write of a new token into its free slot |
 | :func:`residual_cosine` | layer importance's cosine per token |

@@ -9,11 +9,16 @@ GPU:
    mass is wanted, the raw scores;
 2. a pass per block of slots combines the chunks' states into each head's normaliser, turns the
    stored scores into probabilities summed over the group, and (first block only) the output.
+
+A buffer whose heads keep different numbers of tokens (a head-wise policy) is packed: one
+``[tokens, dim]`` tensor per layer, each (sequence, key head) a segment of it (:class:`Segments`).
+The same kernels read it, each program its segment's own length.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -26,11 +31,31 @@ DECODE_WARPS = 4
 DECODE_MASS_BLOCK = 256  # slots per program of the decode combine's attention-mass part
 DECODE_MASS_WARPS = 1  # measured on an H100: more warps per program slowed the mass down
 
+
+class Segments(NamedTuple):
+    """Where each (sequence, key head) of a packed buffer lies: ``offsets`` and ``lengths`` are
+    ``[batch, kv_heads]`` slots (``lengths`` counts free slots too), ``width`` the largest length
+    (a host integer, so that a padded view has static shapes)."""
+
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    width: int
+
+    def padded(self, packed: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+        """``packed`` (``[tokens, ...]``) as ``[batch, kv_heads, width, ...]``, slots past a
+        segment's length filled with ``fill``: a transient copy of one layer."""
+        places = torch.arange(self.width, device=packed.device)
+        index = self.offsets.unsqueeze(-1) + places
+        inside = places < self.lengths.unsqueeze(-1)
+        gathered = packed[index.clamp(max=packed.shape[0] - 1)]
+        return torch.where(inside.view(*inside.shape, *(1,) * (packed.dim() - 1)), gathered, fill)
+
+
 if triton is not None:
 
     @triton.jit
     def _decode_chunk(
-        Q, K, V, P, A, COLUMN, SCORES, PART_MAX, PART_SUM, PART_ACC,
+        Q, K, V, P, A, COLUMN, SCORES, PART_MAX, PART_SUM, PART_ACC, OFFSETS, LENGTHS,
         sqb, sqh, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -38,9 +63,15 @@ if triton is not None:
         keys, q_heads, kv_heads, splits, window, scale,
         HAS_WINDOW: tl.constexpr, WITH_MASS: tl.constexpr, POSITION_HEADS: tl.constexpr,
         DIM: tl.constexpr, GROUP: tl.constexpr, GM: tl.constexpr, CHUNK: tl.constexpr,
-        BN: tl.constexpr, IEEE: tl.constexpr,
+        BN: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr,
     ):  # fmt: skip
         split, batch_head = tl.program_id(0), tl.program_id(1)
+        if PACKED:  # this program's segment of the packed buffer (batch and head strides are 0)
+            first = tl.load(OFFSETS + batch_head)
+            held = tl.load(LENGTHS + batch_head)
+        else:
+            first = 0
+            held = keys
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
         position_head = kv_head if POSITION_HEADS > 1 else 0
         members = tl.arange(0, GM)
@@ -56,12 +87,13 @@ if triton is not None:
             oldest = tl.load(COLUMN) - window
         for offset in range(0, CHUNK, BN):
             cols = split * CHUNK + offset + tl.arange(0, BN)
-            inside = cols < keys
-            base = batch * spb + position_head * sph + cols * spn
+            inside = cols < held
+            slots = first + cols
+            base = batch * spb + position_head * sph + slots * spn
             seen = tl.load(A + base, mask=inside, other=0) != 0
             if HAS_WINDOW:
                 seen = seen & (tl.load(P + base, mask=inside, other=0) > oldest)
-            k = tl.load(K + batch * skb + kv_head * skh + cols[:, None] * skn + dims[None, :] * skd,
+            k = tl.load(K + batch * skb + kv_head * skh + slots[:, None] * skn + dims[None, :] * skd,
                         mask=inside[:, None], other=0.0)  # fmt: skip
             scores = dot(q, tl.trans(k), IEEE) * scale
             scores = tl.where(seen[None, :], scores, float("-inf"))
@@ -72,7 +104,7 @@ if triton is not None:
             safe = tl.where(new_best == float("-inf"), 0.0, new_best)
             p = tl.exp(scores - safe[:, None])
             rescale = tl.exp(best - safe)
-            v = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
+            v = tl.load(V + batch * svb + kv_head * svh + slots[:, None] * svn + dims[None, :] * svd,
                         mask=inside[:, None], other=0.0)  # fmt: skip
             total = total * rescale + tl.sum(p, 1)
             acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
@@ -140,6 +172,7 @@ def decode_attention(
     add_mass_to: torch.Tensor | None = None,
     softcap: float | None = None,
     explicit: bool = False,
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decode query per sequence over a buffer whose slots are in any order.
 
@@ -149,15 +182,21 @@ def decode_attention(
     for a sliding window. Returns the output and, if ``with_mass``, the mass ``[batch, kv_heads,
     slots]`` (each key's probability summed over the query heads sharing it), unless
     ``add_mass_to`` (running scores of that shape) is given: the mass is then added to it in place.
+    With ``segments``, the buffer is packed: ``key``/``value`` are ``[tokens, dim]`` and
+    ``positions``/``valid`` ``[tokens]``, each (sequence, key head) the segment ``segments`` names
+    (no mass: no head-wise policy scores while decoding).
     The Triton pair serves it where :func:`squeezekv.ops.attention.fused` allows.
     """
+    if segments is not None and with_mass:
+        raise ValueError("decode_attention over a packed buffer gives no attention mass (with_mass=True)")
     if fused(query, softcap, explicit):
         return decode_attention_triton(
-            query, key, value, positions, valid, column, sliding_window, scaling, with_mass, add_mass_to
-        )
+            query, key, value, positions, valid, column, sliding_window, scaling, with_mass, add_mass_to,
+            segments,
+        )  # fmt: skip
     return decode_attention_torch(
         query, key, value, positions, valid, column, sliding_window, scaling, with_mass, add_mass_to,
-        softcap, explicit,
+        softcap, explicit, segments,
     )  # fmt: skip
 
 
@@ -174,8 +213,13 @@ def decode_attention_torch(
     add_mass_to: torch.Tensor | None = None,
     softcap: float | None = None,
     explicit: bool = False,
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The torch twin of :func:`decode_attention_triton` (same arguments, same result)."""
+    """The torch twin of :func:`decode_attention_triton` (same arguments, same result); a packed
+    buffer is attended through a transient padded copy of the layer."""
+    if segments is not None:
+        key, value = segments.padded(key), segments.padded(value)
+        positions, valid = segments.padded(positions), segments.padded(valid, False)
     mask = valid
     if sliding_window is not None:
         mask = mask & (positions > column - sliding_window)
@@ -199,10 +243,18 @@ def decode_attention_triton(
     scaling: float,
     with_mass: bool,
     add_mass_to: torch.Tensor | None = None,
+    segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton pair behind :func:`decode_attention`."""
     batch, q_heads, _, dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
+    if segments is None:
+        kv_heads, keys = key.shape[1], key.shape[2]
+        key_strides, value_strides, position_strides = key.stride(), value.stride(), positions.stride()
+        position_heads = positions.shape[1]
+    else:  # each program finds its segment; the slot stride is the packed tensors' first
+        kv_heads, keys = segments.offsets.shape[1], segments.width
+        key_strides, value_strides = (0, 0, *key.stride()), (0, 0, *value.stride())
+        position_strides, position_heads = (0, 0, positions.stride(0)), 1
     group = q_heads // kv_heads
     members = triton.next_power_of_2(group)
     splits = math.ceil(keys / DECODE_CHUNK)
@@ -216,14 +268,15 @@ def decode_attention_triton(
         mass = add_mass_to if add_mass_to is not None else torch.empty(batch, kv_heads, keys, **floats)
     output = torch.empty_like(query)
     valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid
+    offsets, lengths = (part_max, part_max) if segments is None else segments[:2]
     _decode_chunk[(splits, batch * kv_heads)](
-        query, key, value, positions, valid, column, scores, part_max, part_sum, part_acc,
+        query, key, value, positions, valid, column, scores, part_max, part_sum, part_acc, offsets, lengths,
         query.stride(0), query.stride(1), query.stride(3),
-        *key.stride(), *value.stride(), *positions.stride(),
+        *key_strides, *value_strides, *position_strides,
         keys, q_heads, kv_heads, splits, sliding_window or 0, scaling,
-        HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
+        HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=position_heads,
         DIM=dim, GROUP=group, GM=max(16, members), CHUNK=DECODE_CHUNK, BN=DECODE_BLOCK,
-        IEEE=query.dtype == torch.float32, num_warps=DECODE_WARPS,
+        IEEE=query.dtype == torch.float32, PACKED=segments is not None, num_warps=DECODE_WARPS,
     )  # fmt: skip
     blocks = math.ceil(keys / DECODE_MASS_BLOCK) if with_mass else 1
     _decode_combine[(blocks, batch * kv_heads)](

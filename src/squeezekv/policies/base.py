@@ -111,6 +111,12 @@ class Policy(Component):
         it while it ranks, instead of a pass of its own over the buffer every step."""
         return None
 
+    def head_budgets(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor | None:
+        """Tokens each key-value head keeps (``[batch, heads]``) when a policy spreads the layer's
+        budget unevenly over its heads, asked at each prefill eviction (the result then stays fixed
+        for decode); ``None``: every head keeps ``budget``."""
+        return None
+
     def ranking(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
         """The priority with the kept newest tokens raised to ``KEEP``."""
         priority = self.priority(view, budget)
@@ -142,10 +148,11 @@ def select(
     ``priority`` and ``valid`` are ``[batch, heads, slots]``; ``keep`` is ``[batch]`` tokens per
     sequence. Rows keep different numbers of tokens, so the result is as wide as the largest and
     the surplus slots of other rows are marked invalid. Ties go to the more recent token. ``width``,
-    the largest number kept, is worked out here (a host sync) unless the caller knows it.
+    the largest number kept, is worked out here (a host sync) unless the caller knows it. ``keep``
+    may also be ``[batch, heads]``: per head.
     """
     slots = priority.shape[-1]
-    keep = torch.minimum(keep.to(valid.device).view(-1, 1), valid.sum(-1))  # [batch, heads]
+    keep = torch.minimum(keep.to(valid.device).view(valid.shape[0], -1), valid.sum(-1))  # [batch, heads]
     if width is None:
         width = int(keep.max()) if keep.numel() else 0
     ranked = torch.where(valid, priority.to(torch.float32), -torch.inf).flip(-1)
