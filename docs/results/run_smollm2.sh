@@ -25,12 +25,12 @@ ruler() {
     python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --task ruler \
         --samples-file "$samples" --engine fast --batch-size 256 --no-progress "$@" >/dev/null
 }
-# 1. the allocators and their controls, with h2o and snapkv (the question in the prompt)
+# 1. every policy at budgets 0.1 and 0.3, the question in the prompt (query-aware)
+ruler --out "$out/smollm2-ruler4k-policies" --budgets 0.1,0.3 --allocators uniform \
+    --policies window,streaming,h2o,snapkv,snapkv:window=0,chunkkv,reconstruct,adakv
+# 2. the question asked after the context is compressed (query-agnostic)
+ruler --out "$out/smollm2-ruler4k-after" --ruler-question after-compression --budgets 0.3 \
+    --allocators uniform --policies h2o,snapkv,chunkkv,reconstruct,adakv
+# 3. the allocators and their controls, with h2o and snapkv (the question in the prompt)
 ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv \
     --allocators uniform,squeeze,pyramid,squeeze:p=0.7,squeeze-lowest,squeeze-random,blend
-# 2. every policy at budgets 0.1 and 0.3, the question in the prompt (query-aware)
-ruler --out "$out/smollm2-ruler4k-policies" --budgets 0.1,0.3 --allocators uniform \
-    --policies window,streaming,h2o,snapkv,snapkv:window=0,chunkkv,reconstruct
-# 3. the question asked after the context is compressed (query-agnostic)
-ruler --out "$out/smollm2-ruler4k-after" --ruler-question after-compression --budgets 0.1,0.3 \
-    --allocators uniform --policies h2o,snapkv,chunkkv,reconstruct

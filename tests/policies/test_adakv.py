@@ -17,7 +17,7 @@ from squeezekv.reference import load_heldout, reference_model_path
     [
         ({"floor": -0.1}, "floor"),
         ({"floor": 1.5}, "floor"),
-        ({"window": 0}, "window"),
+        ({"window": -1}, "window"),
         ({"kernel": 4}, "kernel"),
     ],
 )

@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from squeezekv.policies import H2O, POLICIES, LayerView, Policy, SnapKV, Streaming, Window, select
+from squeezekv.policies.chunk import ChunkKV
+from squeezekv.policies.reconstruct import Reconstruct
 
 
 def reference_keep(policy, tokens, budget, phase, prompt_columns, first_column):
@@ -27,6 +29,21 @@ def reference_keep(policy, tokens, budget, phase, prompt_columns, first_column):
     elif isinstance(policy, H2O):
         recent = newest_first[: min(budget, max(1, math.floor(budget * policy.recent_ratio)))]
         order = recent + [t for t in by_score if t not in recent]
+    elif isinstance(policy, Reconstruct):
+        fresh = [t for t in newest_first if t[0] >= prompt_columns]
+        order = fresh + [t for t in by_score if t not in fresh]
+    elif phase == "prefill" and isinstance(policy, ChunkKV):
+        window = [t for t in newest_first if t[0] >= prompt_columns - policy.window]
+        chunks = prompt_columns // policy.chunk
+
+        def chunk(t):
+            return min(max((t[0] - first_column) // policy.chunk, 0), chunks)
+
+        totals = {}
+        for t in tokens:
+            totals[chunk(t)] = totals.get(chunk(t), 0.0) + t[1]
+        by_chunk = sorted(tokens, key=lambda t: (-totals[chunk(t)], -t[0]))
+        order = window + [t for t in by_chunk if t not in window]
     elif phase == "prefill":  # snapkv
         window_start = prompt_columns - policy.window
         window = [t for t in newest_first if t[0] >= window_start]
@@ -56,6 +73,7 @@ def test_policy_keeps_what_the_reference_keeps(
         "streaming": {"sinks": sinks},
         "h2o": {"recent_ratio": recent_ratio},
         "snapkv": {"window": snapkv_window},
+        "chunkkv": {"window": snapkv_window, "chunk": sinks + 1},
     }
     policy = POLICIES[policy](**settings.get(policy, {}))
     gaps = data.draw(st.lists(st.integers(1, 3), min_size=slots, max_size=slots))

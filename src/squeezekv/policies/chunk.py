@@ -32,9 +32,10 @@ class ChunkKV(SnapKV):
     def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
         if view.phase != "prefill":
             return super().priority(view, budget)
-        index = (view.age_rank() // self.chunk).clamp(min=0)  # left padding: rank < 0, never valid
+        chunks = view.prompt_columns // self.chunk + 1
+        # left padding has ranks < 0 and is never valid; columns past the prompt are in the window
+        index = (view.age_rank() // self.chunk).clamp(0, chunks - 1)
         scores = torch.where(view.valid, view.scores, 0.0)
         index = index.expand_as(scores)
-        chunks = view.prompt_columns // self.chunk + 1  # positions lie below prompt_columns at prefill
         totals = scores.new_zeros(*scores.shape[:-1], chunks).scatter_add_(-1, index, scores)
         return torch.where(view.positions >= self.window_start(view), KEEP, totals.gather(-1, index))
