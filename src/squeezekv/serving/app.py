@@ -268,6 +268,7 @@ def create_app(server: Server) -> FastAPI:
             "waiting": len(engine.waiting),
             "kv_bytes_in_use": engine.kv_bytes_in_use,
             "kv_memory": engine.kv_memory,
+            "finished": dict(engine.finished),
         }
 
     @app.get("/v1/models")

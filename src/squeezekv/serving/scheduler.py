@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -121,6 +121,7 @@ class ServingEngine:
         self.running: list[Running] = []
         self.batch: PagedCache | None = None
         self.reserved = 0  # blocks promised to the request being prefilled
+        self.finished = Counter()  # requests ended, by reason: stop, length, cancelled, error
         self.wakeup = threading.Condition()
 
     # -- called from any thread ---------------------------------------------------------------
@@ -201,13 +202,17 @@ class ServingEngine:
 
     def _drop_cancelled(self) -> None:
         with self.wakeup:
+            gone = [request for request in self.waiting if request.cancelled]
             self.waiting = deque(request for request in self.waiting if not request.cancelled)
         if self.prefilling is not None and self.prefilling.request.cancelled:
+            gone.append(self.prefilling.request)
             self.prefilling = None
             self.reserved = 0
-        gone = [row for row in self.running if row.request.cancelled]
-        for row in gone:
+        for row in [row for row in self.running if row.request.cancelled]:
+            gone.append(row.request)
             self._leave(row)
+        for request in gone:
+            self._finish(request, "finish", "cancelled")
 
     def _admit(self) -> None:
         with self.wakeup:
@@ -304,6 +309,7 @@ class ServingEngine:
     def _finish(self, request: Request, kind: str, value: str) -> None:
         if not request.finished:
             request.finished = True
+            self.finished[value if kind == "finish" else "error"] += 1
             request.listener(kind, value)
 
     def _join(self, row: Running) -> None:
