@@ -174,7 +174,7 @@ def test_chunked_prefill_interleaves_and_equals_the_fast_engines_chunked_prefill
     for chunk in range(5):  # 37 tokens: 5 chunks of 8, a decode step of the first after each
         engine.step()
         assert engine.prefilling is not None or chunk == 4
-        assert len(served.tokens[0]) == 2 + chunk
+        assert len(served.tokens[0]) == 3 + chunk
     while not second.finished:
         engine.step()
     for index, prompt in enumerate(inputs):
