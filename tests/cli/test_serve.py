@@ -24,8 +24,6 @@ PROMPTS = [
     "The first railway in the region was",
     "Her early work on the history of",
     "During the war the harbour",
-    "The museum holds a collection of",
-    "Local farmers grow",
 ]
 
 
@@ -77,13 +75,13 @@ def test_concurrent_clients_get_what_each_request_gets_alone(served):
     assert [model.id for model in client.models.list()] == ["squeeze-ref-25m"]
 
     def complete(prompt):
-        return client.completions.create(model="squeeze-ref-25m", prompt=prompt, max_tokens=8)
+        return client.completions.create(model="squeeze-ref-25m", prompt=prompt, max_tokens=6)
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         answers = list(pool.map(complete, PROMPTS))
     for prompt, answer in zip(PROMPTS, answers, strict=True):
-        assert answer.choices[0].text == alone(server, prompt, 8)
-        assert answer.usage.completion_tokens <= 8 and answer.choices[0].finish_reason in ("length", "stop")
+        assert answer.choices[0].text == alone(server, prompt, 6)
+        assert answer.usage.completion_tokens <= 6 and answer.choices[0].finish_reason in ("length", "stop")
     assert health(base)["kv_bytes_in_use"] == 0
 
 

@@ -1,12 +1,15 @@
 """Continuous batching must give every request the tokens it gets alone, within its memory."""
 
+import copy
+
 import pytest
 import torch
 
 import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
-from squeezekv.serving import QueueFull, Request, ServingEngine
+from squeezekv.ops import common, decode, eviction
+from squeezekv.serving import QueueFull, Request, ServingEngine, batch
 from squeezekv.serving.store import blocks_for
 
 from models import prompts, short_policy, tiny_model
@@ -182,3 +185,23 @@ def test_chunked_prefill_interleaves_and_equals_the_fast_engines_chunked_prefill
             torch.tensor([prompt]), max_new_tokens=10, prefill_chunk=8
         )
         assert served.tokens[index] == fast.sequences[0, len(prompt) :].tolist()
+
+
+@pytest.mark.skipif(common.triton is None, reason="needs Triton")
+def test_the_decode_step_through_the_triton_kernels_equals_the_torch_path(monkeypatch):
+    """What a GPU runs: the decode and eviction kernels (here in Triton's interpreter) on the pool's
+    gathered, strided buffers with one column per row."""
+    model = copy.deepcopy(tiny_model("llama")).float()
+    config = SqueezeConfig(budget=0.4, policy="h2o", allocator="squeeze")  # scores, newest kept
+    requests = [(p.tolist(), config, 3, []) for p in prompts([30, 21], seed=8)]
+    expected, _ = serve_staggered(ServingEngine(model, config, kv_memory=MiB), requests, arrivals=[0, 1])
+
+    def triton_decode(query, key, value, positions, valid, column, window, scaling, with_mass, **unused):
+        return decode.decode_attention_triton(
+            query, key, value, positions, valid, column, window, scaling, with_mass
+        )
+
+    monkeypatch.setattr(batch, "decode_attention", triton_decode)
+    monkeypatch.setattr(batch, "evict_lowest", eviction.evict_lowest_triton)
+    served, _ = serve_staggered(ServingEngine(model, config, kv_memory=MiB), requests, arrivals=[0, 1])
+    assert served.tokens == expected.tokens

@@ -21,7 +21,7 @@ def test_gather_scatter_and_write_follow_each_rows_block_table():
     valid[0, :, 3] = False
     pool.scatter(tables, valid, scores + 1)
     assert not pool.valid[first[1]].any() and not pool.valid[PAD_BLOCK].any()
-    assert pool.scores[second[0], 0, 1].item() == 1.0
+    assert pool.scores[second[0], 1, 0].item() == 1.0
     pool.release(first)
     assert len(pool.free_blocks) == 4
     with pytest.raises(RuntimeError, match="5 blocks asked, 4 free"):

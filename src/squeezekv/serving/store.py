@@ -24,7 +24,11 @@ def blocks_for(slots: int, block_size: int) -> int:
 
 
 class BlockPool:
-    """``blocks`` blocks of ``block_size`` slots, shared by all layers; block 0 is the padding block."""
+    """``blocks`` blocks of ``block_size`` slots, shared by all layers; block 0 is the padding block.
+
+    Slots lead and heads follow (``[blocks, block_size, kv_heads, ...]``), so that a row's gathered
+    blocks are one buffer whose ``[batch, kv_heads, slots, ...]`` layout is a view (no second copy).
+    """
 
     def __init__(
         self,
@@ -41,7 +45,7 @@ class BlockPool:
         if block_size < 1:
             raise ValueError(f"block_size {block_size} must be >= 1")
         self.block_size, self.kv_heads = block_size, kv_heads
-        shape = (blocks, kv_heads, block_size)
+        shape = (blocks, block_size, kv_heads)
         self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(*shape, value_dim or head_dim, dtype=dtype, device=device)
         self.positions = torch.zeros(shape, dtype=torch.int64, device=device)
@@ -60,7 +64,7 @@ class BlockPool:
     def allocate(self, count: int) -> list[int]:
         if count > len(self.free_blocks):
             raise RuntimeError(
-                f"{count} blocks asked, {len(self.free_blocks)} free (admission should prevent this)"
+                f"{count} blocks asked, {len(self.free_blocks)} free (admission prevents this)"
             )
         taken = [self.free_blocks.pop() for _ in range(count)]
         self.valid[taken] = False
@@ -72,22 +76,21 @@ class BlockPool:
 
     def gather(self, tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Keys, values, positions, validity and scores of ``tables`` (``[batch, blocks]``) laid out as
-        one buffer per row: ``[batch, kv_heads, blocks * block_size, ...]`` (a copy)."""
+        one buffer per row: ``[batch, kv_heads, blocks * block_size, ...]`` (one copy, then views)."""
         batch, width = tables.shape
-        slots = width * self.block_size
 
         def rows(pool: torch.Tensor) -> torch.Tensor:
-            picked = pool[tables].transpose(1, 2)  # [batch, heads, blocks, block_size, ...]
-            return picked.reshape(batch, self.kv_heads, slots, *pool.shape[3:])
+            picked = pool[tables]  # [batch, blocks, block_size, heads, ...]
+            return picked.view(batch, width * self.block_size, *pool.shape[2:]).transpose(1, 2)
 
         return rows(self.keys), rows(self.values), rows(self.positions), rows(self.valid), rows(self.scores)
 
     def scatter(self, tables: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor) -> None:
         """Writes a gathered buffer's validity and scores back to the blocks they came from."""
         batch, width = tables.shape
-        shape = (batch, self.kv_heads, width, self.block_size)
-        self.valid[tables] = valid.reshape(shape).transpose(1, 2)
-        self.scores[tables] = scores.reshape(shape).transpose(1, 2)
+        shape = (batch, width, self.block_size, self.kv_heads)
+        self.valid[tables] = valid.transpose(1, 2).reshape(shape)
+        self.scores[tables] = scores.transpose(1, 2).reshape(shape)
         self.valid[PAD_BLOCK] = False  # padding rows wrote into it
 
     def write(
@@ -103,11 +106,11 @@ class BlockPool:
         blocks = tables.gather(1, free // self.block_size)
         offsets = free % self.block_size
         heads = torch.arange(self.kv_heads, device=free.device).expand_as(free)
-        self.keys[blocks, heads, offsets] = key[:, :, 0]
-        self.values[blocks, heads, offsets] = value[:, :, 0]
-        self.positions[blocks, heads, offsets] = columns.view(-1, 1).expand_as(free)
-        self.valid[blocks, heads, offsets] = True
-        self.scores[blocks, heads, offsets] = 0.0
+        self.keys[blocks, offsets, heads] = key[:, :, 0]
+        self.values[blocks, offsets, heads] = value[:, :, 0]
+        self.positions[blocks, offsets, heads] = columns.view(-1, 1).expand_as(free)
+        self.valid[blocks, offsets, heads] = True
+        self.scores[blocks, offsets, heads] = 0.0
 
 
 @dataclass
@@ -123,19 +126,24 @@ def store_layer(pool: BlockPool, layer, budget: int) -> LayerSlots:
     """Copies a prefilled, compressed ``SqueezeLayer`` of one sequence into ``budget + 1`` slots of
     newly allocated blocks; returns where it lives."""
     held = layer.keys.shape[2]
-    slots = max(budget, held) + 1
-    blocks = pool.allocate(blocks_for(slots, pool.block_size))
-    size, heads = pool.block_size, pool.kv_heads
-    for index, block in enumerate(blocks):
-        part = slice(index * size, min((index + 1) * size, held))
-        count = part.stop - part.start
-        if count <= 0:
-            break
-        pool.keys[block, :, :count] = layer.keys[0, :, part]
-        pool.values[block, :, :count] = layer.values[0, :, part]
-        pool.positions[block, :, :count] = layer.positions[0, :, part].expand(heads, -1)
-        pool.valid[block, :, :count] = layer.valid[0, :, part].expand(heads, -1)
-        pool.scores[block, :, :count] = layer.scores[0, :, part].expand(heads, -1)
-    valid = torch.zeros(heads, len(blocks) * size, dtype=torch.bool, device=layer.keys.device)
-    valid[:, :held] = layer.valid[0].expand(heads, -1)
+    blocks = pool.allocate(blocks_for(max(budget, held) + 1, pool.block_size))
+    slots, heads = len(blocks) * pool.block_size, pool.kv_heads
+
+    def laid_out(states: torch.Tensor) -> torch.Tensor:
+        """``[1, heads, held, ...]`` as the blocks hold it: ``[blocks, block_size, heads, ...]``, padded."""
+        states = states[0].expand(heads, *states.shape[2:]).transpose(0, 1)
+        padded = states.new_zeros(slots, *states.shape[1:])
+        padded[:held] = states
+        return padded.view(len(blocks), pool.block_size, *states.shape[1:])
+
+    index = torch.tensor(blocks, device=pool.keys.device)
+    for pooled, states in (
+        (pool.keys, layer.keys),
+        (pool.values, layer.values),
+        (pool.positions, layer.positions),
+        (pool.valid, layer.valid),
+        (pool.scores, layer.scores),
+    ):
+        pooled[index] = laid_out(states)
+    valid = laid_out(layer.valid).view(slots, heads).T
     return LayerSlots(blocks, budget, (~valid).to(torch.uint8).argmax(-1))
