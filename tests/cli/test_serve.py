@@ -159,15 +159,20 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(served):
     assert texts[0] == texts[1] == alone(server, PROMPTS[1], 4)
 
 
-def test_a_client_that_disconnects_frees_its_memory(served):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_memory(served, stream):
     server, _, base = served
     cancelled = server.engine.finished["cancelled"]
-    body = {"model": "squeeze-ref-25m", "prompt": PROMPTS[2], "max_tokens": 3000, "stream": True}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body) as response:
-        lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))
-        assert json.loads(first[6:])["object"] == "text_completion"
-        assert health(base)["running"] == 1 and health(base)["kv_bytes_in_use"] > 0
+    body = {"model": "squeeze-ref-25m", "prompt": PROMPTS[2], "max_tokens": 3000, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{base}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["object"] == "text_completion"
+            assert health(base)["running"] == 1 and health(base)["kv_bytes_in_use"] > 0
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(f"{base}/v1/completions", json=body, timeout=1.0)
     deadline = time.monotonic() + 30
     while server.engine.finished["cancelled"] == cancelled and time.monotonic() < deadline:
         time.sleep(0.05)

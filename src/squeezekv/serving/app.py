@@ -190,7 +190,8 @@ class Server:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def listener(kind: str, value: object) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            with contextlib.suppress(RuntimeError):  # a closed event loop (shutting down): nobody waits
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
         request = Request(prompt, max_tokens, config, listener, self.stop_tokens)
         try:
@@ -224,13 +225,19 @@ class Detokenizer:
 
 async def answer_events(http: HttpRequest | None, events: asyncio.Queue) -> AsyncIterator[tuple[str, object]]:
     """The engine's events for one request until it finishes, or until the client goes away (polled
-    with ``http``; a streaming response learns it from Starlette, which cancels the stream)."""
+    with ``http`` every ``DISCONNECT_POLL_SECONDS``; a streaming response learns it from Starlette,
+    which cancels the stream)."""
+    checked = time.monotonic()
     while True:
         try:
             kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
         except asyncio.TimeoutError:
-            if http is not None and await http.is_disconnected():
+            kind = None
+        if http is not None and time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
+            checked = time.monotonic()
+            if await http.is_disconnected():
                 return
+        if kind is None:
             continue
         yield kind, value
         if kind != "token":
