@@ -120,7 +120,6 @@ class ServingEngine:
         self.prefilling: Prefill | None = None
         self.running: list[Running] = []
         self.batch: PagedCache | None = None
-        self.reserved = 0  # blocks promised to the request being prefilled
         self.finished = Counter()  # requests ended, by reason: stop, length, cancelled, error
         self.wakeup = threading.Condition()
 
@@ -207,7 +206,6 @@ class ServingEngine:
         if self.prefilling is not None and self.prefilling.request.cancelled:
             gone.append(self.prefilling.request)
             self.prefilling = None
-            self.reserved = 0
         for row in [row for row in self.running if row.request.cancelled]:
             gone.append(row.request)
             self._leave(row)
@@ -230,7 +228,6 @@ class ServingEngine:
             torch.ones_like(input_ids, dtype=torch.bool), forwards=-(-input_ids.shape[1] // chunk)
         )
         self.prefilling = Prefill(request, session, cache, input_ids)
-        self.reserved = request.reserved_blocks
 
     def _prefill_chunk(self) -> None:
         prefill = self.prefilling
@@ -246,7 +243,7 @@ class ServingEngine:
                 logits_to_keep=1,
             )
         except Exception as error:  # one request's failure must not stop the others
-            self.prefilling, self.reserved = None, 0
+            self.prefilling = None
             self._finish(prefill.request, "error", f"prefill failed: {type(error).__name__}: {error}")
             return
         finally:
@@ -254,7 +251,7 @@ class ServingEngine:
         prefill.done = end
         if end < length:
             return
-        self.prefilling, self.reserved = None, 0
+        self.prefilling = None
         budgets = prefill.cache.budgets[0].tolist()
         slots = []
         for layer, budget in zip(prefill.cache.layers, budgets, strict=True):
