@@ -25,6 +25,7 @@ PROMPTS = [
     "Her early work on the history of",
     "During the war the harbour",
 ]
+CLIENTS = 16  # concurrent clients, each with its own prompt
 
 
 def free_port() -> int:
@@ -75,13 +76,14 @@ def test_concurrent_clients_get_what_each_request_gets_alone(served):
     assert [model.id for model in client.models.list()] == ["squeeze-ref-25m"]
 
     def complete(prompt):
-        return client.completions.create(model="squeeze-ref-25m", prompt=prompt, max_tokens=6)
+        return client.completions.create(model="squeeze-ref-25m", prompt=prompt, max_tokens=5)
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        answers = list(pool.map(complete, PROMPTS))
-    for prompt, answer in zip(PROMPTS, answers, strict=True):
-        assert answer.choices[0].text == alone(server, prompt, 6)
-        assert answer.usage.completion_tokens <= 6 and answer.choices[0].finish_reason in ("length", "stop")
+    prompts = [f"{PROMPTS[index % len(PROMPTS)]} {index}" for index in range(CLIENTS)]
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        answers = list(pool.map(complete, prompts))
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer.choices[0].text == alone(server, prompt, 5)
+        assert answer.usage.completion_tokens <= 5 and answer.choices[0].finish_reason in ("length", "stop")
     assert health(base)["kv_bytes_in_use"] == 0
 
 
