@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("generate", "eval", "profile", "bench", "convert")
+COMMANDS = ("generate", "eval", "profile", "bench", "convert", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

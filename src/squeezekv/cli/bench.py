@@ -73,6 +73,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=BENCH_PRESSES["kvpress"],
         help=f"comma-separated (default {','.join(BENCH_PRESSES['kvpress'])})",
     )
+    add_workload_arguments(parser)
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving benchmark's options: with ``--workload``, the bench serves a request trace instead."""
+    from squeezekv.cli.serve import parse_bytes
+
+    group = parser.add_argument_group("serving benchmark (with --workload)")
+    group.add_argument(
+        "--workload", choices=["poisson"], help="serve a seeded request trace at equal KV memory"
+    )
+    group.add_argument("--model", help="a model folder to serve instead of --shape's random weights")
+    group.add_argument("--requests", type=int, default=32)
+    group.add_argument("--rate", type=float, default=1.0, help="arrivals per second (default 1)")
+    group.add_argument(
+        "--prompt-range", type=comma_list(int), default=(1024, 16384), help="default 1024,16384"
+    )
+    group.add_argument("--answer-range", type=comma_list(int), default=(32, 512), help="default 32,512")
+    group.add_argument(
+        "--kv-memory",
+        type=parse_bytes,
+        help="KV memory of every path (default: --reference-batch full caches of the longest request)",
+    )
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--prefill-chunk", type=int, help="prefill prompts in chunks of this many tokens")
 
 
 def output_folder(out: str) -> Path:
@@ -97,6 +122,11 @@ def run(args: argparse.Namespace) -> None:
     from squeezekv.bench.report import markdown, write_report
     from squeezekv.distributed import is_first_rank
 
+    if args.workload is not None:
+        from squeezekv.bench.serving import run_workload
+
+        run_workload(args)
+        return
     if args.device_map is not None:
         args.cuda_graphs = False  # one CUDA graph cannot span the devices of a device_map
     config = from_arguments(BenchConfig, args)

@@ -1,0 +1,62 @@
+"""``squeezekv bench --workload``: the serving benchmark's run, report files and memory check."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+
+from squeezekv.bench.workload import Workload, check_workload_memory, serving_benchmark, workload_markdown
+from squeezekv.config import SqueezeConfig
+
+
+def run_workload(args: argparse.Namespace) -> None:
+    """Serves the trace through every path, writes ``<name>-serving-<time>.json`` and ``.md`` into
+    ``--out``, prints the table; fails (after writing) when a path held more KV than the limit."""
+    from squeezekv.bench.shapes import build_model
+    from squeezekv.cli.bench import output_folder
+    from squeezekv.loading import load_model, resolve_device
+
+    if len(args.prompt_range) != 2 or len(args.answer_range) != 2:
+        raise ValueError("--prompt-range and --answer-range take two token counts: LOW,HIGH")
+    workload = Workload(
+        requests=args.requests,
+        rate=args.rate,
+        prompt_range=tuple(args.prompt_range),
+        answer_range=tuple(args.answer_range),
+        kv_memory=args.kv_memory,
+        block_size=args.block_size,
+        prefill_chunk=args.prefill_chunk,
+    )
+    configs = [
+        SqueezeConfig(budget=budget, policy=policy, allocator=allocator)
+        for budget in args.budgets
+        for policy in args.policies
+        for allocator in args.allocators
+    ]
+    folder = output_folder(args.out)
+    device = str(resolve_device(args.device))
+    torch.manual_seed(0)
+    if args.model is not None:
+        _, model = load_model(args.model, device)
+        name = args.model.rstrip("/").split("/")[-1]
+    else:
+        model = build_model(args.shape, device, workload.longest)
+        name = args.shape.rstrip("/").split("/")[-1].removesuffix(".json")
+    report = serving_benchmark(
+        model,
+        configs,
+        workload,
+        args.reference_batch,
+        hf=any(name.startswith("hf") for name in args.baselines),
+    )
+    report["model"], report["device"] = name, device
+    stem = f"{name}-serving-{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    (folder / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    table = workload_markdown(report)
+    (folder / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"written: {folder / stem}.json, {folder / stem}.md")
+    check_workload_memory(report)
