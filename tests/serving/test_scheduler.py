@@ -205,3 +205,9 @@ def test_the_decode_step_through_the_triton_kernels_equals_the_torch_path(monkey
     monkeypatch.setattr(batch, "evict_lowest", eviction.evict_lowest_triton)
     served, _ = serve_staggered(ServingEngine(model, config, kv_memory=MiB), requests, arrivals=[0, 1])
     assert served.tokens == expected.tokens
+
+
+@pytest.mark.parametrize(("policy", "reason"), [("adakv", "its own budget"), ("snapkv:window=0", "question")])
+def test_policies_the_block_store_cannot_hold_are_refused_by_name(policy, reason):
+    with pytest.raises(ValueError, match=rf"policy '{policy}' .*{reason}.*cannot serve it yet"):
+        ServingEngine(tiny_model("llama"), SqueezeConfig(0.4, policy), kv_memory=MiB)

@@ -34,6 +34,7 @@ from squeezekv.cache import SqueezeCache
 from squeezekv.config import SqueezeConfig
 from squeezekv.engine import kv_bytes_per_token
 from squeezekv.generation import check_prompt
+from squeezekv.policies import Policy
 from squeezekv.serving.batch import PagedCache
 from squeezekv.serving.store import BlockPool, LayerSlots, blocks_for, store_layer
 from squeezekv.session import Session, routed_attention
@@ -79,6 +80,15 @@ class Running:
     last_token: int
 
 
+def unservable(policy: Policy) -> str | None:
+    """Why the block store cannot serve ``policy`` (``None``: it can)."""
+    if type(policy).head_budgets is not Policy.head_budgets:
+        return "gives each key-value head its own budget (packed per-head storage)"
+    if policy.observes_question:
+        return "observes each prompt's question, whose start requests do not carry"
+    return None
+
+
 class ServingEngine:
     """Greedy continuous batching of ``model`` with ``config`` (requests may override the budget).
 
@@ -99,6 +109,9 @@ class ServingEngine:
             raise ValueError(f"prefill_chunk {prefill_chunk} must be >= 1")
         if max_waiting < 1:
             raise ValueError(f"max_waiting {max_waiting} must be >= 1")
+        refused = unservable(config.policy)
+        if refused:
+            raise ValueError(f"policy {config.policy.spec!r} {refused}: the server cannot serve it yet")
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
         probe = Session(model, config)  # checks the model and knows its layers' sliding windows
