@@ -77,7 +77,7 @@ def test_chunked_prefill_at_a_keep_everything_budget_matches_model_generate():
     torch.testing.assert_close(chunked.stats.layer_similarity, whole.stats.layer_similarity)
 
 
-@pytest.mark.parametrize("policy", UNIFORM_HEADS)
+@pytest.mark.parametrize("policy", [p for p in UNIFORM_HEADS if not squeezekv.POLICIES[p].reconstructs])
 def test_chunked_prefill_holds_at_most_budget_plus_one_chunk(policy):
     model = tiny_model("qwen2")
     ids, mask = left_pad(prompts([48, 37], seed=5))
@@ -142,3 +142,37 @@ def test_fast_engine_at_a_budget_of_one_is_model_generate(family):
         if family not in ("mistral", "gemma3"):  # sliding layers drop what they can no longer see
             held = mask.sum(-1, keepdim=True) + NEW_TOKENS - 1
             assert torch.equal(fast.stats.layer_tokens_held, held.expand(-1, 6))
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "reconstruct"])
+def test_a_follow_up_after_compression_is_the_same_on_both_paths(policy):
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([40, 25, 33], seed=8))
+    later, later_mask = left_pad(prompts([5, 3, 7], seed=9))
+    config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=4))
+    with squeezekv.compress(model, config, max_new_tokens=NEW_TOKENS) as session:
+        session.prefill(ids, mask)
+        output = session.extend(later, later_mask)
+        tokens = [output.logits[:, -1].argmax(-1)]
+        for _ in range(NEW_TOKENS - 1):
+            tokens.append(session.extend(tokens[-1][:, None]).logits[:, -1].argmax(-1))
+    fast = FastGenerator(model, config).generate(
+        ids, mask, NEW_TOKENS, followup_ids=later, followup_mask=later_mask
+    )
+    assert torch.equal(fast.sequences[:, ids.shape[1] :], torch.stack(tokens, 1))
+
+
+def test_decoding_stops_once_every_sequence_has_the_stop_token():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([30, 22], seed=2))
+    config = SqueezeConfig(budget=0.5, policy="window")
+    whole = FastGenerator(model, config).generate(ids, mask, 40)
+    stop = int(whole.sequences[0, ids.shape[1] + 3])  # a token both rows produce early, if any
+    early = FastGenerator(model, config).generate(ids, mask, 40, stop_token_id=stop)
+    new_whole, new_early = whole.sequences[:, ids.shape[1] :], early.sequences[:, ids.shape[1] :]
+    for row in range(2):
+        found = (new_whole[row] == stop).nonzero()
+        cut = int(found[0]) + 1 if len(found) else 40
+        assert torch.equal(new_early[row, :cut], new_whole[row, :cut])  # the same answer up to the stop
+    if all((new_whole[row] == stop).any() for row in range(2)):
+        assert early.stats.decode_steps < 39 and bool((new_early[:, -1] == stop).all())

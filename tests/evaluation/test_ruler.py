@@ -147,3 +147,45 @@ def test_a_bad_samples_file_is_named(tmp_path):
         read_samples(bad)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         read_samples(tmp_path / "missing.jsonl")
+
+
+def test_question_start_splits_context_from_question(reference, samples):
+    tokenizer, _ = reference
+    for name, pair in samples.items():
+        for sample in pair:
+            start = sample.facts["question_start"]
+            context, asked = sample.prompt[:start], tokenizer.decode(sample.prompt[start:])
+            assert 0 < start < len(sample.prompt), name
+            assert asked.strip().split()[0] in {"What", "Question:"}, (name, asked[:40])
+            assert "text above" in asked or "list above" in asked, name
+            assert all(a in tokenizer.decode(context) for a in sample.facts["answers"]), name
+
+
+def test_the_question_after_compression_is_fed_as_a_follow_up(samples):
+    sample = samples["niah_single_1"][0]
+    start = sample.facts["question_start"]
+    aware = task_named("ruler", TaskOptions()).asked(sample)
+    agnostic = task_named("ruler", TaskOptions(ruler_question="after-compression")).asked(sample)
+    assert aware.prompt == sample.prompt and aware.question_start == start and aware.followup is None
+    assert agnostic.prompt == sample.prompt[:start] and agnostic.followup == sample.prompt[start:]
+    with pytest.raises(ValueError, match="ruler_question 'later' must be one of in-prompt, after"):
+        task_named("ruler", TaskOptions(ruler_question="later")).samples(None, None)
+
+
+def test_a_question_after_compression_on_a_keep_everything_budget_is_the_full_answer(reference, tmp_path):
+    tokenizer, model = reference
+    options = TaskOptions(
+        ruler_subtasks=("niah_single_1",), ruler_lengths=(512,), ruler_samples=2,
+        ruler_question="after-compression", engine="fast",
+    )  # fmt: skip
+    config = EvalConfig(
+        "ruler", "reference", budgets=(1.0,), policies=("h2o",), allocators=("uniform",), options=options
+    )
+    run_eval(config, model, tokenizer, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    predictions = {}
+    for record in records:
+        predictions.setdefault(record["sample"], {})[record["cell"]] = record["prediction"]
+    assert len(predictions) == 2
+    for cells in predictions.values():  # nothing evicted: asking later is asking in the prompt
+        assert cells["full"] == cells["h2o/uniform/1.0"]

@@ -1,0 +1,59 @@
+"""Policies that keep what a question needs: spans (chunkkv), the question as the observation window
+(snapkv:window=0) and scores from reconstructing the prompt (reconstruct)."""
+
+import pytest
+import torch
+
+import squeezekv
+from squeezekv import SqueezeConfig
+from squeezekv.engine import FastGenerator
+from squeezekv.policies import LayerView, resolve_policy, select
+from squeezekv.policies.chunk import ChunkKV
+
+from models import left_pad, prompts, tiny_model
+
+
+def test_chunkkv_keeps_whole_spans():
+    scores = torch.tensor([0, 0, 0, 5, 0, 0, 1, 1, 1, 0, 0, 0], dtype=torch.float32).view(1, 1, -1)
+    positions = torch.arange(12).view(1, 1, -1)
+    view = LayerView(
+        positions, torch.ones_like(scores, dtype=torch.bool), scores, "prefill", 12, torch.tensor([0])
+    )
+    policy = ChunkKV(window=1, chunk=3)  # chunks 0-2, 3-5, 6-8, 9-11; the last column is the window
+    chosen, kept = select(policy.ranking(view, torch.tensor([7])), view.valid, torch.tensor([7]))
+    assert chosen[0, 0][kept[0, 0]].tolist() == [3, 4, 5, 6, 7, 8, 11]  # the 5's span and the 1s' span whole
+    with pytest.raises(ValueError, match="chunk=0 must be an integer >= 1"):
+        ChunkKV(chunk=0)
+
+
+def test_snapkv_observing_the_question_is_snapkv_with_the_question_as_its_window():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([40, 33], seed=3))
+    window = 6
+    starts = mask.sum(-1) - window  # the last six tokens of each prompt are its "question"
+    tail = FastGenerator(model, SqueezeConfig(0.3, f"snapkv:window={window}")).generate(ids, mask, 8)
+    question = FastGenerator(model, SqueezeConfig(0.3, "snapkv:window=0")).generate(
+        ids, mask, 8, question_start=starts
+    )
+    assert torch.equal(tail.sequences, question.sequences)
+    assert torch.equal(tail.stats.layer_tokens_held, question.stats.layer_tokens_held)
+    with pytest.raises(ValueError, match="observes the question, but the prompt did not say where it starts"):
+        FastGenerator(model, SqueezeConfig(0.3, "snapkv:window=0")).generate(ids, mask, 8)
+    bad = pytest.raises(ValueError, match=r"question_start \[40, 0\] must give")
+    with bad, squeezekv.compress(model, SqueezeConfig(0.3, "snapkv:window=0")) as session:
+        session.prefill(ids, mask, question_start=torch.tensor([40, 0]))
+
+
+def test_reconstruct_scores_the_prompt_by_a_second_pass_it_then_forgets():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([36, 29], seed=4))
+    config = SqueezeConfig(100, "reconstruct", "uniform")  # nothing evicted: the cache shows the scores
+    with squeezekv.compress(model, config) as session:
+        session.prefill(ids, mask)
+        layer = session.cache.layers[0]
+        assert layer.seen == ids.shape[1] and layer.keys.shape[2] == ids.shape[1]  # the repeat is gone
+        real = layer.valid[0, 0]
+        assert bool((layer.scores[0, :, real] > 0).all())  # every real token was looked at by the repeat
+        with pytest.raises(ValueError, match="cannot prefill in chunks"):
+            session.prefill(ids, mask, chunk_tokens=8)
+    assert resolve_policy("reconstruct").reconstructs
