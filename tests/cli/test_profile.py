@@ -29,7 +29,7 @@ def stability_args(docs, out, *extra):
 def test_stability_shows_progress_over_prompts(docs, tmp_path, capsys):
     assert main(stability_args(docs, tmp_path / "profile")) == 0
     captured = capsys.readouterr()
-    assert "3/3" in captured.err and "prompt" in captured.err
+    assert "/3 [" in captured.err and "prompt/s" in captured.err  # a bar over 3 prompts (cleared at the end)
     assert json.loads((tmp_path / "profile" / "stability.json").read_text())["prompts"] == 3
     assert "mean pairwise Jaccard" in captured.out
 
