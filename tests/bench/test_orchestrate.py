@@ -137,3 +137,19 @@ def test_tensor_parallel_bench_reports_per_rank_numbers_from_rank_zero(tmp_path)
     whole_model = build_model("tiny", "cpu", max_positions=36)
     # each rank holds half the heads, so half the full cache
     assert report["kv_limit_bytes"] == full_kv_bytes(whole_model, batch=2, tokens=36) / 2
+
+
+def test_new_policies_are_benched_and_a_reconstructing_one_prefills_whole():
+    config = BenchConfig(
+        shape="tiny", prompt_tokens=48, new_tokens=4, reference_batch=2, budgets=(0.25,),
+        policies=("chunkkv", "reconstruct", "adakv"), allocators=("uniform",), baselines=("full",),
+        device="cpu", repeats=1,
+    )  # fmt: skip
+    report = benchmark(config)
+    assert all(m["error"] is None and m["tokens_per_second"] > 0 for m in report["measurements"])
+    assert all(c["tokens_equal"] and c["kept_equal"] for c in report["fast_equals_simple"].values())
+    assert report["chunked_prefill_peak_kv"]["reconstruct"]["chunked_bytes"] is None
+    assert set(report["prefill_overhead"]) == {"chunkkv", "reconstruct", "adakv"}
+    assert "reconstruct: " in markdown(report) and "no chunks (it scores the whole prompt)" in markdown(
+        report
+    )

@@ -180,7 +180,10 @@ def measure_own(
         for policy in config.policies:
             squeeze = SqueezeConfig(budget=config.budgets[0], policy=policy)
             whole = prefill_peak_kv(model, reference[:1], squeeze, None)
-            chunked = prefill_peak_kv(model, reference[:1], squeeze, chunk)
+            # a policy that scores in a second pass over the whole prompt cannot prefill in chunks
+            chunked = (
+                None if squeeze.policy.reconstructs else prefill_peak_kv(model, reference[:1], squeeze, chunk)
+            )
             chunked_memory[policy] = {"chunk_tokens": chunk, "whole_bytes": whole, "chunked_bytes": chunked}
         overhead = {}
         for policy in config.policies:

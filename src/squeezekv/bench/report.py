@@ -130,6 +130,11 @@ def markdown(report: dict) -> str:
         )
     lines += ["", "Peak KV memory during the prefill of one prompt, whole vs in chunks:", ""]
     for policy, m in report["chunked_prefill_peak_kv"].items():
+        if m["chunked_bytes"] is None:
+            lines.append(
+                f"- {policy}: {m['whole_bytes'] / GIB:.2f} GiB whole; no chunks (it scores the whole prompt)"
+            )
+            continue
         lines.append(
             f"- {policy}: {m['whole_bytes'] / GIB:.2f} GiB whole, {m['chunked_bytes'] / GIB:.2f} GiB "
             f"in chunks of {m['chunk_tokens']} ({m['chunked_bytes'] / m['whole_bytes']:.2f}x)"
