@@ -8,13 +8,13 @@ import torch
 import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator, compiled_parts
-from squeezekv.policies import Policy
+from squeezekv.evaluation.decoding import stepwise_generate
 
 from models import FAMILIES, left_pad, prompts, short_policy, tiny_model
 
 NEW_TOKENS = 12
 # policies whose heads keep the same number of tokens (head-wise ones are packed: tests/cache/test_ragged.py)
-UNIFORM_HEADS = sorted(n for n, c in squeezekv.POLICIES.items() if c.head_budgets is Policy.head_budgets)
+UNIFORM_HEADS = sorted(n for n, c in squeezekv.POLICIES.items() if not c().spreads_over_heads)
 
 
 def kept_positions(layer, row, head):
@@ -150,16 +150,11 @@ def test_a_follow_up_after_compression_is_the_same_on_both_paths(policy):
     ids, mask = left_pad(prompts([40, 25, 33], seed=8))
     later, later_mask = left_pad(prompts([5, 3, 7], seed=9))
     config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=4))
-    with squeezekv.compress(model, config, max_new_tokens=NEW_TOKENS) as session:
-        session.prefill(ids, mask)
-        output = session.extend(later, later_mask)
-        tokens = [output.logits[:, -1].argmax(-1)]
-        for _ in range(NEW_TOKENS - 1):
-            tokens.append(session.extend(tokens[-1][:, None]).logits[:, -1].argmax(-1))
+    simple, _ = stepwise_generate(model, config, ids, mask, None, (later, later_mask), NEW_TOKENS, pad_id=0)
     fast = FastGenerator(model, config).generate(
         ids, mask, NEW_TOKENS, followup_ids=later, followup_mask=later_mask
     )
-    assert torch.equal(fast.sequences[:, ids.shape[1] :], torch.stack(tokens, 1))
+    assert torch.equal(fast.sequences[:, ids.shape[1] :], simple[:, ids.shape[1] :])
 
 
 def test_decoding_stops_once_every_sequence_has_the_stop_token():

@@ -22,7 +22,6 @@ from squeezekv.cache import SqueezeCache
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import agree, model_devices, synchronized, tensor_parallel_group
 from squeezekv.importance import ImportanceRecorder
-from squeezekv.policies import Policy
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -80,7 +79,7 @@ class Session:
         self.group = tensor_parallel_group(model)
         self.reconstructs = config.policy.reconstructs and not config.keeps_everything
         self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # what a reconstructing policy repeats
-        if self.group is not None and type(config.policy).head_budgets is not Policy.head_budgets:
+        if self.group is not None and config.policy.spreads_over_heads:
             raise ValueError(
                 f"policy {config.policy.name} spreads a layer's budget over all its key-value heads, which "
                 "tensor parallelism splits over ranks; run it on one device or under a device_map"

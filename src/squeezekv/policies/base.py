@@ -111,6 +111,11 @@ class Policy(Component):
         it while it ranks, instead of a pass of its own over the buffer every step."""
         return None
 
+    @property
+    def spreads_over_heads(self) -> bool:
+        """Each key-value head gets its own budget (the policy overrides :meth:`head_budgets`)."""
+        return type(self).head_budgets is not Policy.head_budgets
+
     def head_budgets(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor | None:
         """Tokens each key-value head keeps (``[batch, heads]``) when a policy spreads the layer's
         budget unevenly over its heads, asked at each prefill eviction (the result then stays fixed

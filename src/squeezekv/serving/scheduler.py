@@ -82,7 +82,7 @@ class Running:
 
 def unservable(policy: Policy) -> str | None:
     """Why the block store cannot serve ``policy`` (``None``: it can)."""
-    if type(policy).head_budgets is not Policy.head_budgets:
+    if policy.spreads_over_heads:
         return "gives each key-value head its own budget (packed per-head storage)"
     if policy.observes_question:
         return "observes each prompt's question, whose start requests do not carry"
