@@ -32,10 +32,16 @@ class ChunkKV(SnapKV):
     def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
         if view.phase != "prefill":
             return super().priority(view, budget)
-        chunks = view.prompt_columns // self.chunk + 1
-        # left padding has ranks < 0 and is never valid; columns past the prompt are in the window
-        index = (view.age_rank() // self.chunk).clamp(0, chunks - 1)
-        scores = torch.where(view.valid, view.scores, 0.0)
-        index = index.expand_as(scores)
-        totals = scores.new_zeros(*scores.shape[:-1], chunks).scatter_add_(-1, index, scores)
-        return torch.where(view.positions >= self.window_start(view), KEEP, totals.gather(-1, index))
+        return torch.where(view.positions >= self.window_start(view), KEEP, chunk_totals(view, self.chunk))
+
+
+def chunk_totals(view: LayerView, chunk: int) -> torch.Tensor:
+    """Every slot's score replaced by the sum over its chunk of ``chunk`` consecutive tokens,
+    counted from the sequence's first real token (``[batch, heads, slots]``)."""
+    chunks = max(view.prompt_columns, 0) // chunk + 1
+    # left padding has ranks < 0 and is never valid; columns past the prompt join the last chunk
+    index = (view.age_rank() // chunk).clamp(0, chunks - 1)
+    scores = torch.where(view.valid, view.scores, 0.0)
+    index = index.expand_as(scores)
+    totals = scores.new_zeros(*scores.shape[:-1], chunks).scatter_add_(-1, index, scores)
+    return totals.gather(-1, index)
