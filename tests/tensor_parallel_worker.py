@@ -1,9 +1,11 @@
 """One rank of a tensor-parallel squeezekv run; start it with ``torchrun`` (see test_distributed.py).
 
-Loads a saved tiny model with transformers' tensor parallelism over all ranks, runs every case of
+Loads each saved tiny model in turn with transformers' tensor parallelism over all ranks (one
+launch for several models: starting ranks costs more than a model's run), runs every case of
 ``CASES`` through ``model.generate`` inside ``squeezekv.compress`` and through the fast engine, and
 writes what the rank did (output tokens, budgets, the tokens each local head keeps) to
-``<out>/rank-<rank>.json``. ``single_process`` runs the same cases in one process for comparison.
+``<out>/model-<index>-rank-<rank>.json``. ``single_process`` runs the same cases in one process
+for comparison.
 """
 
 from __future__ import annotations
@@ -91,27 +93,28 @@ def main() -> None:
     from transformers.distributed import DistributedConfig
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
     parser.add_argument("out")
+    parser.add_argument("model_dirs", nargs="+", help="run one after another in the same ranks")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, CUDA-graph decode)")
     arguments = parser.parse_args()
     world = int(os.environ["WORLD_SIZE"])
-    model = AutoModelForCausalLM.from_pretrained(
-        arguments.model_dir,
-        dtype=torch.float64,
-        attn_implementation="sdpa",
-        distributed_config=DistributedConfig(tp_size=world),
-    )
-    rank = torch.distributed.get_rank()
     on_gpu = arguments.device != "cpu"
-    device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
-    cases = {}
-    for name, options in CASES.items():
-        with disagreeing_plan(rank if name == DISAGREEING else 0):
-            cases[name] = run_case(model, options, device, cuda_graphs=on_gpu)
-    local_heads = model.config.num_key_value_heads // world
-    record = {"rank": rank, "world": world, "local_kv_heads": local_heads, "cases": cases}
-    Path(arguments.out, f"rank-{rank}.json").write_text(json.dumps(record))
+    for index, model_dir in enumerate(arguments.model_dirs):
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=torch.float64,
+            attn_implementation="sdpa",
+            distributed_config=DistributedConfig(tp_size=world),
+        )
+        rank = torch.distributed.get_rank()
+        device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
+        cases = {}
+        for name, options in CASES.items():
+            with disagreeing_plan(rank if name == DISAGREEING else 0):
+                cases[name] = run_case(model, options, device, cuda_graphs=on_gpu)
+        local_heads = model.config.num_key_value_heads // world
+        record = {"rank": rank, "world": world, "local_kv_heads": local_heads, "cases": cases}
+        Path(arguments.out, f"model-{index}-rank-{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,19 @@ TESTS = Path(__file__).parent
 RANKS = 2
 
 
-def run_ranks(model_dir: Path, out: Path, device: str = "cpu", ranks: int = RANKS) -> list[dict]:
+def run_ranks(model_dirs: list[Path], out: Path, device: str = "cpu", ranks: int = RANKS) -> list[list[dict]]:
+    """Each model's records, one per rank, from one launch of ``ranks`` processes."""
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     if device == "cpu":  # transformers puts tensor-parallel ranks on the GPUs it sees
         environment["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    command += [str(TESTS / "tensor_parallel_worker.py"), str(model_dir), str(out), "--device", device]
+    command += [str(TESTS / "tensor_parallel_worker.py"), str(out), *map(str, model_dirs), "--device", device]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(ranks)]
+    return [
+        [json.loads((out / f"model-{index}-rank-{rank}.json").read_text()) for rank in range(ranks)]
+        for index in range(len(model_dirs))
+    ]
 
 
 def saved_tiny_model(directory: Path, family: str = "llama") -> Path:
@@ -36,12 +40,18 @@ def saved_tiny_model(directory: Path, family: str = "llama") -> Path:
     return directory
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
-def tensor_parallel_run(request, tmp_path_factory):
-    """Llama; Mistral for its sliding window; Qwen2 for the biases of its sharded projections."""
-    model_dir = saved_tiny_model(tmp_path_factory.mktemp("model"), request.param)
-    ranks = run_ranks(model_dir, tmp_path_factory.mktemp("ranks"))
-    return ranks, single_process(str(model_dir))
+FAMILIES = ["llama", "mistral", "qwen2"]  # Mistral for its sliding window; Qwen2 for its projections' biases
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_runs(tmp_path_factory) -> dict[str, tuple[list[dict], dict]]:
+    """Each family's rank records and its single-process run."""
+    model_dirs = [saved_tiny_model(tmp_path_factory.mktemp(family), family) for family in FAMILIES]
+    runs = run_ranks(model_dirs, tmp_path_factory.mktemp("ranks"))
+    return {
+        family: (ranks, single_process(str(model_dir)))
+        for family, model_dir, ranks in zip(FAMILIES, model_dirs, runs, strict=True)
+    }
 
 
 def check_against_single_process(ranks: list[dict], single: dict) -> None:
@@ -67,8 +77,9 @@ def check_against_single_process(ranks: list[dict], single: dict) -> None:
     assert keep_everything["sequences"] == single["plain_sequences"]
 
 
-def test_tensor_parallel_ranks_agree_with_one_process(tensor_parallel_run):
-    ranks, single = tensor_parallel_run
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_ranks_agree_with_one_process(tensor_parallel_runs, family):
+    ranks, single = tensor_parallel_runs[family]
     assert [record["local_kv_heads"] for record in ranks] == [1, 1]
     check_against_single_process(ranks, single)
 
@@ -86,7 +97,7 @@ def test_single_rank_helpers_are_identities():
 def test_tensor_parallel_over_gpus_with_cuda_graphs(tmp_path):
     model_dir = saved_tiny_model(tmp_path / "model")
     (tmp_path / "ranks").mkdir()
-    ranks = run_ranks(model_dir, tmp_path / "ranks", device="cuda")
+    (ranks,) = run_ranks([model_dir], tmp_path / "ranks", device="cuda")
     check_against_single_process(ranks, single_process(str(model_dir), "cuda"))
 
 
