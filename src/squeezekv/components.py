@@ -65,15 +65,20 @@ def setting_types(cls: type[Component]) -> dict[str, type]:
     return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
 
 
-def coerce(owner: Component, setting: str, value: object, kind: type) -> int | float:
-    """``value`` as a Python ``kind`` (``int`` or ``float``); NumPy numbers are welcome, bools not."""
+def coerce(owner: Component, setting: str, value: object, kind: type) -> int | float | str:
+    """``value`` as a Python ``kind`` (``int``, ``float`` or ``str``); NumPy numbers are welcome,
+    bools not."""
     if not isinstance(value, bool):
         if kind is int and isinstance(value, numbers.Integral):
             return int(value)
         if kind is float and isinstance(value, numbers.Real):
             return float(value)
-    allowed = "an integer" if kind is int else "a number"
-    raise ValueError(f"{owner.kind} {owner.name!r}: {setting}={value!r} must be {allowed}")
+        if kind is str and isinstance(value, str):
+            return value
+    raise ValueError(f"{owner.kind} {owner.name!r}: {setting}={value!r} must be {ALLOWED[kind]}")
+
+
+ALLOWED = {int: "an integer", float: "a number", str: "a word"}
 
 
 def check_settings(cls: type[Component], names: typing.Iterable[str]) -> None:
@@ -112,9 +117,8 @@ def resolve(spec: object, registry: dict[str, type[C]], base: type[C]) -> C:
     return cls(**{setting: parse(cls, setting, text, types[setting]) for setting, text in texts.items()})
 
 
-def parse(cls: type[Component], setting: str, text: str, kind: type) -> int | float:
+def parse(cls: type[Component], setting: str, text: str, kind: type) -> int | float | str:
     try:
         return kind(text)
     except ValueError:
-        allowed = "an integer" if kind is int else "a number"
-        raise ValueError(f"{cls.kind} {cls.name!r}: {setting}={text!r} must be {allowed}") from None
+        raise ValueError(f"{cls.kind} {cls.name!r}: {setting}={text!r} must be {ALLOWED[kind]}") from None

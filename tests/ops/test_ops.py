@@ -26,7 +26,7 @@ class Case:
 
     ``tolerance``: ``assert_close`` keywords (exact equality when empty); ``rows``: which entries of
     the first output count (padding queries' outputs are never used); ``check``: a further check on
-    the torch side's arguments after the run.
+    the torch side's arguments after the run; ``keywords``: passed to both sides by name.
     """
 
     args: tuple | Callable[[], list]
@@ -34,6 +34,7 @@ class Case:
     gpu: bool = False
     rows: torch.Tensor | None = None
     check: Callable[[tuple], None] | None = None
+    keywords: dict = field(default_factory=dict)
 
 
 def prefill_case(seed, batch=2, kv_heads=2, group=2, cached=37, queries=70, dim=16, per_head=False):
@@ -74,6 +75,10 @@ def prefill_cases():
         args = (query, key, value, positions, valid, first_column, window, 0.3, scored, query_valid)
         real = query_valid[:, None, :, None].expand_as(query)
         yield f"long-window={window}-scored={scored}", Case(args, close, rows=real)
+        yield (
+            f"long-window={window}-scored={scored}-peak",
+            Case(args, close, rows=real, keywords={"peak": True}),
+        )
     query, key, value, positions, valid, first_column, query_valid = prefill_case(
         1, queries=300, cached=200, dim=64
     )
@@ -211,7 +216,8 @@ def test_triton_kernel_matches_its_torch_twin(name, case):
     triton_side, torch_side, _ = PAIRS[name]
     build = case.args if callable(case.args) else lambda: [on_device(a) for a in case.args]
     expected_args, actual_args = build(), build()
-    expected, actual = flat(torch_side(*expected_args)), flat(triton_side(*actual_args))
+    expected = flat(torch_side(*expected_args, **case.keywords))
+    actual = flat(triton_side(*actual_args, **case.keywords))
     if case.rows is not None:
         rows = case.rows.to(DEVICE)
         expected[0], actual[0] = expected[0][rows], actual[0][rows]

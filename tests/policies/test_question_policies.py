@@ -57,3 +57,27 @@ def test_reconstruct_scores_the_prompt_by_a_second_pass_it_then_forgets():
         with pytest.raises(ValueError, match="cannot prefill in chunks"):
             session.prefill(ids, mask, chunk_tokens=8)
     assert resolve_policy("reconstruct").reconstructs
+
+
+def test_reconstruct_scores_by_the_peak_and_keeps_its_window_and_chunks():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([36, 29], seed=4))
+    scores = {}
+    for score in ("sum", "max"):
+        with squeezekv.compress(
+            model, SqueezeConfig(100, f"reconstruct:score={score}", "uniform")
+        ) as session:
+            session.prefill(ids, mask)
+            layer = session.cache.layers[0]
+            scores[score] = layer.scores[layer.valid.expand_as(layer.scores)]
+    assert bool((scores["max"] > 0).all() & (scores["max"] <= 1).all())  # one probability per key
+    assert bool((scores["max"] <= scores["sum"] + 1e-6).all()) and not torch.allclose(
+        scores["max"], scores["sum"]
+    )
+    with squeezekv.compress(model, SqueezeConfig(0.3, "reconstruct:window=5,chunk=4", "uniform")) as session:
+        session.prefill(ids, mask)
+        for layer in session.cache.layers:
+            kept = {int(p) for p in layer.positions[0, 0][layer.valid[0, 0]]}
+            assert set(range(ids.shape[1] - 5, ids.shape[1])) <= kept  # the prompt's last tokens stay
+    with pytest.raises(ValueError, match="score='mean' must be 'max' or 'sum'"):
+        resolve_policy("reconstruct:score=mean")

@@ -297,6 +297,7 @@ class SqueezeCache(CompressedCache):
             softcap,
             self.explicit,
             self.plainly_causal,
+            self.config.policy.peak_mass(self.phase),
         )
         if mass is not None:
             layer.add_mass(mass, self.phase, self.config.policy)

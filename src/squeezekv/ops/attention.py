@@ -58,10 +58,12 @@ def attend(
     query_valid: torch.Tensor | None = None,
     softcap: float | None = None,
     explicit: bool = False,
+    peak: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention output ``[batch, q_heads, queries, dim]`` and, when ``scored_queries > 0``, the
     attention mass ``[batch, kv_heads, keys]`` that the last ``scored_queries`` real queries gave
-    each key (summed over the query heads that share it).
+    each key (summed over the query heads that share it; with ``peak``, the largest probability
+    any of those queries and heads gave it).
 
     ``key``/``value`` have ``kv_heads`` heads (grouped-query attention), ``mask`` has 1 or
     ``kv_heads`` heads; ``None`` means plainly causal, the queries being the last keys (a fresh
@@ -81,7 +83,9 @@ def attend(
         weight[:, weight.shape[1] - scored_queries :] = 1.0
         if query_valid is not None:
             weight *= query_valid[:, split:].to(weight.device, torch.float32)
-    tail, mass = _explicit(query[:, :, split:], key, value, mask[:, :, split:], scaling, softcap, weight)
+    tail, mass = _explicit(
+        query[:, :, split:], key, value, mask[:, :, split:], scaling, softcap, weight, peak
+    )
     if split == 0:
         return tail, (mass if scored_queries else None)
     head = _sdpa(query[:, :, :split], key, value, mask[:, :, :split], scaling)
@@ -113,9 +117,10 @@ def _explicit(
     scaling: float,
     softcap: float | None,
     row_weight: torch.Tensor,
+    peak: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention in query chunks; the mass is the ``row_weight``-weighted sum of each key's
-    attention probability over queries and the query heads of its group.
+    """Softmax attention in query chunks; the mass is the ``row_weight``-weighted sum (``peak``:
+    maximum) of each key's attention probability over queries and the query heads of its group.
 
     The query heads sharing a key head are stacked as extra rows (``[batch, kv_heads, group *
     queries, dim]``), so keys and values are read once and never copied per query head. Logits are
@@ -145,5 +150,9 @@ def _explicit(
         probs = torch.softmax(logits.masked_fill(~mask[:, :, :, rows], float("-inf")), dim=-1)
         attended = probs.to(value.dtype).reshape(batch, kv_heads, group * width, keys) @ value
         output[:, :, :, rows] = attended.view(batch, kv_heads, group, width, -1)
-        mass += torch.einsum("bhgqk,bq->bhk", probs.float(), row_weight[:, rows])
+        if peak:
+            weighted = probs.float() * row_weight[:, None, None, rows, None]
+            mass = torch.maximum(mass, weighted.amax(dim=(2, 3)))
+        else:
+            mass += torch.einsum("bhgqk,bq->bhk", probs.float(), row_weight[:, rows])
     return output.view(batch, q_heads, queries, -1), mass

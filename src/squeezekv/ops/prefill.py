@@ -128,9 +128,10 @@ if triton is not None:
         mass, k, positions, valid, inside, Q, LSE, W, start, q_base, lse_base, w_base,
         sqm, sqd, queries, first_column, window, qk_scale,
         HAS_WINDOW: tl.constexpr, DIAGONAL: tl.constexpr, DIM: tl.constexpr, BM: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, PEAK: tl.constexpr,
     ):  # fmt: skip
-        """A block of scored rows' probabilities summed into a block of keys' mass."""
+        """A block of scored rows' probabilities summed (or, ``PEAK``, maximised) into a block of
+        keys' mass."""
         rows = start + tl.arange(0, BM)
         in_rows = rows < queries
         dims = tl.arange(0, DIM)
@@ -145,7 +146,10 @@ if triton is not None:
             scores = tl.where(seen & inside[:, None], scores, MASKED)
         else:
             scores = tl.where(valid[:, None] != 0, scores, MASKED)
-        return mass + tl.sum(tl.exp2(scores - lse[None, :]) * weight[None, :], 1)
+        probs = tl.exp2(scores - lse[None, :]) * weight[None, :]
+        if PEAK:
+            return tl.maximum(mass, tl.max(probs, 1))
+        return mass + tl.sum(probs, 1)
 
     @triton.jit
     def _key_mass(
@@ -155,7 +159,7 @@ if triton is not None:
         spb, sph, spn,
         queries, keys, q_heads, kv_heads, group, first_column, first_scored, window, qk_scale,
         HAS_WINDOW: tl.constexpr, POSITION_HEADS: tl.constexpr, DIM: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, PEAK: tl.constexpr,
     ):  # fmt: skip
         """A block of keys' mass over the scored rows of every query head sharing their key head."""
         block, batch_head = tl.program_id(0), tl.program_id(1)
@@ -179,12 +183,12 @@ if triton is not None:
             for start in range(first, causal, BM):
                 mass = _mass_step(
                     mass, k, positions, valid, inside, Q, LSE, W, start, q_base, lse_base, batch * queries,
-                    sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, True, DIM, BM, IEEE,
+                    sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, True, DIM, BM, IEEE, PEAK,
                 )  # fmt: skip
             for start in range(causal, queries, BM):
                 mass = _mass_step(
                     mass, k, positions, valid, inside, Q, LSE, W, start, q_base, lse_base, batch * queries,
-                    sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, False, DIM, BM, IEEE,
+                    sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, False, DIM, BM, IEEE, PEAK,
                 )  # fmt: skip
         tl.store(M + batch_head * keys + cols, mass, mask=inside)
 
@@ -203,9 +207,11 @@ def prefill_attention(
     softcap: float | None = None,
     explicit: bool = False,
     plainly_causal: bool = False,
+    peak: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output ``[batch, q_heads, queries, dim]`` and, when ``scored > 0``, the mass ``[batch,
-    kv_heads, keys]`` the last ``scored`` real queries gave each key.
+    kv_heads, keys]`` the last ``scored`` real queries gave each key (with ``peak``: the largest
+    probability any of them gave it, instead of the sum).
 
     ``positions``/``valid`` (``[batch, 1 or kv_heads, keys]``) describe the cached keys, whose last
     ``queries`` are the new tokens at columns ``first_column, first_column + 1, ...``;
@@ -216,11 +222,12 @@ def prefill_attention(
     """
     if scored and query.shape[2] > 1 and fused(query, softcap, explicit):
         return prefill_attention_triton(
-            query, key, value, positions, valid, first_column, sliding_window, scaling, scored, query_valid
-        )
+            query, key, value, positions, valid, first_column, sliding_window, scaling, scored, query_valid,
+            peak=peak,
+        )  # fmt: skip
     return prefill_attention_torch(
         query, key, value, positions, valid, first_column, sliding_window, scaling, scored, query_valid,
-        softcap, explicit, plainly_causal,
+        softcap, explicit, plainly_causal, peak=peak,
     )  # fmt: skip
 
 
@@ -238,6 +245,8 @@ def prefill_attention_torch(
     softcap: float | None = None,
     explicit: bool = False,
     plainly_causal: bool = False,
+    *,
+    peak: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The torch twin of :func:`prefill_attention_triton` (same arguments, same result)."""
     queries = query.shape[2]
@@ -245,7 +254,9 @@ def prefill_attention_torch(
     if not (plainly_causal and sliding_window is None and key.shape[2] == queries):
         columns = torch.arange(first_column, first_column + queries, device=query.device)
         mask = layer_mask(positions, valid, columns, sliding_window)
-    return attend(query, key, value, mask, scaling, scored, query_valid, softcap, explicit=explicit)
+    return attend(
+        query, key, value, mask, scaling, scored, query_valid, softcap, explicit=explicit, peak=peak
+    )
 
 
 def fitting(configs: tuple, rows_resident: bool, dim: int, element_size: int) -> dict:
@@ -270,6 +281,8 @@ def prefill_attention_triton(
     scaling: float,
     scored: int,
     query_valid: torch.Tensor,
+    *,
+    peak: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The Triton pair behind :func:`prefill_attention` (``scored`` > 0)."""
     batch, q_heads, queries, dim = query.shape
@@ -300,6 +313,6 @@ def prefill_attention_triton(
         query, key, positions, valid, lse, weight, mass,
         *query.stride(), *key.stride(), *positions.stride(),
         queries, keys, q_heads, kv_heads, group, first_column, first_scored, window, qk_scale,
-        **shape, **mass_config,
+        **shape, **mass_config, PEAK=peak,
     )  # fmt: skip
     return output, mass

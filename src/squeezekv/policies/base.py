@@ -95,6 +95,10 @@ class Policy(Component):
         ``"reconstruct"`` (the second pass over the prompt)."""
         return 0
 
+    def peak_mass(self, phase: str) -> bool:
+        """This phase's mass per key is the largest probability any scored query gave it, not the sum."""
+        return False
+
     def fold(self, scores: torch.Tensor, mass: torch.Tensor, phase: str) -> torch.Tensor:
         """New running scores from the old ones and this forward's attention mass per key."""
         return scores + mass
