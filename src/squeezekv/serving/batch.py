@@ -3,8 +3,11 @@
 It keeps exactly the tokens the fast engine's :class:`~squeezekv.cache.StaticCache` keeps (write
 the new token into the free slot, attend, fold the attention mass into the scores, drop the
 lowest-ranked token of a row over its budget), but every row has its own column, budgets and block
-table, so requests at different points of their answers decode together. Attention reads a row's
-blocks gathered into one buffer per layer (the torch path: a transient copy of one layer).
+table, so requests at different points of their answers decode together. The keys and values stay
+in the pool: the new token is written into its block and attention reads each row's blocks through
+its block table (:mod:`squeezekv.ops.paged`). The bookkeeping the policy ranks (positions,
+validity, scores) is one dense buffer per layer while the batch's membership holds, so the policy
+and the eviction run on it as on the fast engine's buffers.
 """
 
 from __future__ import annotations
@@ -15,25 +18,28 @@ from transformers.cache_utils import CacheLayerMixin
 from squeezekv.cache.base import CompressedCache
 from squeezekv.cache.static import BufferView
 from squeezekv.config import SqueezeConfig
-from squeezekv.ops import decode_attention, evict_lowest
-from squeezekv.ops.decode import decode_attention_torch
+from squeezekv.ops import evict_lowest
+from squeezekv.ops.paged import paged_decode_attention, write_paged_slot
 from squeezekv.policies import KEEP
 from squeezekv.serving.store import PAD_BLOCK, BlockPool, LayerSlots
 
 
 class PagedLayer(CacheLayerMixin):
-    """One layer of the batch: its rows' block tables (``[batch, blocks]``), budgets and free slots."""
+    """One layer of the batch: its rows' block tables (``[batch, blocks]``), budgets, free slots and
+    bookkeeping (``positions``, ``valid``, ``scores``: ``[batch, kv_heads, blocks * block_size]``,
+    copied from the pool when the batch is built)."""
 
     is_sliding = False
 
-    def __init__(self, slots: list[LayerSlots], sliding_window: int | None, device: torch.device) -> None:
+    def __init__(self, pool: BlockPool, slots: list[LayerSlots]) -> None:
         super().__init__()
+        device = pool.keys.device
         width = max(len(row.blocks) for row in slots)
         tables = [row.blocks + [PAD_BLOCK] * (width - len(row.blocks)) for row in slots]
         self.tables = torch.tensor(tables, dtype=torch.long, device=device)
         self.budget = torch.tensor([row.budget for row in slots], device=device)
         self.free = torch.stack([row.free for row in slots]).to(device)
-        self.sliding_window = sliding_window
+        self.positions, self.valid, self.scores = pool.bookkeeping(self.tables)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -57,14 +63,13 @@ class PagedCache(CompressedCache):
 
     ``columns`` (``[batch]``) is each row's column of the token this step feeds; ``prompt_columns``
     each row's prompt length. Build a new one whenever the batch's membership changes (after
-    :meth:`store_free_slots`).
+    :meth:`store_back`).
     """
 
     def __init__(
         self,
         pool: BlockPool,
         slots: list[list[LayerSlots]],
-        sliding_windows: list[int | None],
         config: SqueezeConfig,
         columns: list[int],
         prompt_columns: list[int],
@@ -72,10 +77,7 @@ class PagedCache(CompressedCache):
         explicit: bool,
     ) -> None:
         device = pool.keys.device
-        layers = [
-            PagedLayer([row[index] for row in slots], window, device)
-            for index, window in enumerate(sliding_windows)
-        ]
+        layers = [PagedLayer(pool, [row[index] for row in slots]) for index in range(len(slots[0]))]
         super().__init__(layers=layers)
         self.pool, self.config, self.slots = pool, config, slots
         self.scored, self.explicit = scored, explicit
@@ -87,7 +89,10 @@ class PagedCache(CompressedCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        self.pool.write(layer.tables, layer.free, key_states, value_states, self.columns)
+        write_paged_slot(
+            key_states, value_states, self.pool.keys, self.pool.values, layer.tables,
+            layer.positions, layer.valid, layer.scores, layer.free, self.columns,
+        )  # fmt: skip
         return key_states, value_states
 
     def attention(
@@ -101,33 +106,41 @@ class PagedCache(CompressedCache):
         sliding_window: int | None,
     ) -> torch.Tensor:
         layer, policy = self.layers[layer_idx], self.config.policy
-        keys, values, positions, valid, scores = self.pool.gather(layer.tables)
-        column = self.columns.view(-1, 1, 1)
-        # the Triton kernels read one column for all rows, used only for a sliding window
-        attend = decode_attention if sliding_window is None else decode_attention_torch
-        output, mass = attend(
-            query, keys, values, positions, valid, column, sliding_window, scaling,
-            with_mass=self.scored, softcap=softcap, explicit=self.explicit,
+        additive = self.scored and policy.adds_mass  # the mass is added to the scores as it is computed
+        output, mass = paged_decode_attention(
+            query, self.pool.keys, self.pool.values, layer.tables, layer.positions, layer.valid,
+            self.columns, sliding_window, scaling, with_mass=self.scored,
+            add_mass_to=layer.scores if additive else None, softcap=softcap, explicit=self.explicit,
         )  # fmt: skip
         if mass is not None:
-            scores = policy.fold(scores, mass, "decode")
+            layer.scores.copy_(policy.fold(layer.scores, mass, "decode"))
+        column = self.columns.view(-1, 1, 1)
         if sliding_window is not None:
-            valid &= positions > column - sliding_window + 1
-        view = BufferView(positions, valid, scores, "decode", self.prompt_columns, self.first_column, column)
-        priority = policy.priority(view, layer.budget).expand_as(valid)
+            layer.valid &= layer.positions > column - sliding_window + 1
+        view = BufferView(
+            layer.positions,
+            layer.valid,
+            layer.scores,
+            "decode",
+            self.prompt_columns,
+            self.first_column,
+            column,
+        )
+        priority = policy.priority(view, layer.budget).expand_as(layer.valid)
         newest = policy.newest_kept(layer.budget)
         if newest is not None:  # applied here, so that the eviction kernel needs no per-row column
-            priority = torch.where(positions > column - newest.view(-1, 1, 1), KEEP, priority)
-        evict_lowest(priority.contiguous(), valid, positions, layer.budget, layer.free)
-        self.pool.scatter(layer.tables, valid, scores)
+            priority = torch.where(layer.positions > column - newest.view(-1, 1, 1), KEEP, priority)
+        evict_lowest(priority.contiguous(), layer.valid, layer.positions, layer.budget, layer.free)
         return output
 
     def advance(self) -> None:
         self.columns += 1
 
-    def store_free_slots(self) -> None:
-        """Hands each row's free slots back to its :class:`LayerSlots`, before the batch is rebuilt."""
+    def store_back(self) -> None:
+        """Hands each row's bookkeeping back to the pool and its free slots to its
+        :class:`LayerSlots`, before the batch is rebuilt."""
         for index, layer in enumerate(self.layers):
+            self.pool.store_bookkeeping(layer.tables, layer.positions, layer.valid, layer.scores)
             for row, free in zip(self.slots, layer.free, strict=True):
                 row[index].free = free
 
@@ -143,8 +156,4 @@ class PagedCache(CompressedCache):
         return int(self.columns.sum()) * len(self.layers) * per_slot
 
     def held_tokens(self) -> torch.Tensor:
-        held = []
-        for layer in self.layers:
-            _, _, _, valid, _ = self.pool.gather(layer.tables)
-            held.append(valid.sum(-1).amax(-1).cpu())
-        return torch.stack(held, dim=1)
+        return torch.stack([layer.valid.sum(-1).amax(-1).cpu() for layer in self.layers], dim=1)

@@ -114,8 +114,7 @@ class ServingEngine:
             raise ValueError(f"policy {config.policy.spec!r} {refused}: the server cannot serve it yet")
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
-        probe = Session(model, config)  # checks the model and knows its layers' sliding windows
-        self.sliding_windows, self.explicit = probe.sliding_windows, probe.explicit
+        self.explicit = Session(model, config).explicit  # the probe checks the model
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
         text = model.config.get_text_config()
         self.layers = text.num_hidden_layers
@@ -337,7 +336,7 @@ class ServingEngine:
 
     def _detach_batch(self) -> None:
         if self.batch is not None:
-            self.batch.store_free_slots()
+            self.batch.store_back()
             self.batch = None
 
     def _rebuild_batch(self) -> None:
@@ -348,7 +347,6 @@ class ServingEngine:
         self.batch = PagedCache(
             self.pool,
             [row.slots for row in self.running],
-            self.sliding_windows,
             self.config,
             [row.column for row in self.running],
             [row.prompt_columns for row in self.running],
