@@ -66,7 +66,7 @@ if triton is not None:
         acc = tl.zeros([GM, DIM], tl.float32)
         if HAS_WINDOW:
             oldest = tl.load(COLUMNS + batch * scb) - window
-        for offset in range(0, CHUNK, BN):
+        for offset in range(0, tl.minimum(CHUNK, keys - split * CHUNK), BN):  # blocks past the keys add 0
             cols = split * CHUNK + offset + tl.arange(0, BN)
             inside = cols < keys
             base = batch * spb + position_head * sph + cols * spn

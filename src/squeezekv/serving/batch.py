@@ -8,38 +8,83 @@ in the pool: the new token is written into its block and attention reads each ro
 its block table (:mod:`squeezekv.ops.paged`). The bookkeeping the policy ranks (positions,
 validity, scores) is one dense buffer per layer while the batch's membership holds, so the policy
 and the eviction run on it as on the fast engine's buffers.
+
+The batch is padded to static shapes (rows and table width rounded up to powers of two) in
+buffers that persist across batches (:class:`Arena`), so a decode step allocates nothing of its
+own and is captured as one CUDA graph per shape on the GPU (:class:`DecodeSteps`).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
+from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from squeezekv.cache.base import CompressedCache
 from squeezekv.cache.static import BufferView
 from squeezekv.config import SqueezeConfig
+from squeezekv.engine import WARM_STEPS
 from squeezekv.ops import evict_lowest
 from squeezekv.ops.paged import paged_decode_attention, write_paged_slot
 from squeezekv.policies import KEEP
 from squeezekv.serving.store import PAD_BLOCK, BlockPool, LayerSlots
 
 
+def bucket(count: int) -> int:
+    """The static size that ``count`` rows or blocks are padded to: the next power of two, so that a
+    few shapes (each a CUDA graph) serve every batch."""
+    return 1 << (count - 1).bit_length()
+
+
+class Arena:
+    """Flat storage per named buffer, of which each bucket's buffers are views from the start: buckets
+    reuse one allocation and keep their addresses (which a captured step replays) until a larger
+    bucket makes a buffer grow, which counts a new ``generation``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.generation = device, 0
+        self.storage: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        need = math.prod(shape)
+        storage = self.storage.get(name)
+        if storage is None or storage.numel() < need:
+            size = need if storage is None else max(need, 2 * storage.numel())
+            storage = self.storage[name] = torch.empty(size, dtype=dtype, device=self.device)
+            self.generation += 1
+        return storage[:need].view(shape)
+
+
 class PagedLayer(CacheLayerMixin):
-    """One layer of the batch: its rows' block tables (``[batch, blocks]``), budgets, free slots and
-    bookkeeping (``positions``, ``valid``, ``scores``: ``[batch, kv_heads, blocks * block_size]``,
-    copied from the pool when the batch is built)."""
+    """One layer of the batch, ``rows`` real rows padded to ``[batch]`` (views of an :class:`Arena`):
+    block tables (``[batch, width]``), budgets, free slots and bookkeeping (``positions``,
+    ``valid``, ``scores``: ``[batch, kv_heads, width * block_size]``, copied from the pool when
+    the batch is built). A padding row holds nothing, has budget 0 and writes into the padding
+    block, which no real row reads as valid."""
 
     is_sliding = False
 
-    def __init__(self, pool: BlockPool, slots: list[LayerSlots]) -> None:
+    def __init__(
+        self, pool: BlockPool, arena: Arena, index: int, slots: list[LayerSlots], batch: int, width: int
+    ) -> None:
         super().__init__()
-        device = pool.keys.device
-        width = max(len(row.blocks) for row in slots)
+        rows, heads = len(slots), pool.kv_heads
         tables = [row.blocks + [PAD_BLOCK] * (width - len(row.blocks)) for row in slots]
-        self.tables = torch.tensor(tables, dtype=torch.long, device=device)
-        self.budget = torch.tensor([row.budget for row in slots], device=device)
-        self.free = torch.stack([row.free for row in slots]).to(device)
-        self.positions, self.valid, self.scores = pool.bookkeeping(self.tables)
+        self.tables = arena.take(f"tables.{index}", (batch, width), torch.long)
+        self.tables.copy_(torch.tensor(tables + [[PAD_BLOCK] * width] * (batch - rows)))
+        self.budget = arena.take(f"budget.{index}", (batch,), torch.long)
+        self.budget.copy_(torch.tensor([row.budget for row in slots] + [0] * (batch - rows)))
+        self.free = arena.take(f"free.{index}", (batch, heads), torch.long)
+        self.free.zero_()
+        self.free[:rows] = torch.stack([row.free for row in slots])
+        shape = (batch, heads, width * pool.block_size)
+        self.positions = arena.take(f"positions.{index}", shape, pool.positions.dtype)
+        self.valid = arena.take(f"valid.{index}", shape, pool.valid.dtype)
+        self.scores = arena.take(f"scores.{index}", shape, pool.scores.dtype)
+        pool.read_bookkeeping(self.tables, self.positions, self.valid, self.scores)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -61,31 +106,45 @@ class PagedLayer(CacheLayerMixin):
 class PagedCache(CompressedCache):
     """The running rows' decode cache over ``pool``; ``layers[l]`` was built from ``slots[row][l]``.
 
-    ``columns`` (``[batch]``) is each row's column of the token this step feeds; ``prompt_columns``
-    each row's prompt length. Build a new one whenever the batch's membership changes (after
-    :meth:`store_back`).
+    ``columns`` is each row's column of the token this step feeds, ``prompt_columns`` each row's
+    prompt length and ``tokens`` the token each row feeds next. The rows are padded to a bucket
+    (:func:`bucket`) and every tensor a step reads is a view of ``arena``, so a step has static
+    shapes; ``key`` names the shapes (and what else a captured step depends on). Build a new one
+    whenever the batch's membership changes (after :meth:`store_back`).
     """
 
     def __init__(
         self,
         pool: BlockPool,
+        arena: Arena,
         slots: list[list[LayerSlots]],
         config: SqueezeConfig,
         columns: list[int],
         prompt_columns: list[int],
+        tokens: list[int],
         scored: bool,
         explicit: bool,
     ) -> None:
-        device = pool.keys.device
-        layers = [PagedLayer(pool, [row[index] for row in slots]) for index in range(len(slots[0]))]
+        self.rows, batch = len(slots), bucket(len(slots))
+        width = bucket(max(len(layer.blocks) for row in slots for layer in row))
+        pad = [0] * (batch - self.rows)
+        layers = [
+            PagedLayer(pool, arena, index, [row[index] for row in slots], batch, width)
+            for index in range(len(slots[0]))
+        ]
         super().__init__(layers=layers)
         self.pool, self.config, self.slots = pool, config, slots
         self.scored, self.explicit = scored, explicit
-        self.columns = torch.tensor(columns, device=device)
-        self.prompt_columns = torch.tensor(prompt_columns, device=device).view(-1, 1, 1)
-        self.first_column = torch.zeros(len(columns), dtype=torch.long, device=device)
-        self.budgets = torch.stack([layer.budget.cpu() for layer in layers], dim=1)
-        self.prompt_tokens = self.prompt_columns.view(-1).cpu()
+        self.key = (batch, width, scored)
+        self.columns = arena.take("columns", (batch,), torch.long)
+        self.columns.copy_(torch.tensor(columns + pad))
+        self.prompt_columns = arena.take("prompt_columns", (batch, 1, 1), torch.long)
+        self.prompt_columns.copy_(torch.tensor(prompt_columns + pad).view(-1, 1, 1))
+        self.first_column = arena.take("first_column", (batch,), torch.long).zero_()
+        self.tokens = arena.take("tokens", (batch, 1), torch.long)
+        self.tokens.copy_(torch.tensor(tokens + pad).view(-1, 1))
+        self.budgets = torch.stack([layer.budget[: self.rows].cpu() for layer in layers], dim=1)
+        self.prompt_tokens = torch.tensor(prompt_columns)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
@@ -133,19 +192,32 @@ class PagedCache(CompressedCache):
         evict_lowest(priority.contiguous(), layer.valid, layer.positions, layer.budget, layer.free)
         return output
 
-    def advance(self) -> None:
+    def step(self, model: nn.Module) -> None:
+        """One decode step of every row: feeds ``tokens``, leaves each row's next token there and
+        moves the columns on. In place on static buffers, so that it can be captured."""
+        logits = model(
+            input_ids=self.tokens, position_ids=self.columns.view(-1, 1), cache=self, logits_to_keep=1
+        ).logits
+        self.tokens.copy_(logits[:, -1:].argmax(-1))
         self.columns += 1
+
+    def next_tokens(self) -> list[int]:
+        """The real rows' tokens from the last step (a host sync)."""
+        return self.tokens[: self.rows, 0].tolist()
 
     def store_back(self) -> None:
         """Hands each row's bookkeeping back to the pool and its free slots to its
         :class:`LayerSlots`, before the batch is rebuilt."""
+        rows = self.rows
         for index, layer in enumerate(self.layers):
-            self.pool.store_bookkeeping(layer.tables, layer.positions, layer.valid, layer.scores)
-            for row, free in zip(self.slots, layer.free, strict=True):
+            self.pool.store_bookkeeping(
+                layer.tables[:rows], layer.positions[:rows], layer.valid[:rows], layer.scores[:rows]
+            )
+            for row, free in zip(self.slots, layer.free[:rows].clone(), strict=True):
                 row[index].free = free
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.columns.max())
+        return int(self.columns[: self.rows].max())
 
     def kv_bytes_kept(self) -> int:
         blocks = sum(len(layer.blocks) for row in self.slots for layer in row)
@@ -153,7 +225,48 @@ class PagedCache(CompressedCache):
 
     def kv_bytes_full(self) -> int:
         per_slot = self.pool.bytes_per_block // self.pool.block_size
-        return int(self.columns.sum()) * len(self.layers) * per_slot
+        return int(self.columns[: self.rows].sum()) * len(self.layers) * per_slot
 
     def held_tokens(self) -> torch.Tensor:
-        return torch.stack([layer.valid.sum(-1).amax(-1).cpu() for layer in self.layers], dim=1)
+        held = [layer.valid[: self.rows].sum(-1).amax(-1).cpu() for layer in self.layers]
+        return torch.stack(held, dim=1)
+
+
+class DecodeSteps:
+    """Runs a batch's decode step: eagerly off the GPU (or with ``cuda_graphs`` off); on the GPU, one
+    CUDA graph per bucket (:attr:`PagedCache.key`), captured after ``WARM_STEPS`` eager steps of that
+    bucket (real steps, on a side stream) and replayed for as long as ``arena`` keeps its addresses.
+    The graphs share one memory pool: they never run at once and leave nothing in it that outlives
+    a replay (the next tokens are in the arena)."""
+
+    def __init__(self, model: nn.Module, arena: Arena, cuda_graphs: bool = True) -> None:
+        self.model, self.arena, self.cuda_graphs = model, arena, cuda_graphs
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.warm_steps: Counter[tuple] = Counter()
+        self.generation = arena.generation
+        self.memory = None  # the graphs' pool, made at the first capture
+
+    def run(self, batch: PagedCache) -> None:
+        if not (self.cuda_graphs and batch.tokens.device.type == "cuda"):
+            batch.step(self.model)
+            return
+        if self.arena.generation != self.generation:  # a buffer moved: the graphs would read freed memory
+            self.graphs.clear()
+            self.warm_steps.clear()
+            self.generation = self.arena.generation
+        graph = self.graphs.get(batch.key)
+        if graph is None and self.warm_steps[batch.key] < WARM_STEPS:
+            self.warm_steps[batch.key] += 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                batch.step(self.model)
+            torch.cuda.current_stream().wait_stream(stream)
+            return
+        if graph is None:
+            if self.memory is None:
+                self.memory = torch.cuda.graph_pool_handle()
+            graph = self.graphs[batch.key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.memory):
+                batch.step(self.model)  # recorded, not run: the replay below runs it
+        graph.replay()

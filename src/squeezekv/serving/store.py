@@ -31,7 +31,7 @@ class BlockPool:
     Slots lead and heads follow (``[blocks, block_size, kv_heads, ...]``): the paged decode kernels
     read a slot's heads together. Keys and values are read and written in place every step; a row's
     bookkeeping moves to the decode batch's dense buffers when the batch is built and back when its
-    membership changes (:meth:`bookkeeping`, :meth:`store_bookkeeping`).
+    membership changes (:meth:`read_bookkeeping`, :meth:`store_bookkeeping`).
     """
 
     def __init__(
@@ -78,18 +78,19 @@ class BlockPool:
         self.valid[blocks] = False
         self.free_blocks.extend(reversed(blocks))
 
-    def bookkeeping(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Positions, validity and scores of the rows whose block tables are ``tables`` (``[batch,
-        blocks]``), as one dense ``[batch, kv_heads, blocks * block_size]`` buffer each: the decode
-        batch's working copy while its membership holds (keys and values stay in the pool)."""
-        return tuple(
-            gathered(pool, tables).contiguous() for pool in (self.positions, self.valid, self.scores)
-        )
+    def read_bookkeeping(
+        self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor
+    ) -> None:
+        """Copies the positions, validity and scores of the rows whose block tables are ``tables``
+        (``[batch, blocks]``) into dense ``[batch, kv_heads, blocks * block_size]`` buffers: the
+        decode batch's working copy while its membership holds (keys and values stay in the pool)."""
+        for pool, rows in ((self.positions, positions), (self.valid, valid), (self.scores, scores)):
+            rows.copy_(gathered(pool, tables))
 
     def store_bookkeeping(
         self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor
     ) -> None:
-        """Writes a batch's bookkeeping (as :meth:`bookkeeping` laid it out) back to its blocks."""
+        """Writes a batch's bookkeeping (as :meth:`read_bookkeeping` laid it out) back to its blocks."""
         batch, width = tables.shape
         shape = (batch, width, self.block_size, self.kv_heads)
         for pool, rows in ((self.positions, positions), (self.valid, valid), (self.scores, scores)):
