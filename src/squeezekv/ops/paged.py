@@ -76,8 +76,8 @@ if triton is not None:
             block = tl.load(TABLES + batch * stb + (cols // BLOCK_SIZE) * stw, mask=inside, other=0)
             k_base = block.to(tl.int64) * skb + (cols % BLOCK_SIZE) * skn + kv_head * skh
             v_base = block.to(tl.int64) * svb + (cols % BLOCK_SIZE) * svn + kv_head * svh
-            k = tl.load(K + k_base[:, None] + dims[None, :] * skd,
-                        mask=inside[:, None], other=0.0)  # fmt: skip
+            # only the slots that hold a token are read: a short row's padding costs no bandwidth
+            k = tl.load(K + k_base[:, None] + dims[None, :] * skd, mask=seen[:, None], other=0.0)
             scores = dot(q, tl.trans(k), IEEE) * scale
             scores = tl.where(seen[None, :], scores, float("-inf"))
             if WITH_MASS:
@@ -87,8 +87,7 @@ if triton is not None:
             safe = tl.where(new_best == float("-inf"), 0.0, new_best)
             p = tl.exp(scores - safe[:, None])
             rescale = tl.exp(best - safe)
-            v = tl.load(V + v_base[:, None] + dims[None, :] * svd,
-                        mask=inside[:, None], other=0.0)  # fmt: skip
+            v = tl.load(V + v_base[:, None] + dims[None, :] * svd, mask=seen[:, None], other=0.0)
             total = total * rescale + tl.sum(p, 1)
             acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
             best = new_best
