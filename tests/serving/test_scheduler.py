@@ -206,6 +206,21 @@ def test_the_decode_step_through_the_triton_kernels_equals_the_torch_path(monkey
     assert served.tokens == expected.tokens
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_decode_steps_equal_eager_steps_on_the_gpu():
+    """Buckets of 1, 2 and 4 rows (one a padding row), each captured after its warm-up steps."""
+    model = copy.deepcopy(tiny_model("mistral")).float().cuda()
+    config = SqueezeConfig(budget=0.4, policy="h2o", allocator="squeeze")
+    inputs = prompts([30, 21, 40], seed=9)
+    requests = [(p.tolist(), config, n, []) for p, n in zip(inputs, [24, 16, 12], strict=True)]
+    eager = ServingEngine(model, config, kv_memory=MiB, cuda_graphs=False)
+    expected, _ = serve_staggered(eager, requests, arrivals=[0, 4, 8])
+    engine = ServingEngine(model, config, kv_memory=MiB)
+    served, _ = serve_staggered(engine, requests, arrivals=[0, 4, 8])
+    assert served.tokens == expected.tokens
+    assert not eager.decode_steps.graphs and len(engine.decode_steps.graphs) >= 3
+
+
 @pytest.mark.parametrize(("policy", "reason"), [("adakv", "its own budget"), ("snapkv:window=0", "question")])
 def test_policies_the_block_store_cannot_hold_are_refused_by_name(policy, reason):
     with pytest.raises(ValueError, match=rf"policy '{policy}' .*{reason}.*cannot serve it yet"):
