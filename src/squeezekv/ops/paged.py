@@ -15,8 +15,11 @@ and values, read every step, stay in the pool and are read there.
 Each row has its own column (rows are at different points of their answers).
 
 The Triton decode kernel is :mod:`~squeezekv.ops.decode`'s first pass with the key and value
-addresses looked up in the block table and a column per row (for the sliding window); the second
-pass, which turns the partial softmax states into the output and the mass, is shared as it is.
+addresses looked up in the block table, a column per row (for the sliding window), loads of only
+the slots that hold a token (a row shorter than the batch's widest costs no bandwidth for its
+padding) and a loop that stops at the last slot; the second pass, which turns the partial softmax
+states into the output and the mass, is shared as it is. The skipped work adds exactly nothing, so
+the output and the mass are bit for bit those of the contiguous kernel on the gathered rows.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class PagedCache(CompressedCache):
         self.first_column = arena.take("first_column", (batch,), torch.long).zero_()
         self.tokens = arena.take("tokens", (batch, 1), torch.long)
         self.tokens.copy_(torch.tensor(tokens + pad).view(-1, 1))
-        self.budgets = torch.stack([layer.budget[: self.rows].cpu() for layer in layers], dim=1)
+        self.budgets = torch.tensor([[layer.budget for layer in row] for row in slots])
         self.prompt_tokens = torch.tensor(prompt_columns)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -244,7 +244,7 @@ class DecodeSteps:
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.warm_steps: Counter[tuple] = Counter()
         self.generation = arena.generation
-        self.memory = None  # the graphs' pool, made at the first capture
+        self.graph_memory = None  # the graphs' shared pool, made at the first capture
 
     def run(self, batch: PagedCache) -> None:
         if not (self.cuda_graphs and batch.tokens.device.type == "cuda"):
@@ -264,9 +264,9 @@ class DecodeSteps:
             torch.cuda.current_stream().wait_stream(stream)
             return
         if graph is None:
-            if self.memory is None:
-                self.memory = torch.cuda.graph_pool_handle()
+            if self.graph_memory is None:
+                self.graph_memory = torch.cuda.graph_pool_handle()
             graph = self.graphs[batch.key] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.memory):
+            with torch.cuda.graph(graph, pool=self.graph_memory):
                 batch.step(self.model)  # recorded, not run: the replay below runs it
         graph.replay()
