@@ -127,11 +127,12 @@ if triton is not None:
 
 
 def gathered(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """``pool`` (``[blocks, block_size, heads, ...]``) read through ``tables`` as one buffer per row,
-    ``[batch, heads, width * block_size, ...]``: the torch twins' transient copy."""
-    batch, width = tables.shape
-    picked = pool[tables]
-    return picked.view(batch, width * pool.shape[1], *pool.shape[2:]).transpose(1, 2)
+    """``pool`` (``[blocks, block_size, heads, ...]``) read through ``tables`` (``[..., width]``) as
+    one buffer per row, ``[..., heads, width * block_size, ...]``: a copy (the torch twins' transient
+    one, or the serving batch's bookkeeping when it is built)."""
+    lead, width = tables.shape[:-1], tables.shape[-1]
+    picked = pool[tables].view(*lead, width * pool.shape[1], *pool.shape[2:])
+    return picked.transpose(len(lead), len(lead) + 1)
 
 
 def paged_decode_attention(

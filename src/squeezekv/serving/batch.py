@@ -59,32 +59,15 @@ class Arena:
 
 
 class PagedLayer(CacheLayerMixin):
-    """One layer of the batch, ``rows`` real rows padded to ``[batch]`` (views of an :class:`Arena`):
-    block tables (``[batch, width]``), budgets, free slots and bookkeeping (``positions``,
-    ``valid``, ``scores``: ``[batch, kv_heads, width * block_size]``, copied from the pool when
-    the batch is built). A padding row holds nothing, has budget 0 and writes into the padding
-    block, which no real row reads as valid."""
+    """One layer of the batch (views of the batch's buffers): block tables (``[batch, width]``),
+    budgets, free slots and bookkeeping (``positions``, ``valid``, ``scores``: ``[batch, kv_heads,
+    width * block_size]``)."""
 
     is_sliding = False
 
-    def __init__(
-        self, pool: BlockPool, arena: Arena, index: int, slots: list[LayerSlots], batch: int, width: int
-    ) -> None:
+    def __init__(self, *buffers: torch.Tensor) -> None:
         super().__init__()
-        rows, heads = len(slots), pool.kv_heads
-        tables = [row.blocks + [PAD_BLOCK] * (width - len(row.blocks)) for row in slots]
-        self.tables = arena.take(f"tables.{index}", (batch, width), torch.long)
-        self.tables.copy_(torch.tensor(tables + [[PAD_BLOCK] * width] * (batch - rows)))
-        self.budget = arena.take(f"budget.{index}", (batch,), torch.long)
-        self.budget.copy_(torch.tensor([row.budget for row in slots] + [0] * (batch - rows)))
-        self.free = arena.take(f"free.{index}", (batch, heads), torch.long)
-        self.free.zero_()
-        self.free[:rows] = torch.stack([row.free for row in slots])
-        shape = (batch, heads, width * pool.block_size)
-        self.positions = arena.take(f"positions.{index}", shape, pool.positions.dtype)
-        self.valid = arena.take(f"valid.{index}", shape, pool.valid.dtype)
-        self.scores = arena.take(f"scores.{index}", shape, pool.scores.dtype)
-        pool.read_bookkeeping(self.tables, self.positions, self.valid, self.scores)
+        self.tables, self.budget, self.free, self.positions, self.valid, self.scores = buffers
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -126,13 +109,32 @@ class PagedCache(CompressedCache):
         explicit: bool,
     ) -> None:
         self.rows, batch = len(slots), bucket(len(slots))
+        count, heads = len(slots[0]), pool.kv_heads
         width = bucket(max(len(layer.blocks) for row in slots for layer in row))
         pad = [0] * (batch - self.rows)
-        layers = [
-            PagedLayer(pool, arena, index, [row[index] for row in slots], batch, width)
-            for index in range(len(slots[0]))
-        ]
-        super().__init__(layers=layers)
+        # every layer's buffers at once ([layers, batch, ...]): a few copies build the batch
+        tables = arena.take("tables", (count, batch, width), torch.long)
+        tables.copy_(torch.tensor([
+            [row[index].blocks + [PAD_BLOCK] * (width - len(row[index].blocks)) for row in slots]
+            + [[PAD_BLOCK] * width] * len(pad)
+            for index in range(count)
+        ]))  # fmt: skip
+        budget = arena.take("budget", (count, batch), torch.long)
+        budget.copy_(torch.tensor([[row[index].budget for row in slots] + pad for index in range(count)]))
+        free = arena.take("free", (count, batch, heads), torch.long)
+        free.zero_()
+        free[:, : self.rows] = torch.stack(
+            [torch.stack([row[index].free for row in slots]) for index in range(count)]
+        )
+        shape = (count, batch, heads, width * pool.block_size)
+        positions = arena.take("positions", shape, pool.positions.dtype)
+        valid = arena.take("valid", shape, pool.valid.dtype)
+        scores = arena.take("scores", shape, pool.scores.dtype)
+        pool.read_bookkeeping(tables, positions, valid, scores)
+        self.layer_buffers = (tables, budget, free, positions, valid, scores)
+        super().__init__(
+            layers=[PagedLayer(*(buffer[index] for buffer in self.layer_buffers)) for index in range(count)]
+        )
         self.pool, self.config, self.slots = pool, config, slots
         self.scored, self.explicit = scored, explicit
         self.key = (batch, width, scored)
@@ -208,13 +210,11 @@ class PagedCache(CompressedCache):
     def store_back(self) -> None:
         """Hands each row's bookkeeping back to the pool and its free slots to its
         :class:`LayerSlots`, before the batch is rebuilt."""
-        rows = self.rows
-        for index, layer in enumerate(self.layers):
-            self.pool.store_bookkeeping(
-                layer.tables[:rows], layer.positions[:rows], layer.valid[:rows], layer.scores[:rows]
-            )
-            for row, free in zip(self.slots, layer.free[:rows].clone(), strict=True):
-                row[index].free = free
+        tables, _, free, positions, valid, scores = (buffer[:, : self.rows] for buffer in self.layer_buffers)
+        self.pool.store_bookkeeping(tables, positions, valid, scores)
+        for index, layer_free in enumerate(free.clone()):
+            for row, row_free in zip(self.slots, layer_free, strict=True):
+                row[index].free = row_free
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.columns[: self.rows].max())

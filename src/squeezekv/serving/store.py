@@ -82,8 +82,8 @@ class BlockPool:
         self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor
     ) -> None:
         """Copies the positions, validity and scores of the rows whose block tables are ``tables``
-        (``[batch, blocks]``) into dense ``[batch, kv_heads, blocks * block_size]`` buffers: the
-        decode batch's working copy while its membership holds (keys and values stay in the pool)."""
+        (``[..., blocks]``) into dense ``[..., kv_heads, blocks * block_size]`` buffers: the decode
+        batch's working copy while its membership holds (keys and values stay in the pool)."""
         for pool, rows in ((self.positions, positions), (self.valid, valid), (self.scores, scores)):
             rows.copy_(gathered(pool, tables))
 
@@ -91,10 +91,9 @@ class BlockPool:
         self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor
     ) -> None:
         """Writes a batch's bookkeeping (as :meth:`read_bookkeeping` laid it out) back to its blocks."""
-        batch, width = tables.shape
-        shape = (batch, width, self.block_size, self.kv_heads)
+        shape = (*tables.shape, self.block_size, self.kv_heads)
         for pool, rows in ((self.positions, positions), (self.valid, valid), (self.scores, scores)):
-            pool[tables] = rows.transpose(1, 2).reshape(shape)
+            pool[tables] = rows.transpose(-1, -2).reshape(shape)
         self.valid[PAD_BLOCK] = False  # padding rows wrote into it
 
 
