@@ -14,9 +14,14 @@ from squeezekv.ops import common, decode, paged
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 16
 needs_triton = pytest.mark.skipif(common.triton is None, reason="needs Triton")
+needs_gpu = pytest.mark.skipif(
+    DEVICE == "cpu", reason="bf16 products need a GPU (the interpreter's are wrong)"
+)
 
 
-def paged_batch(group: int, per_head: bool, seed: int, columns=(5000, 4321, 6000), row_blocks=(33, 3, 20)):
+def paged_batch(
+    group, per_head, seed, columns=(5000, 4321, 6000), row_blocks=(33, 3, 20), dtype=torch.float32
+):
     """Rows holding different numbers of blocks (one more slots than a decode program's chunk), in
     no order in a shared pool, the shorter tables padded with block 0; slots in no order, some empty,
     the padding empty; every row's query column present."""
@@ -47,6 +52,7 @@ def paged_batch(group: int, per_head: bool, seed: int, columns=(5000, 4321, 6000
         own = (count * BLOCK_SIZE) // 2
         positions[row, :, own], valid[row, :, own] = columns[row], True
     query = torch.randn(batch, kv_heads * group, 1, dim, generator=generator)
+    query, pool_keys, pool_values = (tensor.to(dtype) for tensor in (query, pool_keys, pool_values))
     tensors = (query, pool_keys, pool_values, tables, positions, valid, columns)
     return [tensor.to(DEVICE) for tensor in tensors]
 
@@ -83,11 +89,14 @@ def test_paged_decode_triton_matches_its_torch_twin(group, per_head, window, mas
 
 
 @needs_triton
-@pytest.mark.parametrize(("group", "per_head", "window"), [(2, True, 300)])
-def test_paged_decode_is_the_contiguous_kernel_on_the_gathered_rows(group, per_head, window):
+@pytest.mark.parametrize(
+    ("group", "per_head", "window", "dtype"),
+    [(2, True, 300, torch.float32), pytest.param(4, False, None, torch.bfloat16, marks=needs_gpu)],
+)
+def test_paged_decode_is_the_contiguous_kernel_on_the_gathered_rows(group, per_head, window, dtype):
     """Bit for bit: the same sums in the same order, only the addresses differ (one column for all
     rows, as the contiguous kernel takes)."""
-    arguments = paged_batch(group, per_head, seed=10 + group, columns=(5000, 5000, 5000))
+    arguments = paged_batch(group, per_head, seed=10 + group, columns=(5000, 5000, 5000), dtype=dtype)
     query, pool_keys, pool_values, tables, positions, valid, _ = arguments
     column = torch.tensor([5000], device=DEVICE)
     got = paged.paged_decode_attention_triton(
