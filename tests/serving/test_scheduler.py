@@ -8,7 +8,7 @@ import torch
 import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
-from squeezekv.ops import common, decode, eviction
+from squeezekv.ops import common, eviction, paged
 from squeezekv.serving import QueueFull, Request, ServingEngine, batch
 from squeezekv.serving.store import blocks_for
 
@@ -189,22 +189,36 @@ def test_chunked_prefill_interleaves_and_equals_the_fast_engines_chunked_prefill
 
 @pytest.mark.skipif(common.triton is None, reason="needs Triton")
 def test_the_decode_step_through_the_triton_kernels_equals_the_torch_path(monkeypatch):
-    """What a GPU runs: the decode and eviction kernels (here in Triton's interpreter) on the pool's
-    gathered, strided buffers with one column per row."""
-    model = copy.deepcopy(tiny_model("llama")).float()
+    """What a GPU runs: the paged write, decode and eviction kernels (here in Triton's interpreter)
+    reading the pool through block tables, one column per row, a sliding window."""
+    model = copy.deepcopy(tiny_model("mistral")).float()
     config = SqueezeConfig(budget=0.4, policy="h2o", allocator="squeeze")  # scores, newest kept
     requests = [(p.tolist(), config, 3, []) for p in prompts([30, 21], seed=8)]
     expected, _ = serve_staggered(ServingEngine(model, config, kv_memory=MiB), requests, arrivals=[0, 1])
 
-    def triton_decode(query, key, value, positions, valid, column, window, scaling, with_mass, **unused):
-        return decode.decode_attention_triton(
-            query, key, value, positions, valid, column, window, scaling, with_mass
-        )
+    def triton_decode(query, *arguments, with_mass, add_mass_to, **unused):
+        return paged.paged_decode_attention_triton(query, *arguments, with_mass, add_mass_to)
 
-    monkeypatch.setattr(batch, "decode_attention", triton_decode)
+    monkeypatch.setattr(batch, "paged_decode_attention", triton_decode)
+    monkeypatch.setattr(batch, "write_paged_slot", paged.write_paged_slot_triton)
     monkeypatch.setattr(batch, "evict_lowest", eviction.evict_lowest_triton)
     served, _ = serve_staggered(ServingEngine(model, config, kv_memory=MiB), requests, arrivals=[0, 1])
     assert served.tokens == expected.tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_decode_steps_equal_eager_steps_on_the_gpu():
+    """Buckets of 1, 2 and 4 rows (one a padding row), each captured after its warm-up steps."""
+    model = copy.deepcopy(tiny_model("mistral")).float().cuda()
+    config = SqueezeConfig(budget=0.4, policy="h2o", allocator="squeeze")
+    inputs = prompts([30, 21, 40], seed=9)
+    requests = [(p.tolist(), config, n, []) for p, n in zip(inputs, [24, 16, 12], strict=True)]
+    eager = ServingEngine(model, config, kv_memory=MiB, cuda_graphs=False)
+    expected, _ = serve_staggered(eager, requests, arrivals=[0, 4, 8])
+    engine = ServingEngine(model, config, kv_memory=MiB)
+    served, _ = serve_staggered(engine, requests, arrivals=[0, 4, 8])
+    assert served.tokens == expected.tokens
+    assert not eager.decode_steps.graphs and len(engine.decode_steps.graphs) >= 3
 
 
 @pytest.mark.parametrize(("policy", "reason"), [("adakv", "its own budget"), ("snapkv:window=0", "question")])

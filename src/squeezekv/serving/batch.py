@@ -3,37 +3,71 @@
 It keeps exactly the tokens the fast engine's :class:`~squeezekv.cache.StaticCache` keeps (write
 the new token into the free slot, attend, fold the attention mass into the scores, drop the
 lowest-ranked token of a row over its budget), but every row has its own column, budgets and block
-table, so requests at different points of their answers decode together. Attention reads a row's
-blocks gathered into one buffer per layer (the torch path: a transient copy of one layer).
+table, so requests at different points of their answers decode together. The keys and values stay
+in the pool: the new token is written into its block and attention reads each row's blocks through
+its block table (:mod:`squeezekv.ops.paged`). The bookkeeping the policy ranks (positions,
+validity, scores) is one dense buffer per layer while the batch's membership holds, so the policy
+and the eviction run on it as on the fast engine's buffers.
+
+The batch is padded to static shapes (rows and table width rounded up to powers of two) in
+buffers that persist across batches (:class:`Arena`), so a decode step allocates nothing of its
+own and is captured as one CUDA graph per shape on the GPU (:class:`DecodeSteps`).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
+from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from squeezekv.cache.base import CompressedCache
 from squeezekv.cache.static import BufferView
 from squeezekv.config import SqueezeConfig
-from squeezekv.ops import decode_attention, evict_lowest
-from squeezekv.ops.decode import decode_attention_torch
+from squeezekv.engine import WARM_STEPS
+from squeezekv.ops import evict_lowest
+from squeezekv.ops.paged import paged_decode_attention, write_paged_slot
 from squeezekv.policies import KEEP
 from squeezekv.serving.store import PAD_BLOCK, BlockPool, LayerSlots
 
 
+def bucket(count: int) -> int:
+    """The static size that ``count`` rows or blocks are padded to: the next power of two, so that a
+    few shapes (each a CUDA graph) serve every batch."""
+    return 1 << (count - 1).bit_length()
+
+
+class Arena:
+    """Flat storage per named buffer, of which each bucket's buffers are views from the start: buckets
+    reuse one allocation and keep their addresses (which a captured step replays) until a larger
+    bucket makes a buffer grow, which counts a new ``generation``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.generation = device, 0
+        self.storage: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        need = math.prod(shape)
+        storage = self.storage.get(name)
+        if storage is None or storage.numel() < need:
+            size = need if storage is None else max(need, 2 * storage.numel())
+            storage = self.storage[name] = torch.empty(size, dtype=dtype, device=self.device)
+            self.generation += 1
+        return storage[:need].view(shape)
+
+
 class PagedLayer(CacheLayerMixin):
-    """One layer of the batch: its rows' block tables (``[batch, blocks]``), budgets and free slots."""
+    """One layer of the batch (views of the batch's buffers): block tables (``[batch, width]``),
+    budgets, free slots and bookkeeping (``positions``, ``valid``, ``scores``: ``[batch, kv_heads,
+    width * block_size]``)."""
 
     is_sliding = False
 
-    def __init__(self, slots: list[LayerSlots], sliding_window: int | None, device: torch.device) -> None:
+    def __init__(self, *buffers: torch.Tensor) -> None:
         super().__init__()
-        width = max(len(row.blocks) for row in slots)
-        tables = [row.blocks + [PAD_BLOCK] * (width - len(row.blocks)) for row in slots]
-        self.tables = torch.tensor(tables, dtype=torch.long, device=device)
-        self.budget = torch.tensor([row.budget for row in slots], device=device)
-        self.free = torch.stack([row.free for row in slots]).to(device)
-        self.sliding_window = sliding_window
+        self.tables, self.budget, self.free, self.positions, self.valid, self.scores = buffers
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -55,39 +89,71 @@ class PagedLayer(CacheLayerMixin):
 class PagedCache(CompressedCache):
     """The running rows' decode cache over ``pool``; ``layers[l]`` was built from ``slots[row][l]``.
 
-    ``columns`` (``[batch]``) is each row's column of the token this step feeds; ``prompt_columns``
-    each row's prompt length. Build a new one whenever the batch's membership changes (after
-    :meth:`store_free_slots`).
+    ``columns`` is each row's column of the token this step feeds, ``prompt_columns`` each row's
+    prompt length and ``tokens`` the token each row feeds next. The rows are padded to a bucket
+    (:func:`bucket`) and every tensor a step reads is a view of ``arena``, so a step has static
+    shapes; ``key`` names the shapes (and what else a captured step depends on). Build a new one
+    whenever the batch's membership changes (after :meth:`store_back`).
     """
 
     def __init__(
         self,
         pool: BlockPool,
+        arena: Arena,
         slots: list[list[LayerSlots]],
-        sliding_windows: list[int | None],
         config: SqueezeConfig,
         columns: list[int],
         prompt_columns: list[int],
+        tokens: list[int],
         scored: bool,
         explicit: bool,
     ) -> None:
-        device = pool.keys.device
-        layers = [
-            PagedLayer([row[index] for row in slots], window, device)
-            for index, window in enumerate(sliding_windows)
-        ]
-        super().__init__(layers=layers)
+        self.rows, batch = len(slots), bucket(len(slots))
+        count, heads = len(slots[0]), pool.kv_heads
+        width = bucket(max(len(layer.blocks) for row in slots for layer in row))
+        pad = [0] * (batch - self.rows)
+        # every layer's buffers at once ([layers, batch, ...]): a few copies build the batch
+        tables = arena.take("tables", (count, batch, width), torch.long)
+        tables.copy_(torch.tensor([
+            [row[index].blocks + [PAD_BLOCK] * (width - len(row[index].blocks)) for row in slots]
+            + [[PAD_BLOCK] * width] * len(pad)
+            for index in range(count)
+        ]))  # fmt: skip
+        budget = arena.take("budget", (count, batch), torch.long)
+        budget.copy_(torch.tensor([[row[index].budget for row in slots] + pad for index in range(count)]))
+        free = arena.take("free", (count, batch, heads), torch.long)
+        free.zero_()
+        free[:, : self.rows] = torch.stack(
+            [torch.stack([row[index].free for row in slots]) for index in range(count)]
+        )
+        shape = (count, batch, heads, width * pool.block_size)
+        positions = arena.take("positions", shape, pool.positions.dtype)
+        valid = arena.take("valid", shape, pool.valid.dtype)
+        scores = arena.take("scores", shape, pool.scores.dtype)
+        pool.read_bookkeeping(tables, positions, valid, scores)
+        self.layer_buffers = (tables, budget, free, positions, valid, scores)
+        super().__init__(
+            layers=[PagedLayer(*(buffer[index] for buffer in self.layer_buffers)) for index in range(count)]
+        )
         self.pool, self.config, self.slots = pool, config, slots
         self.scored, self.explicit = scored, explicit
-        self.columns = torch.tensor(columns, device=device)
-        self.prompt_columns = torch.tensor(prompt_columns, device=device).view(-1, 1, 1)
-        self.first_column = torch.zeros(len(columns), dtype=torch.long, device=device)
-        self.budgets = torch.stack([layer.budget.cpu() for layer in layers], dim=1)
-        self.prompt_tokens = self.prompt_columns.view(-1).cpu()
+        self.key = (batch, width, scored)
+        self.columns = arena.take("columns", (batch,), torch.long)
+        self.columns.copy_(torch.tensor(columns + pad))
+        self.prompt_columns = arena.take("prompt_columns", (batch, 1, 1), torch.long)
+        self.prompt_columns.copy_(torch.tensor(prompt_columns + pad).view(-1, 1, 1))
+        self.first_column = arena.take("first_column", (batch,), torch.long).zero_()
+        self.tokens = arena.take("tokens", (batch, 1), torch.long)
+        self.tokens.copy_(torch.tensor(tokens + pad).view(-1, 1))
+        self.budgets = torch.tensor([[layer.budget for layer in row] for row in slots])
+        self.prompt_tokens = torch.tensor(prompt_columns)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        self.pool.write(layer.tables, layer.free, key_states, value_states, self.columns)
+        write_paged_slot(
+            key_states, value_states, self.pool.keys, self.pool.values, layer.tables,
+            layer.positions, layer.valid, layer.scores, layer.free, self.columns,
+        )  # fmt: skip
         return key_states, value_states
 
     def attention(
@@ -101,38 +167,57 @@ class PagedCache(CompressedCache):
         sliding_window: int | None,
     ) -> torch.Tensor:
         layer, policy = self.layers[layer_idx], self.config.policy
-        keys, values, positions, valid, scores = self.pool.gather(layer.tables)
-        column = self.columns.view(-1, 1, 1)
-        # the Triton kernels read one column for all rows, used only for a sliding window
-        attend = decode_attention if sliding_window is None else decode_attention_torch
-        output, mass = attend(
-            query, keys, values, positions, valid, column, sliding_window, scaling,
-            with_mass=self.scored, softcap=softcap, explicit=self.explicit,
+        additive = self.scored and policy.adds_mass  # the mass is added to the scores as it is computed
+        output, mass = paged_decode_attention(
+            query, self.pool.keys, self.pool.values, layer.tables, layer.positions, layer.valid,
+            self.columns, sliding_window, scaling, with_mass=self.scored,
+            add_mass_to=layer.scores if additive else None, softcap=softcap, explicit=self.explicit,
         )  # fmt: skip
         if mass is not None:
-            scores = policy.fold(scores, mass, "decode")
+            layer.scores.copy_(policy.fold(layer.scores, mass, "decode"))
+        column = self.columns.view(-1, 1, 1)
         if sliding_window is not None:
-            valid &= positions > column - sliding_window + 1
-        view = BufferView(positions, valid, scores, "decode", self.prompt_columns, self.first_column, column)
-        priority = policy.priority(view, layer.budget).expand_as(valid)
+            layer.valid &= layer.positions > column - sliding_window + 1
+        view = BufferView(
+            layer.positions,
+            layer.valid,
+            layer.scores,
+            "decode",
+            self.prompt_columns,
+            self.first_column,
+            column,
+        )
+        priority = policy.priority(view, layer.budget).expand_as(layer.valid)
         newest = policy.newest_kept(layer.budget)
         if newest is not None:  # applied here, so that the eviction kernel needs no per-row column
-            priority = torch.where(positions > column - newest.view(-1, 1, 1), KEEP, priority)
-        evict_lowest(priority.contiguous(), valid, positions, layer.budget, layer.free)
-        self.pool.scatter(layer.tables, valid, scores)
+            priority = torch.where(layer.positions > column - newest.view(-1, 1, 1), KEEP, priority)
+        evict_lowest(priority.contiguous(), layer.valid, layer.positions, layer.budget, layer.free)
         return output
 
-    def advance(self) -> None:
+    def step(self, model: nn.Module) -> None:
+        """One decode step of every row: feeds ``tokens``, leaves each row's next token there and
+        moves the columns on. In place on static buffers, so that it can be captured."""
+        logits = model(
+            input_ids=self.tokens, position_ids=self.columns.view(-1, 1), cache=self, logits_to_keep=1
+        ).logits
+        self.tokens.copy_(logits[:, -1:].argmax(-1))
         self.columns += 1
 
-    def store_free_slots(self) -> None:
-        """Hands each row's free slots back to its :class:`LayerSlots`, before the batch is rebuilt."""
-        for index, layer in enumerate(self.layers):
-            for row, free in zip(self.slots, layer.free, strict=True):
-                row[index].free = free
+    def next_tokens(self) -> list[int]:
+        """The real rows' tokens from the last step (a host sync)."""
+        return self.tokens[: self.rows, 0].tolist()
+
+    def store_back(self) -> None:
+        """Hands each row's bookkeeping back to the pool and its free slots to its
+        :class:`LayerSlots`, before the batch is rebuilt."""
+        tables, _, free, positions, valid, scores = (buffer[:, : self.rows] for buffer in self.layer_buffers)
+        self.pool.store_bookkeeping(tables, positions, valid, scores)
+        for index, layer_free in enumerate(free.clone()):
+            for row, row_free in zip(self.slots, layer_free, strict=True):
+                row[index].free = row_free
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.columns.max())
+        return int(self.columns[: self.rows].max())
 
     def kv_bytes_kept(self) -> int:
         blocks = sum(len(layer.blocks) for row in self.slots for layer in row)
@@ -140,11 +225,48 @@ class PagedCache(CompressedCache):
 
     def kv_bytes_full(self) -> int:
         per_slot = self.pool.bytes_per_block // self.pool.block_size
-        return int(self.columns.sum()) * len(self.layers) * per_slot
+        return int(self.columns[: self.rows].sum()) * len(self.layers) * per_slot
 
     def held_tokens(self) -> torch.Tensor:
-        held = []
-        for layer in self.layers:
-            _, _, _, valid, _ = self.pool.gather(layer.tables)
-            held.append(valid.sum(-1).amax(-1).cpu())
+        held = [layer.valid[: self.rows].sum(-1).amax(-1).cpu() for layer in self.layers]
         return torch.stack(held, dim=1)
+
+
+class DecodeSteps:
+    """Runs a batch's decode step: eagerly off the GPU (or with ``cuda_graphs`` off); on the GPU, one
+    CUDA graph per bucket (:attr:`PagedCache.key`), captured after ``WARM_STEPS`` eager steps of that
+    bucket (real steps, on a side stream) and replayed for as long as ``arena`` keeps its addresses.
+    The graphs share one memory pool: they never run at once and leave nothing in it that outlives
+    a replay (the next tokens are in the arena)."""
+
+    def __init__(self, model: nn.Module, arena: Arena, cuda_graphs: bool = True) -> None:
+        self.model, self.arena, self.cuda_graphs = model, arena, cuda_graphs
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.warm_steps: Counter[tuple] = Counter()
+        self.generation = arena.generation
+        self.graph_memory = None  # the graphs' shared pool, made at the first capture
+
+    def run(self, batch: PagedCache) -> None:
+        if not (self.cuda_graphs and batch.tokens.device.type == "cuda"):
+            batch.step(self.model)
+            return
+        if self.arena.generation != self.generation:  # a buffer moved: the graphs would read freed memory
+            self.graphs.clear()
+            self.warm_steps.clear()
+            self.generation = self.arena.generation
+        graph = self.graphs.get(batch.key)
+        if graph is None and self.warm_steps[batch.key] < WARM_STEPS:
+            self.warm_steps[batch.key] += 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                batch.step(self.model)
+            torch.cuda.current_stream().wait_stream(stream)
+            return
+        if graph is None:
+            if self.graph_memory is None:
+                self.graph_memory = torch.cuda.graph_pool_handle()
+            graph = self.graphs[batch.key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_memory):
+                batch.step(self.model)  # recorded, not run: the replay below runs it
+        graph.replay()

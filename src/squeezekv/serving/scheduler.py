@@ -35,7 +35,7 @@ from squeezekv.config import SqueezeConfig
 from squeezekv.engine import kv_bytes_per_token
 from squeezekv.generation import check_prompt
 from squeezekv.policies import Policy
-from squeezekv.serving.batch import PagedCache
+from squeezekv.serving.batch import Arena, DecodeSteps, PagedCache
 from squeezekv.serving.store import BlockPool, LayerSlots, blocks_for, store_layer
 from squeezekv.session import Session, routed_attention
 
@@ -93,7 +93,8 @@ class ServingEngine:
     """Greedy continuous batching of ``model`` with ``config`` (requests may override the budget).
 
     ``kv_memory`` bytes of paged KV storage in ``block_size``-slot blocks; at most ``max_waiting``
-    requests wait for admission (more raise :class:`QueueFull`).
+    requests wait for admission (more raise :class:`QueueFull`). On the GPU each decode step's shape
+    is captured as a CUDA graph unless ``cuda_graphs`` is off.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class ServingEngine:
         block_size: int = 16,
         max_waiting: int = 64,
         prefill_chunk: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk {prefill_chunk} must be >= 1")
@@ -114,8 +116,7 @@ class ServingEngine:
             raise ValueError(f"policy {config.policy.spec!r} {refused}: the server cannot serve it yet")
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
-        probe = Session(model, config)  # checks the model and knows its layers' sliding windows
-        self.sliding_windows, self.explicit = probe.sliding_windows, probe.explicit
+        self.explicit = Session(model, config).explicit  # the probe checks the model
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
         text = model.config.get_text_config()
         self.layers = text.num_hidden_layers
@@ -127,6 +128,8 @@ class ServingEngine:
             raise ValueError(f"kv_memory {kv_memory} bytes is less than one block ({per_block} bytes)")
         parameter = next(model.parameters())
         self.pool = BlockPool(blocks, block_size, kv_heads, head_dim, parameter.dtype, parameter.device)
+        self.arena = Arena(parameter.device)  # the decode batch's static buffers
+        self.decode_steps = DecodeSteps(model, self.arena, cuda_graphs)
         self.kv_memory = kv_memory
         self.cache = None  # what squeezekv's attention reads while a decode step runs
         self.waiting: deque[Request] = deque()
@@ -281,18 +284,14 @@ class ServingEngine:
         if self.batch is None:
             self._rebuild_batch()
         batch = self.batch
-        tokens = torch.tensor([[row.last_token] for row in self.running], device=self.pool.keys.device)
         self.cache = batch
         try:
             with routed_attention(self.model, self.architecture, self):
-                logits = self.model(
-                    input_ids=tokens, position_ids=batch.columns.view(-1, 1), cache=batch, logits_to_keep=1
-                ).logits
+                self.decode_steps.run(batch)
         finally:
             self.cache = None
-        batch.advance()
         finished = []
-        for row, token in zip(self.running, logits[:, -1].argmax(-1).tolist(), strict=True):
+        for row, token in zip(self.running, batch.next_tokens(), strict=True):
             row.column += 1
             self._add_token(row, token)
             if row.request.finished:
@@ -337,7 +336,7 @@ class ServingEngine:
 
     def _detach_batch(self) -> None:
         if self.batch is not None:
-            self.batch.store_free_slots()
+            self.batch.store_back()
             self.batch = None
 
     def _rebuild_batch(self) -> None:
@@ -347,11 +346,12 @@ class ServingEngine:
         )
         self.batch = PagedCache(
             self.pool,
+            self.arena,
             [row.slots for row in self.running],
-            self.sliding_windows,
             self.config,
             [row.column for row in self.running],
             [row.prompt_columns for row in self.running],
+            [row.last_token for row in self.running],
             scored,
             self.explicit,
         )

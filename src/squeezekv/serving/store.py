@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from squeezekv.ops.paged import gathered
+
 PAD_BLOCK = 0
 
 
@@ -26,8 +28,10 @@ def blocks_for(slots: int, block_size: int) -> int:
 class BlockPool:
     """``blocks`` blocks of ``block_size`` slots, shared by all layers; block 0 is the padding block.
 
-    Slots lead and heads follow (``[blocks, block_size, kv_heads, ...]``), so that a row's gathered
-    blocks are one buffer whose ``[batch, kv_heads, slots, ...]`` layout is a view (no second copy).
+    Slots lead and heads follow (``[blocks, block_size, kv_heads, ...]``): the paged decode kernels
+    read a slot's heads together. Keys and values are read and written in place every step; a row's
+    bookkeeping moves to the decode batch's dense buffers when the batch is built and back when its
+    membership changes (:meth:`read_bookkeeping`, :meth:`store_bookkeeping`).
     """
 
     def __init__(
@@ -74,43 +78,23 @@ class BlockPool:
         self.valid[blocks] = False
         self.free_blocks.extend(reversed(blocks))
 
-    def gather(self, tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Keys, values, positions, validity and scores of ``tables`` (``[batch, blocks]``) laid out as
-        one buffer per row: ``[batch, kv_heads, blocks * block_size, ...]`` (one copy, then views)."""
-        batch, width = tables.shape
-
-        def rows(pool: torch.Tensor) -> torch.Tensor:
-            picked = pool[tables]  # [batch, blocks, block_size, heads, ...]
-            return picked.view(batch, width * self.block_size, *pool.shape[2:]).transpose(1, 2)
-
-        return rows(self.keys), rows(self.values), rows(self.positions), rows(self.valid), rows(self.scores)
-
-    def scatter(self, tables: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor) -> None:
-        """Writes a gathered buffer's validity and scores back to the blocks they came from."""
-        batch, width = tables.shape
-        shape = (batch, width, self.block_size, self.kv_heads)
-        self.valid[tables] = valid.transpose(1, 2).reshape(shape)
-        self.scores[tables] = scores.transpose(1, 2).reshape(shape)
-        self.valid[PAD_BLOCK] = False  # padding rows wrote into it
-
-    def write(
-        self,
-        tables: torch.Tensor,
-        free: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        columns: torch.Tensor,
+    def read_bookkeeping(
+        self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor
     ) -> None:
-        """Puts each row's new token (``[batch, kv_heads, 1, dim]``) in its free slot (``[batch,
-        kv_heads]``, an index into the row's buffer) with column ``columns`` (``[batch]``)."""
-        blocks = tables.gather(1, free // self.block_size)
-        offsets = free % self.block_size
-        heads = torch.arange(self.kv_heads, device=free.device).expand_as(free)
-        self.keys[blocks, offsets, heads] = key[:, :, 0]
-        self.values[blocks, offsets, heads] = value[:, :, 0]
-        self.positions[blocks, offsets, heads] = columns.view(-1, 1).expand_as(free)
-        self.valid[blocks, offsets, heads] = True
-        self.scores[blocks, offsets, heads] = 0.0
+        """Copies the positions, validity and scores of the rows whose block tables are ``tables``
+        (``[..., blocks]``) into dense ``[..., kv_heads, blocks * block_size]`` buffers: the decode
+        batch's working copy while its membership holds (keys and values stay in the pool)."""
+        for pool, rows in ((self.positions, positions), (self.valid, valid), (self.scores, scores)):
+            rows.copy_(gathered(pool, tables))
+
+    def store_bookkeeping(
+        self, tables: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor
+    ) -> None:
+        """Writes a batch's bookkeeping (as :meth:`read_bookkeeping` laid it out) back to its blocks."""
+        shape = (*tables.shape, self.block_size, self.kv_heads)
+        for pool, rows in ((self.positions, positions), (self.valid, valid), (self.scores, scores)):
+            pool[tables] = rows.transpose(-1, -2).reshape(shape)
+        self.valid[PAD_BLOCK] = False  # padding rows wrote into it
 
 
 @dataclass
