@@ -213,9 +213,9 @@ def test_captured_decode_steps_equal_eager_steps_on_the_gpu():
     config = SqueezeConfig(budget=0.4, policy="h2o", allocator="squeeze")
     inputs = prompts([30, 21, 40], seed=9)
     requests = [(p.tolist(), config, n, []) for p, n in zip(inputs, [24, 16, 12], strict=True)]
-    eager = ServingEngine(model, config, kv_memory=MiB, cuda_graphs=False)
+    eager = ServingEngine(model, config, kv_memory=MiB)
     expected, _ = serve_staggered(eager, requests, arrivals=[0, 4, 8])
-    engine = ServingEngine(model, config, kv_memory=MiB)
+    engine = ServingEngine(model, config, kv_memory=MiB, cuda_graphs=True)
     served, _ = serve_staggered(engine, requests, arrivals=[0, 4, 8])
     assert served.tokens == expected.tokens
     assert not eager.decode_steps.graphs and len(engine.decode_steps.graphs) >= 3

@@ -29,6 +29,7 @@ def run_workload(args: argparse.Namespace) -> None:
         kv_memory=args.kv_memory,
         block_size=args.block_size,
         prefill_chunk=args.prefill_chunk,
+        cuda_graphs=args.cuda_graphs,
     )
     configs = [
         SqueezeConfig(budget=budget, policy=policy, allocator=allocator)

@@ -43,6 +43,7 @@ class Workload:
     block_size: int = 16
     prefill_chunk: int | None = None
     seed: int = 0
+    cuda_graphs: bool = True  # each decode bucket captured once (off: --no-cuda-graphs)
 
     def __post_init__(self) -> None:
         if self.requests < 1:
@@ -153,6 +154,7 @@ def serve_engine(
         workload.block_size,
         max_waiting=len(trace),
         prefill_chunk=workload.prefill_chunk,
+        cuda_graphs=workload.cuda_graphs,
     )
     timelines = [Timeline(item.arrival, []) for item in trace]
     requests = []

@@ -8,6 +8,8 @@
 | :func:`evict_lowest` | the fast engine's eviction of a row's lowest-priority token |
 | :func:`write_slot` | the fast engine's write of a new token into its free slot |
 | :func:`residual_cosine` | layer importance's cosine per token |
+| :func:`paged_decode_attention` | one decode query over each row's blocks of the serving pool, plus mass |
+| :func:`write_paged_slot` | the serving batch's write of a new token into the pool |
 """
 
 from squeezekv.ops.attention import attend, layer_mask
@@ -15,6 +17,7 @@ from squeezekv.ops.common import use_triton
 from squeezekv.ops.cosine import residual_cosine
 from squeezekv.ops.decode import decode_attention
 from squeezekv.ops.eviction import evict_lowest
+from squeezekv.ops.paged import paged_decode_attention, write_paged_slot
 from squeezekv.ops.prefill import prefill_attention
 from squeezekv.ops.slots import write_slot
 
@@ -23,8 +26,10 @@ __all__ = [
     "decode_attention",
     "evict_lowest",
     "layer_mask",
+    "paged_decode_attention",
     "prefill_attention",
     "residual_cosine",
     "use_triton",
+    "write_paged_slot",
     "write_slot",
 ]

@@ -27,8 +27,7 @@ from squeezekv.cache.base import CompressedCache
 from squeezekv.cache.static import BufferView
 from squeezekv.config import SqueezeConfig
 from squeezekv.engine import WARM_STEPS
-from squeezekv.ops import evict_lowest
-from squeezekv.ops.paged import paged_decode_attention, write_paged_slot
+from squeezekv.ops import evict_lowest, paged_decode_attention, write_paged_slot
 from squeezekv.policies import KEEP
 from squeezekv.serving.store import PAD_BLOCK, BlockPool, LayerSlots
 

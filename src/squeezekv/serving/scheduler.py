@@ -93,8 +93,9 @@ class ServingEngine:
     """Greedy continuous batching of ``model`` with ``config`` (requests may override the budget).
 
     ``kv_memory`` bytes of paged KV storage in ``block_size``-slot blocks; at most ``max_waiting``
-    requests wait for admission (more raise :class:`QueueFull`). On the GPU each decode step's shape
-    is captured as a CUDA graph unless ``cuda_graphs`` is off.
+    requests wait for admission (more raise :class:`QueueFull`). With ``cuda_graphs`` each decode
+    step's shape is captured as a CUDA graph on the GPU; it is off by default because the capture
+    has not yet been run on a GPU (``squeezekv bench --workload`` turns it on to measure it).
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class ServingEngine:
         block_size: int = 16,
         max_waiting: int = 64,
         prefill_chunk: int | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk {prefill_chunk} must be >= 1")
