@@ -76,8 +76,8 @@ class SqueezeConfig:
             raise ValueError(f"equal_bytes={self.equal_bytes!r} must be True or False")
         if isinstance(self.allocator, PrecisionAllocator) and self.kv_bits != 16:
             raise ValueError(
-                f"kv_bits={self.kv_bits} with allocator {self.allocator.name!r}, which plans each layer's bits "
-                "itself (its settings low_bits, high_bits): leave kv_bits at 16"
+                f"kv_bits={self.kv_bits} with allocator {self.allocator.name!r}, which plans each layer's "
+                "bits itself (its settings low_bits, high_bits): leave kv_bits at 16"
             )
         if self.plans_bits and self.policy.spreads_over_heads:
             raise ValueError(
