@@ -82,7 +82,8 @@ class SqueezeConfig:
         if self.plans_bits and self.policy.spreads_over_heads:
             raise ValueError(
                 f"policy {self.policy.name!r} gives each head its own budget, which quantized caches do not "
-                f"support (kv_bits={self.kv_bits}, allocator {self.allocator.name!r}): use kv_bits=16"
+                f"support (kv_bits={self.kv_bits}, allocator {self.allocator.name!r}): use kv_bits=16 and "
+                "an allocator that plans no bits"
             )
 
     @property
