@@ -30,6 +30,7 @@ def record(sample: Sample, cell: Cell, result: dict, seconds: float) -> dict:
         "policy": cell.policy,
         "allocator": cell.allocator,
         "budget": cell.budget,
+        **({"kv_bits": cell.kv_bits} if cell.kv_bits != 16 else {}),
     }
     return {"sample": sample.id, "cell": cell.key, **fields, **result, "seconds": round(seconds, 4)}
 
@@ -137,7 +138,9 @@ def write_plots(config: EvalConfig, task: Task, model, samples: list[Sample], st
         path = store.directory / f"{task.metric}_vs_budget.png"
         plots.metric_vs_budget(summaries, list(config.budgets), task.metric, path)
     middle = config.budgets[len(config.budgets) // 2]
-    squeeze = config.squeeze_config(Cell(OWN, config.policies[0], config.allocators[0], middle))
+    squeeze = config.squeeze_config(
+        Cell(OWN, config.policies[0], config.allocators[0], middle, config.kv_bits[0])
+    )
     profile = layer_profile(model, samples[0].prompt, squeeze, list(config.allocators))
     plots.layer_profile(profile.similarity, profile.budgets, profile.squeezed, store.directory / "layers.png")
     if task.heat_map is not None and complete:
