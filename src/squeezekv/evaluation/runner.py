@@ -138,9 +138,7 @@ def write_plots(config: EvalConfig, task: Task, model, samples: list[Sample], st
         path = store.directory / f"{task.metric}_vs_budget.png"
         plots.metric_vs_budget(summaries, list(config.budgets), task.metric, path)
     middle = config.budgets[len(config.budgets) // 2]
-    squeeze = config.squeeze_config(
-        Cell(OWN, config.policies[0], config.allocators[0], middle, config.kv_bits[0])
-    )
+    squeeze = config.squeeze_config(Cell(OWN, config.policies[0], config.allocators[0], middle))
     profile = layer_profile(model, samples[0].prompt, squeeze, list(config.allocators))
     plots.layer_profile(profile.similarity, profile.budgets, profile.squeezed, store.directory / "layers.png")
     if task.heat_map is not None and complete:
