@@ -32,8 +32,8 @@ class SqueezeConfig:
     ``kv_bits`` (16, 8 or 4) is the precision the cache stores keys and values at, once the prompt
     is planned (:mod:`squeezekv.cache.quantized`); 16 is the model's own dtype, untouched. With
     ``equal_bytes``, ``budget`` counts 16-bit tokens' bytes and a quantized layer keeps as many
-    tokens as fit in them (:func:`~squeezekv.ops.quantize.token_bytes`: 1.7x at 8 bits, 3x at 4
-    for heads of 40). A precision allocator (``squeeze-bits``) plans each layer's bits itself, its
+    tokens as fit in them (:func:`~squeezekv.ops.quantize.token_bytes`: 1.85x at 8 bits, 3.44x at
+    4 for heads of 40). A precision allocator (``squeeze-bits``) plans each layer's bits itself, its
     budget always in 16-bit bytes, and wants ``kv_bits`` left at 16. Quantized caches run on the
     simple path only, and not with policies that give each head its own budget.
     """

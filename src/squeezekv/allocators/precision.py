@@ -7,7 +7,7 @@ layers whose attention changes the residual least) is stored at ``low_bits`` and
 b`` for the squeezed group, the rest shared by the others, as in ``squeeze``; ``p = 1``: every
 layer the same bytes) buys as many tokens as fit at its bits
 (:func:`~squeezekv.ops.quantize.token_bytes`, scales counted). With the defaults, a squeezed layer
-holds about 1.75x the tokens of the others at half their bits. Bits are planned per sequence like
+holds about 1.86x the tokens of the others at half their bits. Bits are planned per sequence like
 budgets; the cache stores each sequence's rows of a layer at that sequence's bits.
 """
 
