@@ -67,6 +67,7 @@ class SqueezeConfig:
         self.check_precision()
 
     def check_precision(self) -> None:
+        """Refuses a ``kv_bits`` or ``equal_bytes`` out of range, and what quantized caches cannot do."""
         bits = self.kv_bits
         if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
             object.__setattr__(self, "kv_bits", check_bits(int(bits)))
