@@ -4,7 +4,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import squeezekv
 from squeezekv import SqueezeConfig
-from squeezekv.allocators import resolve_allocator
 from squeezekv.engine import FastGenerator
 from squeezekv.ops.quantize import KEY_GROUP_TOKENS, token_bytes
 from squeezekv.reference import load_heldout, reference_model_path
@@ -58,7 +57,7 @@ def test_keep_everything_at_8_bits_stays_close_to_the_full_cache():
     """Teacher-forced on the full cache's greedy tokens, past the residual window's first flush."""
     model = tiny_model("llama")
     ids = prompts([40])[0][None]
-    steps = KEY_GROUP_TOKENS + 8
+    steps = KEY_GROUP_TOKENS + 2
     greedy = model.generate(ids, max_new_tokens=steps, do_sample=False)[0, 40:]
     expected = teacher_forced_logits(model, ids, greedy)
     with squeezekv.compress(model, SqueezeConfig(1.0, "h2o", kv_bits=8), max_new_tokens=steps) as session:
@@ -72,11 +71,11 @@ def test_reference_model_at_8_bits_keeps_model_generate_tokens():
     path = reference_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tokenizer(load_heldout("short")[0]["text"][:1200], return_tensors="pt").input_ids
-    expected = model.generate(ids, max_new_tokens=16, do_sample=False)
-    result = squeezekv.generate(model, ids, SqueezeConfig(1.0, "h2o", kv_bits=8), max_new_tokens=16)
+    ids = tokenizer(load_heldout("short")[0]["text"][:800], return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    result = squeezekv.generate(model, ids, SqueezeConfig(1.0, "h2o", kv_bits=8), max_new_tokens=12)
     assert torch.equal(result.sequences, expected)
-    # float32 to 8-bit codes and float16 scales is 27 %; the 16 new tokens wait unquantized
+    # float32 to 8-bit codes and float16 scales is 27 %; the 12 new tokens wait unquantized
     assert result.stats.kv_bytes_kept < 0.33 * result.stats.kv_bytes_full
 
 
@@ -103,9 +102,9 @@ def test_eviction_moves_codes_and_never_quantizes_a_kept_token_again():
     config = SqueezeConfig(12, "h2o", "uniform", kv_bits=4)
     seen: list[dict] = [{} for _ in range(6)]
     evicted = flushed = 0
-    with squeezekv.compress(model, config, max_new_tokens=80) as session:
+    with squeezekv.compress(model, config, max_new_tokens=70) as session:
         output = model(ids, attention_mask=mask)
-        for _ in range(80):
+        for _ in range(70):
             now = quantized_slots(session.cache)
             for before, after in zip(seen, now, strict=True):
                 for slot, (key, value) in after.items():
@@ -150,33 +149,3 @@ def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits():
     for bits in (8, 4):
         ratio = token_bytes(16, DIM, DIM) / token_bytes(bits, DIM, DIM)
         assert (held[bits] == int(20 * ratio)).all()
-
-
-@pytest.mark.parametrize("p", [1.0, 0.5])
-def test_precision_plan_spends_at_most_its_bytes(p):
-    allocator = resolve_allocator(f"squeeze-bits:p={p}")
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(20):
-        similarity = torch.rand(16, generator=generator, dtype=torch.float64)
-        caps = torch.randint(30, 400, (16,), generator=generator)
-        tokens = allocator.plan_tokens(similarity, 50, 4, caps, (40, 40))
-        bits = allocator.layer_bits(similarity)
-        spent = sum(t * token_bytes(int(b), 40, 40) for t, b in zip(tokens.tolist(), bits, strict=True))
-        assert spent <= 16 * 50 * token_bytes(16, 40, 40) + 1e-6
-        assert (tokens <= caps).all() and (tokens >= torch.minimum(torch.tensor(4), caps)).all()
-        squeezed = allocator.squeezed_layers(similarity)
-        assert (bits[squeezed] == 4).all() and (bits[~squeezed] == 8).all()
-        if p == 1.0 and bool((caps >= 200).all()):  # uncapped: equal bytes, so more tokens at 4 bits
-            assert tokens[squeezed].min() > tokens[~squeezed].max()
-
-
-def test_precision_allocator_plans_each_sequence_as_if_alone():
-    model = tiny_model("llama")
-    sequences = prompts([44, 30], seed=4)
-    ids, mask = left_pad(sequences)
-    config = SqueezeConfig(0.4, "h2o", "squeeze-bits:low_bits=4,high_bits=16")
-    batched = squeezekv.generate(model, ids, config, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    for row, sequence in enumerate(sequences):
-        alone = squeezekv.generate(model, sequence[None], config, max_new_tokens=6, do_sample=False)
-        assert torch.equal(alone.sequences[0, len(sequence) :], batched.sequences[row, ids.shape[1] :])
-        assert torch.equal(alone.stats.layer_budget[0], batched.stats.layer_budget[row])
