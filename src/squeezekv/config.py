@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from squeezekv.allocators import Allocator, resolve_allocator
+from squeezekv.allocators.precision import PrecisionAllocator
+from squeezekv.ops.quantize import check_bits, tokens_per_16bit_token
 from squeezekv.policies import Policy, resolve_policy
 
 
@@ -26,11 +28,21 @@ class SqueezeConfig:
     (sequence-wise), ``allocator`` how the total is split across layers (layer-wise); each is an
     instance, a name or a spec string (``"squeeze:p=0.5,groups=3"``), resolved once, here, to an
     instance that owns and checks its own settings.
+
+    ``kv_bits`` (16, 8 or 4) is the precision the cache stores keys and values at, once the prompt
+    is planned (:mod:`squeezekv.cache.quantized`); 16 is the model's own dtype, untouched. With
+    ``equal_bytes``, ``budget`` counts 16-bit tokens' bytes and a quantized layer keeps as many
+    tokens as fit in them (:func:`~squeezekv.ops.quantize.token_bytes`: 1.85x at 8 bits, 3.44x at
+    4 for heads of 40). A precision allocator (``squeeze-bits``) plans each layer's bits itself, its
+    budget always in 16-bit bytes, and wants ``kv_bits`` left at 16. Quantized caches run on the
+    simple path only, and not with policies that give each head its own budget.
     """
 
     budget: float | int
     policy: Policy | str = "h2o"
     allocator: Allocator | str = "squeeze"
+    kv_bits: int = 16
+    equal_bytes: bool = False
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -52,6 +64,33 @@ class SqueezeConfig:
         object.__setattr__(self, "allocator", resolve_allocator(self.allocator))
         if isinstance(budget, int):
             self.check_tokens_per_layer(budget)
+        self.check_precision()
+
+    def check_precision(self) -> None:
+        """Refuses a ``kv_bits`` or ``equal_bytes`` out of range, and what quantized caches cannot do."""
+        bits = self.kv_bits
+        if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
+            object.__setattr__(self, "kv_bits", check_bits(int(bits)))
+        else:
+            check_bits(bits)
+        if not isinstance(self.equal_bytes, bool):
+            raise ValueError(f"equal_bytes={self.equal_bytes!r} must be True or False")
+        if isinstance(self.allocator, PrecisionAllocator) and self.kv_bits != 16:
+            raise ValueError(
+                f"kv_bits={self.kv_bits} with allocator {self.allocator.name!r}, which plans each layer's "
+                "bits itself (its settings low_bits, high_bits): leave kv_bits at 16"
+            )
+        if self.plans_bits and self.policy.spreads_over_heads:
+            raise ValueError(
+                f"policy {self.policy.name!r} gives each head its own budget, which quantized caches do not "
+                f"support (kv_bits={self.kv_bits}, allocator {self.allocator.name!r}): use kv_bits=16 and "
+                "an allocator that plans no bits"
+            )
+
+    @property
+    def plans_bits(self) -> bool:
+        """Whether the cache is quantized: ``kv_bits`` below 16, or an allocator that plans bits."""
+        return self.kv_bits < 16 or isinstance(self.allocator, PrecisionAllocator)
 
     @classmethod
     def build(
@@ -64,6 +103,7 @@ class SqueezeConfig:
         """A config whose policy and allocator take ``settings``, each routed to whichever of the
         two has that field (``p=0.5`` to squeeze, ``sinks=2`` to streaming)."""
         policy, allocator = resolve_policy(policy), resolve_allocator(allocator)
+        precision = {name: settings.pop(name) for name in ("kv_bits", "equal_bytes") if name in settings}
         owners = {part: {field.name for field in fields(part)} for part in (policy, allocator)}
         unknown = [name for name in settings if not any(name in names for names in owners.values())]
         if unknown:
@@ -77,7 +117,7 @@ class SqueezeConfig:
             part.replace(**{name: value for name, value in settings.items() if name in names})
             for part, names in owners.items()
         )
-        return cls(budget, policy, allocator)
+        return cls(budget, policy, allocator, **precision)
 
     @property
     def is_fraction(self) -> bool:
@@ -89,8 +129,14 @@ class SqueezeConfig:
         return self.budget == 1.0 and self.is_fraction
 
     def to_dict(self) -> dict:
-        """JSON-able: the budget and each part's name and settings."""
-        return {"budget": self.budget, "policy": self.policy.to_dict(), "allocator": self.allocator.to_dict()}
+        """JSON-able: the budget, each part's name and settings, and the precision when quantized."""
+        precision = {"kv_bits": self.kv_bits, "equal_bytes": self.equal_bytes} if self.plans_bits else {}
+        return {
+            "budget": self.budget,
+            "policy": self.policy.to_dict(),
+            "allocator": self.allocator.to_dict(),
+            **precision,
+        }
 
     def tokens_per_layer(self, prompt_tokens: int, new_tokens: int = 0) -> int:
         """The average per-layer budget, in tokens, for a prompt of ``prompt_tokens`` real tokens
@@ -119,13 +165,18 @@ class SqueezeConfig:
         prompt_tokens: torch.Tensor,
         sliding_windows: list[int | None],
         max_new_tokens: int = 0,
+        head_dims: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """``[batch, layers]`` budgets: each sequence is planned on its own prompt and similarities.
 
         A layer can hold at most the prompt plus the tokens still to come (and no more than its
         sliding window), which is what a keep-everything budget gives every layer; the floor is the
-        policy's minimum.
+        policy's minimum. A budget in 16-bit bytes (``equal_bytes``, a precision allocator) becomes
+        tokens at each layer's bits through the keys' and values' ``head_dims``.
         """
+        in_bytes = self.equal_bytes and self.kv_bits < 16 or isinstance(self.allocator, PrecisionAllocator)
+        if in_bytes and head_dims is None and not self.keeps_everything:
+            raise ValueError("a budget in bytes needs the head sizes: pass head_dims to plan_budgets")
         floor = self.policy.min_tokens()
         rows = []
         for row, tokens in zip(similarity, prompt_tokens.tolist(), strict=True):
@@ -133,8 +184,21 @@ class SqueezeConfig:
             caps = torch.tensor(
                 [reachable if w is None else min(reachable, max(1, w - 1)) for w in sliding_windows]
             )
+            mean = self.tokens_per_layer(tokens)
             if self.keeps_everything:
                 rows.append(caps)
+            elif isinstance(self.allocator, PrecisionAllocator):
+                rows.append(self.allocator.plan_tokens(row, mean, floor, caps, head_dims))
             else:
-                rows.append(self.allocator.allocate(row, self.tokens_per_layer(tokens), floor, caps))
+                if in_bytes:
+                    mean = int(mean * tokens_per_16bit_token(self.kv_bits, *head_dims))
+                rows.append(self.allocator.allocate(row, mean, floor, caps))
         return torch.stack(rows)
+
+    def plan_bits(self, similarity: torch.Tensor) -> torch.Tensor | None:
+        """``[batch, layers]`` bits each layer stores each sequence at (``None``: all 16, untouched)."""
+        if not self.plans_bits:
+            return None
+        if isinstance(self.allocator, PrecisionAllocator):
+            return torch.stack([self.allocator.layer_bits(row.double().cpu()) for row in similarity])
+        return torch.full(similarity.shape, self.kv_bits, dtype=torch.int64)

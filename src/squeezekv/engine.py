@@ -66,6 +66,12 @@ class FastGenerator:
     def __init__(
         self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True, compile_layers: bool = True
     ) -> None:
+        if config.plans_bits:
+            raise ValueError(
+                f"the fast engine stores keys and values unquantized: kv_bits={config.kv_bits} with "
+                f"allocator {config.allocator.name!r} runs on the simple path only (squeezekv.generate, "
+                "--engine simple)"
+            )
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
         self.devices = model_devices(model)

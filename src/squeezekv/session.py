@@ -260,9 +260,15 @@ class Session:
         if cache.phase == "prefill":
             self.similarity = self.importance.similarity()
             budgets = self.config.plan_budgets(
-                self.similarity, cache.prompt_tokens.cpu(), self.sliding_windows, self.max_new_tokens
+                self.similarity,
+                cache.prompt_tokens.cpu(),
+                self.sliding_windows,
+                self.max_new_tokens,
+                cache.head_dims,
             )
             cache.budgets = agree(budgets, self.group, self.devices[0])
+            bits = self.config.plan_bits(self.similarity)
+            cache.layer_bits = None if bits is None else agree(bits, self.group, self.devices[0])
         cache.evict()
 
 

@@ -61,3 +61,18 @@ def test_every_setting_of_every_part_is_a_flag(capsys):
     shown = capsys.readouterr().out
     for flag in ("--p", "--groups", "--sinks", "--recent-ratio", "--window", "--kernel", "--beta", "--share"):
         assert flag in shown
+
+
+def test_kv_bits_and_equal_bytes_reach_the_config():
+    import argparse
+
+    from squeezekv.cli.common import add_compression_arguments, config_from
+
+    parser = argparse.ArgumentParser()
+    add_compression_arguments(parser)
+    config = config_from(parser.parse_args(["--budget", "0.2", "--kv-bits", "4", "--equal-bytes"]))
+    assert (config.kv_bits, config.equal_bytes) == (4, True)
+    settings = ["--budget", "0.2", "--allocator", "squeeze-bits", "--low-bits", "8", "--high-bits", "16"]
+    assert config_from(parser.parse_args(settings)).allocator.spec == "squeeze-bits:low_bits=8,high_bits=16"
+    with pytest.raises(ValueError, match="kv_bits=12 is not supported; choose one of 16, 8, 4"):
+        config_from(parser.parse_args(["--budget", "0.2", "--kv-bits", "12"]))

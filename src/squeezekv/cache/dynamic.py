@@ -13,6 +13,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from squeezekv.cache.base import CompressedCache
+from squeezekv.cache.quantized import PackedStates
 from squeezekv.cache.ragged import RaggedLayer
 from squeezekv.config import SqueezeConfig
 from squeezekv.ops import prefill_attention
@@ -26,6 +27,8 @@ class SqueezeLayer(CacheLayerMixin):
     ``appended_only``: nothing was ever evicted, so the layer holds every column seen so far.
     ``head_budgets``: set when the policy spread the budget over the heads at an eviction; the
     cache then replaces this layer by a packed :class:`~squeezekv.cache.ragged.RaggedLayer`.
+    ``packed``: set once the layer's keys and values are quantized (``kv_bits`` < 16); it then holds
+    them instead of ``keys`` and ``values``.
     """
 
     is_sliding = False
@@ -37,6 +40,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.seen = 0
         self.appended_only = True
         self.head_budgets: torch.Tensor | None = None
+        self.packed: PackedStates | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, device = key_states.shape[0], key_states.device
@@ -56,18 +60,47 @@ class SqueezeLayer(CacheLayerMixin):
         batch, heads, q = key_states.shape[:3]
         columns = torch.arange(self.seen, self.seen + q, device=key_states.device)
         track_heads = self.positions.shape[1]
-        if self.keys.shape[-2]:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-        else:  # the first chunk: a concatenation would only copy it
-            self.keys, self.values = key_states, value_states
+        self.store(key_states, value_states)
         self.positions = torch.cat([self.positions, columns.expand(batch, track_heads, q)], dim=-1)
         self.valid = torch.cat(
             [self.valid, new_valid.to(self.valid.device)[:, None].expand(-1, track_heads, -1)], -1
         )
         self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, self.scores.shape[1], q)], dim=-1)
         self.seen += q
+        return self.states()
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Keeps the new tokens' keys and values in new last slots."""
+        if self.packed is not None:
+            self.packed.store(key_states, value_states)
+        elif self.keys.shape[-2]:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        else:  # the first chunk: a concatenation would only copy it
+            self.keys, self.values = key_states, value_states
+
+    def states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's keys and values, as attention reads them."""
+        if self.packed is not None:
+            return self.packed.states(self.positions)
         return self.keys, self.values
+
+    def keep(self, chosen: torch.Tensor) -> None:
+        """Keeps the keys and values of the ``chosen`` slots (``[batch, heads or 1, kept]``)."""
+        if self.packed is not None:
+            self.packed.keep(chosen)
+            return
+        self.keys = gather_slots(self.keys, chosen)
+        self.values = gather_slots(self.values, chosen)
+
+    def settle(self, bits: torch.Tensor) -> None:
+        """After an eviction round, with each row's ``bits`` (``[batch]``): quantizes the layer's
+        tokens the first time some row is below 16 bits, later the residual window once it is full."""
+        if self.packed is not None:
+            self.packed.settle(self.positions, self.valid, self.seen)
+        elif self.is_initialized and not bool((bits == 16).all()):
+            self.packed = PackedStates(self.keys, self.values, self.positions, self.valid, self.seen, bits)
+            self.keys = self.values = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise RuntimeError("SqueezeLayer is updated through SqueezeCache.update")
@@ -126,16 +159,15 @@ class SqueezeLayer(CacheLayerMixin):
         self.positions = self.positions.expand(-1, heads, -1).gather(-1, chosen)
         self.scores = self.scores.expand(-1, heads, -1).gather(-1, chosen)
         self.valid = kept & visible.expand(-1, heads, -1).gather(-1, chosen)
-        self.keys = gather_slots(self.keys, chosen)
-        self.values = gather_slots(self.values, chosen)
+        self.keep(chosen)
         self.appended_only = False
         return chosen, kept
 
     def truncate(self, columns: int) -> None:
         """Drops every column from ``columns`` on (a pass whose keys must not stay); only a layer
         that never evicted holds them as its last slots."""
-        if not self.appended_only:
-            raise RuntimeError("truncate needs a layer that never evicted")
+        if not self.appended_only or self.packed is not None:
+            raise RuntimeError("truncate needs a layer that never evicted nor quantized")
         self.keys, self.values = self.keys[:, :, :columns], self.values[:, :, :columns]
         self.positions, self.valid = self.positions[..., :columns], self.valid[..., :columns]
         self.scores = self.scores[..., :columns]
@@ -147,6 +179,7 @@ class SqueezeLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drops every tensor, so the memory is freed."""
         self.keys = self.values = self.positions = self.valid = self.scores = self.head_budgets = None
+        self.packed = None
         self.seen, self.is_initialized, self.appended_only = 0, False, True
 
     def get_seq_length(self) -> int:
@@ -162,12 +195,16 @@ class SqueezeLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
+        if self.packed is not None:
+            return self.packed.nbytes()
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
     def full_bytes(self) -> int:
         """Bytes a plain cache would hold for every column this layer has seen."""
         if not self.is_initialized:
             return 0
+        if self.packed is not None:
+            return self.packed.full_bytes(self.valid.shape[0], self.seen)
         batch, heads, _, dim = self.keys.shape
         return 2 * batch * heads * self.seen * dim * self.keys.element_size()
 
@@ -192,6 +229,8 @@ class SqueezeCache(CompressedCache):
         self.config = config
         self.explicit = explicit
         self.budgets: torch.Tensor | None = None
+        self.layer_bits: torch.Tensor | None = None  # [batch, layers], set with budgets when quantizing
+        self.head_dims: tuple[int, int] | None = None  # keys' and values', once a layer is updated
         self.prompt_columns = 0
         self.prompt_tokens: torch.Tensor | None = None
         self.first_column: torch.Tensor | None = None
@@ -264,6 +303,7 @@ class SqueezeCache(CompressedCache):
             raise RuntimeError(
                 "SqueezeCache used outside squeezekv.compress(...): the model hook is not installed"
             )
+        self.head_dims = (key_states.shape[-1], value_states.shape[-1])
         return self.layers[layer_idx].append(key_states, value_states, self.new_valid)
 
     def attention(
@@ -336,6 +376,8 @@ class SqueezeCache(CompressedCache):
                 selection = layer.evict(budgets[index], width, view, self.config.policy, selection)
                 if isinstance(layer, SqueezeLayer) and layer.head_budgets is not None:  # heads differ: packed
                     self.layers[index] = RaggedLayer(layer, layer.head_budgets)
+        for index, layer in enumerate(self.layers if self.layer_bits is not None else ()):
+            layer.settle(self.layer_bits[:, index])
 
     def kv_bytes_kept(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -9,6 +9,13 @@ from pathlib import Path
 from squeezekv.loading import DEVICES
 
 BUDGET_HELP = "a fraction of the prompt in (0, 1] (e.g. 0.2), or whole tokens per layer (e.g. 512)"
+KV_BITS_HELP = (
+    "key-value precision: 16 (the model's dtype, default), 8 or 4 (packed codes; the simple path only)"
+)
+EQUAL_BYTES_HELP = (
+    "the budget counts 16-bit tokens' bytes: a quantized cache keeps as many tokens as fit in them "
+    "(scales counted; docs/quantization.md)"
+)
 
 
 def parse_budget(text: str) -> float | int:
@@ -102,6 +109,8 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
         default="squeeze",
         help=f"one of {', '.join(sorted(ALLOCATORS))}, or a spec like squeeze:p=0.5 (default squeeze)",
     )
+    parser.add_argument("--kv-bits", type=int, default=16, help=KV_BITS_HELP)
+    parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
     for setting, (kind, owners) in setting_flags().items():
         parser.add_argument(
             f"--{setting.replace('_', '-')}", dest=setting, type=kind, help=f"setting of {', '.join(owners)}"
@@ -123,7 +132,14 @@ def config_from(args: argparse.Namespace):
     settings = {
         name: getattr(args, name) for name in setting_flags() if getattr(args, name, None) is not None
     }
-    return SqueezeConfig.build(budget=args.budget, policy=args.policy, allocator=args.allocator, **settings)
+    return SqueezeConfig.build(
+        budget=args.budget,
+        policy=args.policy,
+        allocator=args.allocator,
+        kv_bits=args.kv_bits,
+        equal_bytes=args.equal_bytes,
+        **settings,
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from squeezekv.cli.common import (
+    EQUAL_BYTES_HELP,
     add_model_arguments,
     budgets,
     model_name,
@@ -44,6 +45,12 @@ def add_parser(commands) -> None:
         default=DEFAULT_ALLOCATORS,
         help=f"comma-separated names or specs such as squeeze:p=0.5 (default {DEFAULT_ALLOCATORS})",
     )
+    parser.add_argument(
+        "--kv-bits",
+        default="16",
+        help="comma-separated key-value precisions, a grid axis: 16 (default), 8, 4 (the simple engine only)",
+    )
+    parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
     parser.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
     parser.add_argument("--data", help="JSONL input (default: the bundled held-out documents)")
@@ -128,6 +135,8 @@ def run(args: argparse.Namespace) -> None:
         device=device,
         batch_size=args.batch_size,
         peer_python=args.peer_python,
+        kv_bits=numbers(args.kv_bits, int),
+        equal_bytes=args.equal_bytes,
     )
     if not args.no_progress:  # what the bar will count, before the model loads
         print(f"grid: {describe(config)} per sample", file=sys.stderr)
@@ -148,6 +157,8 @@ def describe(config) -> str:
     """The grid's size in words: ``9 cells (the full cache, 2 policies × 2 allocators × 2 budgets)``."""
     budgets = len(config.budgets)
     parts = [f"{len(config.policies)} policies × {len(config.allocators)} allocators × {budgets} budgets"]
+    if config.kv_bits != (16,):
+        parts[0] += f" at {len(config.kv_bits)} precisions (fewer where an allocator plans bits)"
     if config.peer_presses:
         parts.append(f"{len(config.peer_presses)} {config.peer} presses × {budgets} budgets")
     return f"{len(config.cells())} cells (the full cache, {', '.join(parts)})"

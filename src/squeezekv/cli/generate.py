@@ -86,7 +86,8 @@ def report(stats) -> str:
     """A short human-readable summary of one generation's compression."""
     lines = [
         f"prompt tokens: {stats.prompt_tokens[0]}   policy: {stats.config['policy']}   "
-        f"allocator: {stats.config['allocator']}   budget: {stats.config['budget']}",
+        f"allocator: {stats.config['allocator']}   budget: {stats.config['budget']}"
+        + (f"   kv bits: {stats.config['kv_bits']}" if "kv_bits" in stats.config else ""),
         f"{'layer':>5}  {'similarity':>10}  {'budget':>6}  {'held':>6}",
     ]
     for layer, (similarity, budget, held) in enumerate(

@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from squeezekv.cli.common import add_model_arguments, budgets, read_prompt, specs
+from squeezekv.cli.common import (
+    EQUAL_BYTES_HELP,
+    KV_BITS_HELP,
+    add_model_arguments,
+    budgets,
+    read_prompt,
+    specs,
+)
 from squeezekv.cli.eval import DEFAULT_ALLOCATORS
 from squeezekv.loading import load_model, resolve_device
 
@@ -22,6 +29,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--context", type=int, default=2048, help="tokens of each prompt kept (default 2048)")
     parser.add_argument("--budget", default="0.2", help="budget the allocators plan for (default 0.2)")
     parser.add_argument("--policy", default="window", help="its floor bounds budgets; similarity ignores it")
+    parser.add_argument("--kv-bits", type=int, default=16, help=KV_BITS_HELP)
+    parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
     parser.add_argument(
         "--allocators", default=DEFAULT_ALLOCATORS, help="comma-separated names or specs (squeeze:p=0.5)"
     )
@@ -39,7 +48,13 @@ def run(args: argparse.Namespace) -> None:
     from squeezekv.evaluation.store import write_atomic
 
     (budget,) = budgets(args.budget)
-    config = SqueezeConfig(budget=budget, policy=args.policy, allocator="uniform")
+    config = SqueezeConfig(
+        budget=budget,
+        policy=args.policy,
+        allocator="uniform",
+        kv_bits=args.kv_bits,
+        equal_bytes=args.equal_bytes,
+    )
     if args.context < 2:
         raise ValueError(f"--context {args.context} must be >= 2")
     device = str(resolve_device(args.device))

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from squeezekv import SqueezeConfig
+from squeezekv.allocators import resolve_allocator
+from squeezekv.allocators.precision import PrecisionAllocator
 from squeezekv.evaluation.tasks import TaskOptions
 
 FULL = "full"
@@ -16,19 +18,24 @@ OWN = "squeezekv"
 
 @dataclass(frozen=True)
 class Cell:
-    """One column of results: the full cache, a squeezekv setting, or a peer library's press."""
+    """One column of results: the full cache, a squeezekv setting, or a peer library's press.
+
+    ``kv_bits`` below 16 marks a quantized squeezekv cell (its key and row say so; 16 reads as before).
+    """
 
     method: str
     policy: str = ""
     allocator: str = ""
     budget: float | int | None = None
+    kv_bits: int = 16
 
     @property
     def key(self) -> str:
         if self.method == FULL:
             return FULL
         if self.method == OWN:
-            return f"{self.policy}/{self.allocator}/{self.budget}"
+            bits = f"/{self.kv_bits}bit" if self.kv_bits != 16 else ""
+            return f"{self.policy}/{self.allocator}/{self.budget}{bits}"
         return f"{self.method}:{self.policy}/{self.budget}"
 
     @property
@@ -37,7 +44,8 @@ class Cell:
         if self.method == FULL:
             return "full cache"
         if self.method == OWN:
-            return f"{self.policy} × {self.allocator}"
+            bits = f" × {self.kv_bits}-bit" if self.kv_bits != 16 else ""
+            return f"{self.policy} × {self.allocator}{bits}"
         return f"{self.method} {self.policy}"
 
 
@@ -48,6 +56,11 @@ class EvalConfig:
     ``limit``, ``device``, ``batch_size`` and ``peer_python`` say how much of a run to do, where and
     how fast, not what a result means, so a resumed run may change them (a larger ``limit`` extends
     a run); every other field must match.
+
+    ``kv_bits`` is a grid axis (every policy × allocator × budget at each precision; an allocator
+    that plans bits itself, such as ``squeeze-bits``, gets one cell per budget). With
+    ``equal_bytes`` every budget counts 16-bit tokens' bytes, so quantized cells keep more tokens
+    (:class:`~squeezekv.SqueezeConfig`).
     """
 
     task: str
@@ -63,16 +76,16 @@ class EvalConfig:
     device: str = "auto"
     batch_size: int = 4
     peer_python: str | None = None
+    kv_bits: tuple[int, ...] = (16,)
+    equal_bytes: bool = False
 
     RUNTIME: ClassVar[tuple[str, ...]] = ("limit", "device", "batch_size", "peer_python")
 
     def __post_init__(self) -> None:
-        if not self.budgets or not self.policies or not self.allocators:
-            raise ValueError("--budgets, --policies and --allocators each need at least one value")
-        for budget in self.budgets:
-            for policy in self.policies:
-                for allocator in self.allocators:
-                    self.own_config(budget, policy, allocator)
+        if not self.budgets or not self.policies or not self.allocators or not self.kv_bits:
+            raise ValueError("--budgets, --policies, --allocators and --kv-bits each need at least one value")
+        for cell in self.cells():
+            self.squeeze_config(cell)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
         if self.batch_size < 1:
@@ -80,9 +93,11 @@ class EvalConfig:
 
     def cells(self) -> list[Cell]:
         own = [
-            Cell(OWN, policy, allocator, budget)
+            Cell(OWN, policy, allocator, budget, bits)
+            for bits in self.kv_bits
             for policy in self.policies
             for allocator in self.allocators
+            if bits == 16 or not isinstance(resolve_allocator(allocator), PrecisionAllocator)
             for budget in self.budgets
         ]
         peers = [Cell(self.peer, press, "", budget) for press in self.peer_presses for budget in self.budgets]
@@ -91,11 +106,15 @@ class EvalConfig:
     def squeeze_config(self, cell: Cell) -> SqueezeConfig | None:
         if cell.method == FULL:
             return None
-        return self.own_config(cell.budget, cell.policy, cell.allocator)
+        return self.own_config(cell.budget, cell.policy, cell.allocator, cell.kv_bits)
 
-    def own_config(self, budget: float | int, policy: str, allocator: str) -> SqueezeConfig:
+    def own_config(
+        self, budget: float | int, policy: str, allocator: str, kv_bits: int = 16
+    ) -> SqueezeConfig:
         """``policy`` and ``allocator`` are names or specs (``squeeze:p=0.5``)."""
-        return SqueezeConfig(budget=budget, policy=policy, allocator=allocator)
+        return SqueezeConfig(
+            budget=budget, policy=policy, allocator=allocator, kv_bits=kv_bits, equal_bytes=self.equal_bytes
+        )
 
     def identity(self) -> dict:
         """The fields that decide what a run measures (JSON-shaped, for comparing with a stored run)."""
@@ -104,5 +123,11 @@ class EvalConfig:
 
 
 def to_json(config: EvalConfig) -> dict:
-    """``config`` as plain JSON types (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """``config`` as plain JSON types (tuples become lists); the precision fields only when not at
+    their defaults, so that a run recorded before they existed still resumes."""
+    record = json.loads(json.dumps(dataclasses.asdict(config)))
+    if record["kv_bits"] == [16]:
+        del record["kv_bits"]
+    if not record["equal_bytes"]:
+        del record["equal_bytes"]
+    return record

@@ -48,13 +48,13 @@ def layer_profile(
     ids = torch.tensor([prompt], device=model.device)
     with squeezekv.compress(model, dataclasses.replace(config, policy="window")) as session:
         model(input_ids=ids, use_cache=True)
-        similarity, windows = session.similarity, session.sliding_windows
+        similarity, windows, dims = session.similarity, session.sliding_windows, session.cache.head_dims
     tokens = torch.tensor([len(prompt)])
     budgets = {
         name: dataclasses.replace(
             config, allocator=config.allocator if name == config.allocator.name else name
         )
-        .plan_budgets(similarity, tokens, windows)[0]
+        .plan_budgets(similarity, tokens, windows, head_dims=dims)[0]
         .tolist()
         for name in allocators
     }

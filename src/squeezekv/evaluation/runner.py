@@ -30,6 +30,7 @@ def record(sample: Sample, cell: Cell, result: dict, seconds: float) -> dict:
         "policy": cell.policy,
         "allocator": cell.allocator,
         "budget": cell.budget,
+        **({"kv_bits": cell.kv_bits} if cell.kv_bits != 16 else {}),
     }
     return {"sample": sample.id, "cell": cell.key, **fields, **result, "seconds": round(seconds, 4)}
 

@@ -153,6 +153,20 @@ def share_of_full(
     return [title, "", *table(config, summaries, share), ""]
 
 
+def precision_note(config: EvalConfig) -> list[str]:
+    """What the kv bits of the rows mean (nothing for a grid at 16 bits alone)."""
+    if config.kv_bits == (16,) and not config.equal_bytes:
+        return []
+    bits = ", ".join(str(b) for b in config.kv_bits)
+    unit = (
+        "budgets count 16-bit tokens' bytes: a quantized cell keeps as many tokens as fit in them, scales "
+        "and zeros counted (docs/quantization.md), so every column is at equal bytes"
+        if config.equal_bytes
+        else "budgets count tokens at any precision, so quantized cells hold fewer bytes"
+    )
+    return [f"- key-value precision: {bits} bits (rows marked × 8-bit, × 4-bit; unmarked: 16); {unit}"]
+
+
 def markdown(
     config: EvalConfig,
     task: Task,
@@ -174,6 +188,7 @@ def markdown(
         f"- headline metric: {task.metric} ({direction} is better); budgets are the mean KV tokens kept "
         "per layer as a fraction of the prompt (or whole tokens), equal for every allocator",
         *(peer_note if config.peer else []),
+        *precision_note(config),
         "",
     ]
     if not summaries:

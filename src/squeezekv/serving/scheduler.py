@@ -115,6 +115,11 @@ class ServingEngine:
         refused = unservable(config.policy)
         if refused:
             raise ValueError(f"policy {config.policy.spec!r} {refused}: the server cannot serve it yet")
+        if config.plans_bits:  # quantized caches (kv_bits < 16, a precision allocator): simple path only
+            raise ValueError(
+                f"the server stores keys and values unquantized; kv_bits={config.kv_bits} and "
+                f"allocator {config.allocator.name!r} run on the simple path only"
+            )
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
         self.explicit = Session(model, config).explicit  # the probe checks the model

@@ -1,0 +1,92 @@
+"""The third dimension: layers get different key-value precisions, from the same cosine signal.
+
+``squeeze-bits`` clusters layers as ``squeeze`` does; the squeezed group (highest similarity: the
+layers whose attention changes the residual least) is stored at ``low_bits`` and the others at
+``high_bits``. Tokens and bits are planned together under one byte budget: the budget ``b`` counts
+16-bit tokens, so a plan may spend ``L * b`` 16-bit tokens' bytes; a layer's share of them (``p *
+b`` for the squeezed group, the rest shared by the others, as in ``squeeze``; ``p = 1``: every
+layer the same bytes) buys as many tokens as fit at its bits
+(:func:`~squeezekv.ops.quantize.token_bytes`, scales counted). With the defaults, a squeezed layer
+holds about 1.86x the tokens of the others at half their bits. Bits are planned per sequence like
+budgets; the cache stores each sequence's rows of a layer at that sequence's bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from squeezekv.allocators.base import Allocator, conserve, register_allocator
+from squeezekv.allocators.squeeze import Squeeze
+from squeezekv.ops.quantize import BITS, tokens_per_16bit_token
+
+
+@dataclass(frozen=True)
+class PrecisionAllocator(Allocator):
+    """An allocator that also plans each layer's bits: ``layer_bits``, and token budgets through
+    ``plan_tokens`` (a budget of 16-bit bytes) instead of :meth:`Allocator.allocate`."""
+
+    def layer_bits(self, similarity: torch.Tensor) -> torch.Tensor:
+        """Bits per layer (int64) from one sequence's per-layer similarities."""
+        raise NotImplementedError
+
+    def allocate(self, similarity, mean_budget, floor, caps) -> torch.Tensor:
+        raise ValueError(
+            f"allocator {self.name!r} plans bytes and bits, not tokens alone: plan through "
+            "SqueezeConfig.plan_budgets with head_dims (the simple path)"
+        )
+
+    def plan_tokens(
+        self,
+        similarity: torch.Tensor,
+        mean_budget: int,
+        floor: int,
+        caps: torch.Tensor,
+        head_dims: tuple[int, int],
+    ) -> torch.Tensor:
+        """Per-layer tokens whose bytes at :meth:`layer_bits` stay within ``layers * mean_budget``
+        16-bit tokens' bytes, each within ``[min(floor, cap), cap]``."""
+        similarity = similarity.double().cpu()
+        per_16bit = torch.tensor(
+            [tokens_per_16bit_token(int(b), *head_dims) for b in self.layer_bits(similarity)],
+            dtype=torch.float64,
+        )
+        caps = caps.to(torch.float64).cpu()
+        floors = torch.minimum(torch.full_like(caps, float(floor)), caps)
+        targets, _ = self.targets(similarity, mean_budget)  # in 16-bit tokens' bytes
+        budget = float(mean_budget * similarity.numel())
+        spent = conserve(targets, budget, floors / per_16bit, caps / per_16bit).double()
+        tokens = torch.minimum(torch.floor(spent * per_16bit + 1e-9), caps)
+        tokens = torch.maximum(tokens, floors)
+        while float((tokens / per_16bit).sum()) > budget + 1e-9:  # rounding overshot: trim the largest
+            room = torch.where(tokens > floors, tokens / per_16bit, -1.0)
+            if float(room.max()) < 0:
+                break  # the floors alone exceed the budget, as with any allocator
+            tokens[int(room.argmax())] -= 1
+        return tokens.to(torch.int64)
+
+
+@register_allocator
+@dataclass(frozen=True)
+class SqueezeBits(Squeeze, PrecisionAllocator):
+    """``low_bits`` for the squeezed group, ``high_bits`` for the others; ``p``: the squeezed
+    group's share of the mean byte budget (1: equal bytes per layer); ``groups`` as in squeeze."""
+
+    name = "squeeze-bits"
+    p: float = 1.0
+    low_bits: int = 4
+    high_bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        allowed = f"one of {', '.join(map(str, BITS))}"
+        self.require(self.low_bits in BITS, "low_bits", allowed)
+        self.require(self.high_bits in BITS, "high_bits", allowed)
+        self.require(self.low_bits <= self.high_bits, "low_bits", f"<= high_bits ({self.high_bits})")
+
+    def layer_bits(self, similarity: torch.Tensor) -> torch.Tensor:
+        squeezed = self.squeezed_layers(similarity)
+        if bool(squeezed.all()):  # one cluster: nothing to tell the layers apart
+            squeezed = torch.zeros_like(squeezed)
+        return torch.where(squeezed, self.low_bits, self.high_bits).to(torch.int64)

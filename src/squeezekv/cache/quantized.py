@@ -1,0 +1,263 @@
+"""A compressed layer whose keys and values are stored as packed integer codes (``kv_bits`` 8 or 4).
+
+Layout (KIVI's, arXiv 2402.02750, adapted to a cache that evicts single tokens):
+
+- every slot holds packed codes for its key and its value (:mod:`squeezekv.ops.quantize`);
+- a value's float16 scale and zero are per token (per group of channels), stored with its slot;
+- a key's scale and zero are per channel, shared by a *group* of up to ``KEY_GROUP_TOKENS``
+  consecutive kept tokens of one (sequence, head); a group is a range of columns, stored as its
+  first column, so a slot finds its group by its column (no per-slot index);
+- the newest tokens wait unquantized in a residual window, indexed by column: once
+  ``KEY_GROUP_TOKENS`` columns have arrived, the ones still kept are quantized as a new group.
+
+A kept token is quantized once and never again: eviction gathers codes and value scales, and drops
+the key groups none of whose tokens is left (each (sequence, head) renumbers its own groups).
+Rows of a batch may be stored at different precisions (a precision allocator plans per
+sequence); each precision is one :class:`PackedRows` over its rows, 16 bits storing the model's
+dtype as is.
+
+Attention on this layer reads a transient full-precision copy of the whole layer, made by
+:meth:`QuantizedLayer.states` for each forward and dropped after it: the stored cache is packed,
+the transient is one layer (this is the torch path; no kernel reads the codes directly).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from squeezekv.ops.quantize import (
+    KEY_GROUP_TOKENS,
+    SCALE_DTYPE,
+    dequantize_keys,
+    dequantize_values,
+    quantize_key_groups,
+    quantize_values,
+    value_group,
+)
+
+NO_GROUP = -1  # the first column of a group slot that no group uses (they come first in a head)
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PackedRows:
+    """The rows ``rows`` of a layer at ``bits``: ``[rows, heads, slots, ...]`` codes (the states
+    themselves at 16 bits), value scales and zeros per slot, key scales and zeros per group and
+    each group's first column, ascending; a head with fewer groups than the widest starts with
+    unused ones (``NO_GROUP``, scale 0)."""
+
+    def __init__(self, rows: torch.Tensor, bits: int, heads: int, dims: tuple[int, int], like: torch.Tensor):
+        self.rows, self.bits, self.heads, self.dims, self.like = rows, bits, heads, dims, like[:0]
+        batch, device = rows.numel(), like.device
+        self.key_codes, self.value_codes = self.slots(dims[0], 0), self.slots(dims[1], 0)
+        value_groups = dims[1] // value_group(dims[1])
+        self.value_scale = torch.zeros(batch, heads, 0, value_groups, dtype=SCALE_DTYPE, device=device)
+        self.value_zero = self.value_scale.clone()
+        self.key_scale = torch.zeros(batch, heads, 0, dims[0], dtype=SCALE_DTYPE, device=device)
+        self.key_zero = self.key_scale.clone()
+        self.group_start = torch.zeros(batch, heads, 0, dtype=torch.int32, device=device)
+
+    def slots(self, dim: int, count: int) -> torch.Tensor:
+        """``count`` empty slots of codes for ``dim`` channels (of states, at 16 bits)."""
+        shape = (self.rows.numel(), self.heads, count)
+        if self.bits == 16:
+            return self.like.new_zeros(*shape, dim)
+        return torch.zeros(*shape, dim * self.bits // 8, dtype=torch.uint8, device=self.like.device)
+
+    def add_slots(self, count: int) -> None:
+        self.key_codes = torch.cat([self.key_codes, self.slots(self.dims[0], count)], 2)
+        self.value_codes = torch.cat([self.value_codes, self.slots(self.dims[1], count)], 2)
+        extra = self.value_scale.new_zeros(*self.value_scale.shape[:2], count, self.value_scale.shape[-1])
+        self.value_scale = torch.cat([self.value_scale, extra], 2)
+        self.value_zero = torch.cat([self.value_zero, extra], 2)
+
+    def group_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each slot's key group (``[rows, heads, slots]``): the last one starting at or before its column."""
+        columns = positions.to(torch.int32).contiguous()
+        return (torch.searchsorted(self.group_start, columns, right=True).long() - 1).clamp(min=0)
+
+    def quantize(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, chosen: torch.Tensor,
+        held: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Quantizes the ``chosen`` slots (``[rows, heads, slots]``, all later than every group so
+        far) from their full-precision ``keys`` and ``values``, as new groups of up to
+        ``KEY_GROUP_TOKENS`` tokens in column order; then keeps only the groups that some ``held``
+        slot uses."""
+        mask = chosen.unsqueeze(-1)
+        if self.bits == 16:
+            self.key_codes = torch.where(mask, keys, self.key_codes)
+            self.value_codes = torch.where(mask, values, self.value_codes)
+            return
+        rank = chosen.long().cumsum(-1) - 1  # slots are in column order
+        group = torch.where(chosen, rank // KEY_GROUP_TOKENS, -1)
+        count = int(group.max()) + 1 if group.numel() else 0
+        if count == 0:
+            return
+        used = self.used_groups(positions, held & ~chosen)
+        codes, scale, zero = quantize_key_groups(keys, group, count, self.bits)
+        self.key_codes = torch.where(mask, codes, self.key_codes)
+        last = torch.iinfo(torch.int32).max
+        starts = torch.full((*group.shape[:2], count + 1), last, dtype=torch.int64, device=group.device)
+        index = torch.where(group >= 0, group, count)
+        starts = starts.scatter_reduce(2, index, positions.long(), "amin")[..., :count]
+        self.group_start = torch.cat([self.group_start, starts.to(torch.int32)], 2)
+        self.key_scale = torch.cat([self.key_scale, scale], 2)
+        self.key_zero = torch.cat([self.key_zero, zero], 2)
+        self.compact(torch.cat([used, starts != last], -1))
+        codes, scale, zero = quantize_values(values, self.bits)
+        self.value_codes = torch.where(mask, codes, self.value_codes)
+        self.value_scale = torch.where(mask, scale, self.value_scale)
+        self.value_zero = torch.where(mask, zero, self.value_zero)
+
+    def keep(self, chosen: torch.Tensor) -> None:
+        """Keeps the ``chosen`` slots (``[rows, heads, kept]``); codes are moved, never recomputed."""
+
+        def gather(states: torch.Tensor) -> torch.Tensor:
+            return states.gather(2, chosen.unsqueeze(-1).expand(*chosen.shape, states.shape[-1]))
+
+        self.key_codes, self.value_codes = gather(self.key_codes), gather(self.value_codes)
+        self.value_scale, self.value_zero = gather(self.value_scale), gather(self.value_zero)
+
+    def used_groups(self, positions: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        """``[rows, heads, groups]``: the groups some ``quantized`` slot (``[rows, heads, slots]``) is in."""
+        groups = self.group_start.shape[-1]
+        if groups == 0:
+            return quantized.new_zeros(*quantized.shape[:2], 0)
+        group = torch.where(quantized, self.group_of(positions), groups)
+        used = torch.zeros(*group.shape[:2], groups + 1, dtype=torch.bool, device=group.device)
+        return used.scatter(2, group, True)[..., :groups]
+
+    def compact(self, used: torch.Tensor) -> None:
+        """Keeps the ``used`` groups (``[rows, heads, groups]``), right-aligned per head: unused
+        group slots first (``NO_GROUP``, scale 0), so that first columns stay ascending when new
+        groups are added after them."""
+        counts = used.sum(-1, keepdim=True)
+        width = int(counts.max())
+        target = torch.where(used, width - counts + used.long().cumsum(-1) - 1, width)
+
+        def moved(part: torch.Tensor, fill) -> torch.Tensor:
+            shape = (*part.shape[:2], width + 1, *part.shape[3:])
+            index = target.view(*target.shape, *[1] * (part.dim() - 3)).expand_as(part)
+            return part.new_full(shape, fill).scatter(2, index, part)[:, :, :width].contiguous()
+
+        self.group_start = moved(self.group_start, NO_GROUP)
+        self.key_scale, self.key_zero = moved(self.key_scale, 0), moved(self.key_zero, 0)
+
+    def states(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's keys and values decoded to ``dtype``."""
+        if self.bits == 16:
+            return self.key_codes, self.value_codes
+        if self.group_start.shape[-1] == 0:
+            keys = self.like.new_zeros(*self.key_codes.shape[:3], self.dims[0], dtype=dtype)
+        else:
+            group = self.group_of(positions)
+            keys = dequantize_keys(self.key_codes, self.key_scale, self.key_zero, group, self.bits, dtype)
+        values = dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, dtype)
+        return keys, values
+
+    def nbytes(self) -> int:
+        parts = [self.key_codes, self.value_codes]
+        if self.bits != 16:
+            parts += [self.value_scale, self.value_zero, self.key_scale, self.key_zero, self.group_start]
+        return nbytes(*parts)
+
+
+class PackedStates:
+    """The keys and values of a :class:`~squeezekv.cache.dynamic.SqueezeLayer` whose rows keep
+    ``bits`` (``[batch]``: 16, 8 or 4 per sequence), packed (see the module); the layer keeps the
+    columns and validity of its slots and passes them in. Built from the layer's full-precision
+    ``keys`` and ``values``, whose ``held`` slots it quantizes; its residual window starts empty
+    at column ``seen``."""
+
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, held: torch.Tensor,
+        seen: int, bits: torch.Tensor,
+    ) -> None:  # fmt: skip
+        self.dtype, self.heads = keys.dtype, keys.shape[1]
+        self.dims = (keys.shape[-1], values.shape[-1])
+        if 4 in bits.tolist() and (self.dims[0] % 2 or self.dims[1] % 2):
+            raise ValueError(
+                f"kv_bits=4 packs two channels a byte and needs even head sizes, not {self.dims}"
+            )
+        self.residual_start = seen
+        self.residual_keys, self.residual_values = keys[:, :, :0], values[:, :, :0]
+        bits = bits.to(keys.device)
+        self.parts = [
+            PackedRows(torch.nonzero(bits == value).view(-1), value, self.heads, self.dims, keys)
+            for value in sorted(set(bits.tolist()))
+        ]
+        for part in self.parts:
+            part.add_slots(keys.shape[2])
+        self.quantize(keys, values, self.per_head(positions), self.per_head(held), self.per_head(held))
+
+    def per_head(self, tracked: torch.Tensor) -> torch.Tensor:
+        """A ``[batch, 1 or heads, slots]`` record of the layer, per head."""
+        return tracked.expand(-1, self.heads, -1)
+
+    def quantize(
+        self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, chosen: torch.Tensor,
+        held: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Quantizes the ``chosen`` slots, then drops the key groups no ``held`` slot uses."""
+        for part in self.parts:
+            rows = part.rows
+            part.quantize(keys[rows], values[rows], columns[rows], chosen[rows], held[rows])
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The new tokens wait in the residual window; their slots get empty codes."""
+        self.residual_keys = torch.cat([self.residual_keys, key_states], 2)
+        self.residual_values = torch.cat([self.residual_values, value_states], 2)
+        for part in self.parts:
+            part.add_slots(key_states.shape[2])
+
+    def residual_states(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual window's keys and values laid out in the slots of ``columns`` (per head;
+        slots outside the window get any of them)."""
+        index = (columns - self.residual_start).clamp(0, self.residual_keys.shape[2] - 1)
+
+        def laid_out(states: torch.Tensor) -> torch.Tensor:
+            return states.gather(2, index.unsqueeze(-1).expand(*index.shape, states.shape[-1]))
+
+        return laid_out(self.residual_keys), laid_out(self.residual_values)
+
+    def states(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transient full-precision keys and values of every slot (see the module)."""
+        columns = self.per_head(positions)
+        keys = self.residual_keys.new_empty(*columns.shape, self.dims[0])
+        values = self.residual_values.new_empty(*columns.shape, self.dims[1])
+        for part in self.parts:
+            keys[part.rows], values[part.rows] = part.states(columns[part.rows], self.dtype)
+        if self.residual_keys.shape[2]:
+            residual = (columns >= self.residual_start).unsqueeze(-1)
+            residual_keys, residual_values = self.residual_states(columns)
+            keys = torch.where(residual, residual_keys, keys)
+            values = torch.where(residual, residual_values, values)
+        return keys, values
+
+    def keep(self, chosen: torch.Tensor) -> None:
+        """Keeps the ``chosen`` slots. Groups left without tokens go at the next :meth:`settle`
+        (no host sync per eviction); until then their scales stay, counted in :meth:`nbytes`."""
+        chosen = self.per_head(chosen)
+        for part in self.parts:
+            part.keep(chosen[part.rows])
+
+    def settle(self, positions: torch.Tensor, valid: torch.Tensor, seen: int) -> None:
+        """Quantizes the residual window's kept tokens once ``KEY_GROUP_TOKENS`` columns have arrived."""
+        if seen - self.residual_start < KEY_GROUP_TOKENS:
+            return
+        columns, held = self.per_head(positions), self.per_head(valid)
+        keys, values = self.residual_states(columns)
+        self.quantize(keys, values, columns, held & (columns >= self.residual_start), held)
+        self.residual_start = seen
+        self.residual_keys, self.residual_values = keys[:, :, :0], values[:, :, :0]
+
+    def nbytes(self) -> int:
+        """Bytes of codes, scales, zeros, groups' first columns and the residual window."""
+        return sum(part.nbytes() for part in self.parts) + nbytes(self.residual_keys, self.residual_values)
+
+    def full_bytes(self, batch: int, seen: int) -> int:
+        """Bytes the unquantized keys and values of ``seen`` columns would take."""
+        return batch * self.heads * seen * sum(self.dims) * self.dtype.itemsize

@@ -1,0 +1,151 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import squeezekv
+from squeezekv import SqueezeConfig
+from squeezekv.engine import FastGenerator
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS, token_bytes
+from squeezekv.reference import load_heldout, reference_model_path
+
+from models import left_pad, prompts, tiny_model
+
+HEADS, DIM = 2, 16  # the tiny llama's key-value heads and head size
+
+
+def test_kv_bits_16_is_the_unquantized_cache_of_before():
+    model = tiny_model("llama")
+    ids = prompts([40])[0][None]
+    plain = squeezekv.generate(model, ids, SqueezeConfig(0.3, "h2o"), max_new_tokens=6, do_sample=False)
+    config = SqueezeConfig(0.3, "h2o", kv_bits=16, equal_bytes=True)
+    with squeezekv.compress(model, config, max_new_tokens=6) as session:
+        sixteen = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert session.cache.layer_bits is None
+        assert all(layer.packed is None and layer.keys is not None for layer in session.cache.layers)
+        assert session.cache.kv_bytes_kept() == plain.stats.kv_bytes_kept
+    assert torch.equal(sixteen, plain.sequences)
+    assert config.to_dict() == SqueezeConfig(0.3, "h2o").to_dict()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kv_bytes_kept_are_the_packed_bytes_scales_included(bits):
+    model = tiny_model("llama")
+    with squeezekv.compress(model, SqueezeConfig(1.0, "h2o", "uniform", kv_bits=bits)) as session:
+        model(prompts([50])[0][None])
+    cache = session.cache
+    slots = 50  # one key group of 50 tokens per head, the residual window empty
+    codes = 2 * HEADS * slots * DIM * bits // 8
+    value_scales = HEADS * slots * 1 * 2 * 2  # one group of 16 channels: a float16 scale and zero
+    key_scales = HEADS * 1 * DIM * 2 * 2  # per channel of the one group
+    group_starts = HEADS * 1 * 4
+    assert cache.kv_bytes_kept() == 6 * (codes + value_scales + key_scales + group_starts)
+    assert cache.kv_bytes_full() == 6 * 2 * HEADS * slots * DIM * 8  # float64, as before
+    packed = cache.layers[0].packed.parts[0]
+    assert packed.key_codes.dtype == torch.uint8 and packed.key_codes.shape == (1, HEADS, 50, DIM * bits // 8)
+
+
+def teacher_forced_logits(model, ids, forced):
+    output, logits = model(ids, use_cache=True), []
+    for token in [None, *forced[:-1]]:
+        if token is not None:
+            output = model(token.view(1, 1), cache=output.cache, use_cache=True)
+        logits.append(output.logits[0, -1])
+    return torch.stack(logits)
+
+
+def test_keep_everything_at_8_bits_stays_close_to_the_full_cache():
+    """Teacher-forced on the full cache's greedy tokens, past the residual window's first flush."""
+    model = tiny_model("llama")
+    ids = prompts([40])[0][None]
+    steps = KEY_GROUP_TOKENS + 2
+    greedy = model.generate(ids, max_new_tokens=steps, do_sample=False)[0, 40:]
+    expected = teacher_forced_logits(model, ids, greedy)
+    with squeezekv.compress(model, SqueezeConfig(1.0, "h2o", kv_bits=8), max_new_tokens=steps) as session:
+        got = teacher_forced_logits(model, ids, greedy)
+        assert session.cache.layers[0].packed.residual_start > 40  # the window was quantized once
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert (got - expected).abs().max() < 0.02 * expected.std()
+
+
+def test_reference_model_at_8_bits_keeps_model_generate_tokens():
+    path = reference_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer(load_heldout("short")[0]["text"][:800], return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    result = squeezekv.generate(model, ids, SqueezeConfig(1.0, "h2o", kv_bits=8), max_new_tokens=12)
+    assert torch.equal(result.sequences, expected)
+    # float32 to 8-bit codes and float16 scales is 27 %; the 12 new tokens wait unquantized
+    assert result.stats.kv_bytes_kept < 0.33 * result.stats.kv_bytes_full
+
+
+def quantized_slots(cache) -> list[dict]:
+    """Per layer: ``(row, head, column)`` -> the dequantized key and value of every valid slot that
+    holds codes (not the residual window)."""
+    found = []
+    for layer in cache.layers:
+        keys, values = layer.states()
+        columns = layer.positions.expand(-1, keys.shape[1], -1)
+        coded = layer.valid.expand_as(columns) & (columns < layer.packed.residual_start)
+        found.append(
+            {
+                (b, h, int(columns[b, h, s])): (keys[b, h, s], values[b, h, s])
+                for b, h, s in coded.nonzero().tolist()
+            }
+        )
+    return found
+
+
+def test_eviction_moves_codes_and_never_quantizes_a_kept_token_again():
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([40, 27], seed=3))
+    config = SqueezeConfig(12, "h2o", "uniform", kv_bits=4)
+    seen: list[dict] = [{} for _ in range(6)]
+    evicted = flushed = 0
+    with squeezekv.compress(model, config, max_new_tokens=70) as session:
+        output = model(ids, attention_mask=mask)
+        for _ in range(70):
+            now = quantized_slots(session.cache)
+            for before, after in zip(seen, now, strict=True):
+                for slot, (key, value) in after.items():
+                    if slot in before:
+                        assert torch.equal(before[slot][0], key) and torch.equal(before[slot][1], value)
+                evicted += len(before.keys() - after.keys())
+                flushed += len(after.keys() - before.keys())
+            seen = now
+            token = output.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+            output = model(token, attention_mask=mask, cache=output.cache)
+        assert (session.cache.held_tokens() <= 12).all()
+    assert evicted > 0 and flushed > 2 * 6 * 12  # codes left, and the residual window was quantized
+
+
+@pytest.mark.parametrize("bad", [12, 1, 3.5, "8"])
+def test_bad_kv_bits_are_refused_naming_the_value(bad):
+    with pytest.raises(ValueError, match=rf"kv_bits={bad!r} is not supported; choose one of 16, 8, 4"):
+        SqueezeConfig(0.2, kv_bits=bad)
+
+
+def test_what_quantized_caches_do_not_support_is_refused():
+    with pytest.raises(ValueError, match="policy 'adakv' gives each head its own budget.*kv_bits=8"):
+        SqueezeConfig(0.2, "adakv", kv_bits=8)
+    with pytest.raises(ValueError, match="kv_bits=8 with allocator 'squeeze-bits'.*leave kv_bits at 16"):
+        SqueezeConfig(0.2, allocator="squeeze-bits", kv_bits=8)
+    with pytest.raises(ValueError, match="fast engine.*kv_bits=4.*simple path"):
+        FastGenerator(tiny_model("llama"), SqueezeConfig(0.2, kv_bits=4), cuda_graphs=False)
+    with pytest.raises(ValueError, match="fast engine.*allocator 'squeeze-bits'.*simple path"):
+        FastGenerator(tiny_model("llama"), SqueezeConfig(0.2, allocator="squeeze-bits"), cuda_graphs=False)
+
+
+def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits():
+    model = tiny_model("llama")
+    ids = prompts([120])[0][None]
+    held = {}
+    for bits in (16, 8, 4):
+        config = SqueezeConfig(20, "window", "uniform", kv_bits=bits, equal_bytes=True)
+        with squeezekv.compress(model, config) as session:
+            model(ids)
+        held[bits] = session.cache.budgets
+    for bits in (8, 4):
+        ratio = token_bytes(16, DIM, DIM) / token_bytes(bits, DIM, DIM)
+        assert (held[bits] == int(20 * ratio)).all()
