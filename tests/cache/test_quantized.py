@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
-from squeezekv.ops.quantize import KEY_GROUP_TOKENS, token_bytes
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS, RESIDUAL_TOKENS, token_bytes
 from squeezekv.reference import load_heldout, reference_model_path
 
 from models import left_pad, prompts, tiny_model
@@ -137,15 +137,25 @@ def test_what_quantized_caches_do_not_support_is_refused():
         FastGenerator(tiny_model("llama"), SqueezeConfig(0.2, allocator="squeeze-bits"), cuda_graphs=False)
 
 
-def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits():
+def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits_and_never_more_bytes():
+    """Past the residual window's tokens (counted at 16 bits), fewer bits buy more tokens; a cache
+    at equal bytes never holds more bytes than the 16-bit one, whenever its residual window fills."""
     model = tiny_model("llama")
-    ids = prompts([120])[0][None]
-    held = {}
+    ids = prompts([200])[0][None]
+    held, kept = {}, {}
     for bits in (16, 8, 4):
-        config = SqueezeConfig(20, "window", "uniform", kv_bits=bits, equal_bytes=True)
-        with squeezekv.compress(model, config) as session:
-            model(ids)
-        held[bits] = session.cache.budgets
+        for new_tokens in (1, 30, 55):
+            config = SqueezeConfig(80, "h2o", "uniform", kv_bits=bits, equal_bytes=True)
+            with squeezekv.compress(model, config, max_new_tokens=new_tokens) as session:
+                model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+            held[bits] = session.cache.budgets
+            kept[bits, new_tokens] = session.cache.kv_bytes_kept()
     for bits in (8, 4):
         ratio = token_bytes(16, DIM, DIM) / token_bytes(bits, DIM, DIM)
-        assert (held[bits] == int(20 * ratio)).all()
+        assert (held[bits] == int(RESIDUAL_TOKENS + (80 - RESIDUAL_TOKENS) * ratio)).all()
+        for new_tokens in (1, 30, 55):
+            assert kept[bits, new_tokens] <= kept[16, new_tokens]
+    config = SqueezeConfig(20, "window", "uniform", kv_bits=4, equal_bytes=True)
+    with squeezekv.compress(model, config) as session:
+        model(ids)
+    assert (session.cache.budgets == 20).all()  # a budget the residual window could hold buys nothing

@@ -5,9 +5,10 @@ layers whose attention changes the residual least) is stored at ``low_bits`` and
 ``high_bits``. Tokens and bits are planned together under one byte budget: the budget ``b`` counts
 16-bit tokens, so a plan may spend ``L * b`` 16-bit tokens' bytes; a layer's share of them (``p *
 b`` for the squeezed group, the rest shared by the others, as in ``squeeze``; ``p = 1``: every
-layer the same bytes) buys as many tokens as fit at its bits
-(:func:`~squeezekv.ops.quantize.token_bytes`, scales counted). With the defaults, a squeezed layer
-holds about 1.86x the tokens of the others at half their bits. Bits are planned per sequence like
+layer the same bytes) buys as many tokens as fit at its bits, scales counted and the residual
+window's tokens at 16 bits (:func:`~squeezekv.ops.quantize.cost_in_16bit_tokens`). With the
+defaults, past the window a squeezed layer holds about 1.86x the tokens of the others at half their
+bits. Bits are planned per sequence like
 budgets; the cache stores each sequence's rows of a layer at that sequence's bits.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from squeezekv.allocators.base import Allocator, conserve, register_allocator
 from squeezekv.allocators.squeeze import Squeeze
-from squeezekv.ops.quantize import BITS, tokens_per_16bit_token
+from squeezekv.ops.quantize import BITS, cost_in_16bit_tokens, tokens_within
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,19 @@ class PrecisionAllocator(Allocator):
         """Per-layer tokens whose bytes at :meth:`layer_bits` stay within ``layers * mean_budget``
         16-bit tokens' bytes, each within ``[min(floor, cap), cap]``."""
         similarity = similarity.double().cpu()
-        per_16bit = torch.tensor(
-            [tokens_per_16bit_token(int(b), *head_dims) for b in self.layer_bits(similarity)],
-            dtype=torch.float64,
-        )
+        bits = self.layer_bits(similarity).double()
         caps = caps.to(torch.float64).cpu()
         floors = torch.minimum(torch.full_like(caps, float(floor)), caps)
         targets, _ = self.targets(similarity, mean_budget)  # in 16-bit tokens' bytes
         budget = float(mean_budget * similarity.numel())
-        spent = conserve(targets, budget, floors / per_16bit, caps / per_16bit).double()
-        tokens = torch.minimum(torch.floor(spent * per_16bit + 1e-9), caps)
-        tokens = torch.maximum(tokens, floors)
-        while float((tokens / per_16bit).sum()) > budget + 1e-9:  # rounding overshot: trim the largest
-            room = torch.where(tokens > floors, tokens / per_16bit, -1.0)
+
+        def cost(tokens: torch.Tensor) -> torch.Tensor:
+            return cost_in_16bit_tokens(tokens, bits, head_dims)
+
+        spent = conserve(targets, budget, cost(floors), cost(caps)).double()
+        tokens = torch.maximum(torch.minimum(tokens_within(spent, bits, head_dims), caps), floors)
+        while float(cost(tokens).sum()) > budget + 1e-9:  # rounding overshot: trim the largest
+            room = torch.where(tokens > floors, cost(tokens), -1.0)
             if float(room.max()) < 0:
                 break  # the floors alone exceed the budget, as with any allocator
             tokens[int(room.argmax())] -= 1

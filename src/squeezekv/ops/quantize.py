@@ -18,6 +18,7 @@ import torch
 
 BITS = (16, 8, 4)
 KEY_GROUP_TOKENS = 64  # tokens sharing a key scale and zero per channel; also the residual window
+RESIDUAL_TOKENS = KEY_GROUP_TOKENS - 1  # the most a layer holds unquantized, waiting for its group
 VALUE_GROUP_LIMIT = 64  # the widest channel group sharing a value scale and zero
 SCALE_DTYPE = torch.float16
 
@@ -36,12 +37,9 @@ def value_group(dim: int) -> int:
 
 
 def token_bytes(bits: int, key_dim: int, value_dim: int) -> float:
-    """Bytes one token costs per key-value head at ``bits``, scales and zeros included (a key
-    group's are shared by :data:`KEY_GROUP_TOKENS` tokens); 16 bits is two bytes an element.
-
-    This is the cost that equal-bytes budgets are planned with; the residual window (the newest
-    tokens, held unquantized until a group fills) and each group's first column are not in it.
-    """
+    """Bytes one quantized token costs per key-value head at ``bits``, scales and zeros included
+    (a key group's are shared by :data:`KEY_GROUP_TOKENS` tokens); 16 bits is two bytes an element.
+    Each group's first column (4 bytes) is left out: under 0.1 % of a group."""
     if bits == 16:
         return 2.0 * (key_dim + value_dim)
     scale_bytes = 2 * torch.finfo(SCALE_DTYPE).bits // 8  # a scale and a zero
@@ -51,9 +49,29 @@ def token_bytes(bits: int, key_dim: int, value_dim: int) -> float:
 
 
 def tokens_per_16bit_token(bits: int, key_dim: int, value_dim: int) -> float:
-    """How many tokens at ``bits`` cost what one 16-bit token costs (1.85 at 8 bits and 3.44 at 4
-    for heads of 40; 1.88 and 3.56 for heads of 64 or 128)."""
+    """How many quantized tokens at ``bits`` cost what one 16-bit token costs (1.85 at 8 bits and
+    3.44 at 4 for heads of 40; 1.88 and 3.56 for heads of 64 or 128)."""
     return token_bytes(16, key_dim, value_dim) / token_bytes(bits, key_dim, value_dim)
+
+
+def cost_in_16bit_tokens(
+    tokens: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int]
+) -> torch.Tensor:
+    """The most that layers holding ``tokens`` at ``bits`` (float64 tensors of one shape) can cost,
+    in 16-bit tokens: up to :data:`RESIDUAL_TOKENS` of a layer's tokens may be waiting unquantized
+    in its residual window, the rest cost their codes and scales."""
+    ratio = bits.double().apply_(lambda b: tokens_per_16bit_token(int(b), *head_dims))
+    waiting = torch.minimum(tokens, torch.full_like(tokens, float(RESIDUAL_TOKENS)))
+    return torch.where(bits == 16, tokens, waiting + (tokens - waiting) / ratio)
+
+
+def tokens_within(budget: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int]) -> torch.Tensor:
+    """The most tokens at ``bits`` whose :func:`cost_in_16bit_tokens` stays within ``budget``
+    16-bit tokens (float64 tensors of one shape; whole tokens, as float64)."""
+    ratio = bits.double().apply_(lambda b: tokens_per_16bit_token(int(b), *head_dims))
+    waiting = torch.minimum(budget, torch.full_like(budget, float(RESIDUAL_TOKENS)))
+    tokens = torch.where(bits == 16, budget, waiting + (budget - waiting) * ratio)
+    return torch.floor(tokens + 1e-9)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
