@@ -7,6 +7,7 @@ from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
 from squeezekv.ops.quantize import KEY_GROUP_TOKENS, RESIDUAL_TOKENS, token_bytes
 from squeezekv.reference import load_heldout, reference_model_path
+from squeezekv.serving.scheduler import ServingEngine
 
 from models import left_pad, prompts, tiny_model
 
@@ -135,6 +136,8 @@ def test_what_quantized_caches_do_not_support_is_refused():
         FastGenerator(tiny_model("llama"), SqueezeConfig(0.2, kv_bits=4), cuda_graphs=False)
     with pytest.raises(ValueError, match="fast engine.*allocator 'squeeze-bits'.*simple path"):
         FastGenerator(tiny_model("llama"), SqueezeConfig(0.2, allocator="squeeze-bits"), cuda_graphs=False)
+    with pytest.raises(ValueError, match="kv_bits=8 .*only the simple path stores: the server cannot serve"):
+        ServingEngine(tiny_model("llama"), SqueezeConfig(0.2, kv_bits=8), kv_memory=2**20)
 
 
 def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits_and_never_more_bytes():

@@ -123,6 +123,7 @@ def test_streaming_completion_and_chat_equal_their_whole_answers(served):
         ({"extra_body": {"best_of": 3}}, "best_of"),
         ({"stop": ["\n"]}, "stop"),
         ({"prompt": ""}, "prompt"),
+        ({"extra_body": {"allocator": "squeeze-bits"}}, "allocator"),  # quantizes: the simple path only
     ],
 )
 def test_bad_requests_get_a_400_naming_the_field(served, settings, field):

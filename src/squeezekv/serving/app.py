@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from squeezekv.config import SqueezeConfig
-from squeezekv.serving.scheduler import QueueFull, Request, ServingEngine
+from squeezekv.serving.scheduler import QueueFull, Request, ServingEngine, unservable
 
 try:
     from fastapi import FastAPI
@@ -139,6 +139,9 @@ class Server:
                 config = replace(config, allocator=body["allocator"])
         except (ValueError, TypeError) as error:
             raise BadRequest(f"allocator: {error}", "allocator") from None
+        refused = unservable(config)
+        if refused:
+            raise BadRequest(f"allocator: {refused}: the server cannot serve it yet", "allocator")
         return body, config, max_tokens
 
     def completion_prompt(self, body: dict) -> list[int]:

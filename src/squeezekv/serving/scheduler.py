@@ -34,7 +34,6 @@ from squeezekv.cache import SqueezeCache
 from squeezekv.config import SqueezeConfig
 from squeezekv.engine import kv_bytes_per_token
 from squeezekv.generation import check_prompt
-from squeezekv.policies import Policy
 from squeezekv.serving.batch import Arena, DecodeSteps, PagedCache
 from squeezekv.serving.store import BlockPool, LayerSlots, blocks_for, store_layer
 from squeezekv.session import Session, routed_attention
@@ -80,12 +79,18 @@ class Running:
     last_token: int
 
 
-def unservable(policy: Policy) -> str | None:
-    """Why the block store cannot serve ``policy`` (``None``: it can)."""
+def unservable(config: SqueezeConfig) -> str | None:
+    """Why the block store cannot serve ``config`` (``None``: it can)."""
+    policy = config.policy
     if policy.spreads_over_heads:
-        return "gives each key-value head its own budget (packed per-head storage)"
+        return f"policy {policy.spec!r} gives each key-value head its own budget (packed per-head storage)"
     if policy.observes_question:
-        return "observes each prompt's question, whose start requests do not carry"
+        return f"policy {policy.spec!r} observes each prompt's question, whose start requests do not carry"
+    if config.plans_bits:
+        return (
+            f"kv_bits={config.kv_bits} and allocator {config.allocator.spec!r} quantize keys and values, "
+            "which only the simple path stores"
+        )
     return None
 
 
@@ -112,14 +117,9 @@ class ServingEngine:
             raise ValueError(f"prefill_chunk {prefill_chunk} must be >= 1")
         if max_waiting < 1:
             raise ValueError(f"max_waiting {max_waiting} must be >= 1")
-        refused = unservable(config.policy)
+        refused = unservable(config)
         if refused:
-            raise ValueError(f"policy {config.policy.spec!r} {refused}: the server cannot serve it yet")
-        if config.plans_bits:  # quantized caches (kv_bits < 16, a precision allocator): simple path only
-            raise ValueError(
-                f"the server stores keys and values unquantized; kv_bits={config.kv_bits} and "
-                f"allocator {config.allocator.name!r} run on the simple path only"
-            )
+            raise ValueError(f"{refused}: the server cannot serve it yet")
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
         self.explicit = Session(model, config).explicit  # the probe checks the model
