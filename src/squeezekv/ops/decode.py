@@ -256,17 +256,8 @@ def decode_attention_triton(
         key_strides, value_strides = (0, 0, *key.stride()), (0, 0, *value.stride())
         position_strides, position_heads = (0, 0, positions.stride(0)), 1
     group = q_heads // kv_heads
-    members = triton.next_power_of_2(group)
-    splits = math.ceil(keys / DECODE_CHUNK)
-    floats = dict(dtype=torch.float32, device=query.device)
-    part_max = torch.empty(batch * q_heads * splits, **floats)
-    part_sum = torch.empty(batch * q_heads * splits, **floats)
-    part_acc = torch.empty(batch * q_heads * splits, dim, **floats)
-    scores = torch.empty(batch, q_heads, keys, **floats) if with_mass else part_max
-    mass = None
-    if with_mass:
-        mass = add_mass_to if add_mass_to is not None else torch.empty(batch, kv_heads, keys, **floats)
-    output = torch.empty_like(query)
+    partials = DecodePartials.for_query(query, kv_heads, keys, with_mass, add_mass_to)
+    splits, scores, part_max, part_sum, part_acc = partials[:5]
     valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid
     offsets, lengths = (part_max, part_max) if segments is None else segments[:2]
     _decode_chunk[(splits, batch * kv_heads)](
@@ -275,16 +266,63 @@ def decode_attention_triton(
         *key_strides, *value_strides, *position_strides,
         keys, q_heads, kv_heads, splits, sliding_window or 0, scaling,
         HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=position_heads,
-        DIM=dim, GROUP=group, GM=max(16, members), CHUNK=DECODE_CHUNK, BN=DECODE_BLOCK,
-        IEEE=query.dtype == torch.float32, PACKED=segments is not None, num_warps=DECODE_WARPS,
+        DIM=dim, GROUP=group, GM=max(16, triton.next_power_of_2(group)), CHUNK=DECODE_CHUNK,
+        BN=DECODE_BLOCK, IEEE=query.dtype == torch.float32, PACKED=segments is not None,
+        num_warps=DECODE_WARPS,
     )  # fmt: skip
-    blocks = math.ceil(keys / DECODE_MASS_BLOCK) if with_mass else 1
-    _decode_combine[(blocks, batch * kv_heads)](
-        scores, part_max, part_sum, part_acc, output, mass if with_mass else part_max,
-        output.stride(0), output.stride(1), output.stride(3), *(mass.stride() if with_mass else (0, 0, 0)),
-        keys, q_heads, kv_heads, splits,
-        WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group, GP=members,
-        SP=triton.next_power_of_2(splits), BN=DECODE_MASS_BLOCK,
-        num_warps=DECODE_MASS_WARPS if with_mass else 4,
-    )  # fmt: skip
-    return output, (mass if add_mass_to is None else None)
+    return partials.combine(kv_heads, keys, add_mass_to)
+
+
+class DecodePartials(NamedTuple):
+    """The first decode pass's per-split softmax states (and, for the mass, each query head's
+    scores), which :meth:`combine` turns into the output and the mass; shared by the contiguous
+    and the paged first passes."""
+
+    splits: int
+    scores: torch.Tensor
+    part_max: torch.Tensor
+    part_sum: torch.Tensor
+    part_acc: torch.Tensor
+    output: torch.Tensor
+    mass: torch.Tensor | None
+
+    @classmethod
+    def for_query(
+        cls,
+        query: torch.Tensor,
+        kv_heads: int,
+        keys: int,
+        with_mass: bool,
+        add_mass_to: torch.Tensor | None,
+    ) -> DecodePartials:
+        batch, q_heads, _, dim = query.shape
+        splits = math.ceil(keys / DECODE_CHUNK)
+        floats = dict(dtype=torch.float32, device=query.device)
+        part_max = torch.empty(batch * q_heads * splits, **floats)
+        part_sum = torch.empty(batch * q_heads * splits, **floats)
+        part_acc = torch.empty(batch * q_heads * splits, dim, **floats)
+        scores = torch.empty(batch, q_heads, keys, **floats) if with_mass else part_max
+        mass = None
+        if with_mass:
+            mass = add_mass_to if add_mass_to is not None else torch.empty(batch, kv_heads, keys, **floats)
+        return cls(splits, scores, part_max, part_sum, part_acc, torch.empty_like(query), mass)
+
+    def combine(
+        self, kv_heads: int, keys: int, add_mass_to: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The second pass: the output, and the mass (``None`` when it was added to ``add_mass_to``)."""
+        output, mass = self.output, self.mass
+        batch, q_heads, _, dim = output.shape
+        group = q_heads // kv_heads
+        with_mass = mass is not None
+        blocks = math.ceil(keys / DECODE_MASS_BLOCK) if with_mass else 1
+        _decode_combine[(blocks, batch * kv_heads)](
+            self.scores, self.part_max, self.part_sum, self.part_acc, output,
+            mass if with_mass else self.part_max, output.stride(0), output.stride(1), output.stride(3),
+            *(mass.stride() if with_mass else (0, 0, 0)),
+            keys, q_heads, kv_heads, self.splits,
+            WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group,
+            GP=triton.next_power_of_2(group), SP=triton.next_power_of_2(self.splits), BN=DECODE_MASS_BLOCK,
+            num_warps=DECODE_MASS_WARPS if with_mass else 4,
+        )  # fmt: skip
+        return output, (mass if add_mass_to is None else None)

@@ -24,8 +24,6 @@ the output and the mass are bit for bit those of the contiguous kernel on the ga
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from squeezekv.ops.attention import fused
@@ -33,10 +31,8 @@ from squeezekv.ops.common import dot, tl, triton, use_triton
 from squeezekv.ops.decode import (
     DECODE_BLOCK,
     DECODE_CHUNK,
-    DECODE_MASS_BLOCK,
-    DECODE_MASS_WARPS,
     DECODE_WARPS,
-    _decode_combine,
+    DecodePartials,
     decode_attention_torch,
 )
 
@@ -213,17 +209,8 @@ def paged_decode_attention_triton(
     block_size, kv_heads = pool_keys.shape[1], pool_keys.shape[2]
     keys = positions.shape[-1]
     group = q_heads // kv_heads
-    members = triton.next_power_of_2(group)
-    splits = math.ceil(keys / DECODE_CHUNK)
-    floats = dict(dtype=torch.float32, device=query.device)
-    part_max = torch.empty(batch * q_heads * splits, **floats)
-    part_sum = torch.empty(batch * q_heads * splits, **floats)
-    part_acc = torch.empty(batch * q_heads * splits, dim, **floats)
-    scores = torch.empty(batch, q_heads, keys, **floats) if with_mass else part_max
-    mass = None
-    if with_mass:
-        mass = add_mass_to if add_mass_to is not None else torch.empty(batch, kv_heads, keys, **floats)
-    output = torch.empty_like(query)
+    partials = DecodePartials.for_query(query, kv_heads, keys, with_mass, add_mass_to)
+    splits, scores, part_max, part_sum, part_acc = partials[:5]
     valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid
     _paged_decode_chunk[(splits, batch * kv_heads)](
         query, pool_keys, pool_values, tables, positions, valid, columns, scores, part_max, part_sum,
@@ -232,19 +219,10 @@ def paged_decode_attention_triton(
         *pool_keys.stride(), *pool_values.stride(), *tables.stride(), columns.stride(0), *positions.stride(),
         keys, q_heads, kv_heads, splits, sliding_window or 0, scaling,
         HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
-        DIM=dim, GROUP=group, GM=max(16, members), CHUNK=DECODE_CHUNK, BN=DECODE_BLOCK,
-        IEEE=query.dtype == torch.float32, BLOCK_SIZE=block_size, num_warps=DECODE_WARPS,
+        DIM=dim, GROUP=group, GM=max(16, triton.next_power_of_2(group)), CHUNK=DECODE_CHUNK,
+        BN=DECODE_BLOCK, IEEE=query.dtype == torch.float32, BLOCK_SIZE=block_size, num_warps=DECODE_WARPS,
     )  # fmt: skip
-    blocks = math.ceil(keys / DECODE_MASS_BLOCK) if with_mass else 1
-    _decode_combine[(blocks, batch * kv_heads)](
-        scores, part_max, part_sum, part_acc, output, mass if with_mass else part_max,
-        output.stride(0), output.stride(1), output.stride(3), *(mass.stride() if with_mass else (0, 0, 0)),
-        keys, q_heads, kv_heads, splits,
-        WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group, GP=members,
-        SP=triton.next_power_of_2(splits), BN=DECODE_MASS_BLOCK,
-        num_warps=DECODE_MASS_WARPS if with_mass else 4,
-    )  # fmt: skip
-    return output, (mass if add_mass_to is None else None)
+    return partials.combine(kv_heads, keys, add_mass_to)
 
 
 def write_paged_slot(
