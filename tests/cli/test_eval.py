@@ -44,7 +44,7 @@ def test_budgets_must_be_chosen(tmp_path, capsys):
 def test_the_grid_is_announced_before_it_runs(eval_args, tmp_path, capsys):
     assert main(eval_args(tmp_path / "run")) == 0
     err = capsys.readouterr().err
-    assert "grid: 3 cells (the full cache, 1 policies × 2 allocators × 1 budgets) per sample" in err
+    assert "grid: 3 cells (the full cache, 1 policy × 2 allocators × 1 budget) per sample" in err
 
 
 def test_no_warning_about_documents_longer_than_the_model(eval_args, tmp_path, monkeypatch):

@@ -153,12 +153,21 @@ def run(args: argparse.Namespace) -> None:
     print(summary.read_text(encoding="utf-8"))
 
 
+def counted(count: int, one: str, many: str | None = None) -> str:
+    """``1 policy``, ``2 policies``."""
+    return f"{count} {one if count == 1 else many or one + 's'}"
+
+
 def describe(config) -> str:
     """The grid's size in words: ``9 cells (the full cache, 2 policies × 2 allocators × 2 budgets)``."""
-    budgets = len(config.budgets)
-    parts = [f"{len(config.policies)} policies × {len(config.allocators)} allocators × {budgets} budgets"]
+    budgets = counted(len(config.budgets), "budget")
+    parts = [
+        f"{counted(len(config.policies), 'policy', 'policies')} × "
+        f"{counted(len(config.allocators), 'allocator')} × {budgets}"
+    ]
     if config.kv_bits != (16,):
         parts[0] += f" at {len(config.kv_bits)} precisions (fewer where an allocator plans bits)"
     if config.peer_presses:
-        parts.append(f"{len(config.peer_presses)} {config.peer} presses × {budgets} budgets")
+        presses = counted(len(config.peer_presses), f"{config.peer} press", f"{config.peer} presses")
+        parts.append(f"{presses} × {budgets}")
     return f"{len(config.cells())} cells (the full cache, {', '.join(parts)})"
