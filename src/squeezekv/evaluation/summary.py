@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from squeezekv.evaluation.grid import FULL, Cell, EvalConfig
+from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig
 from squeezekv.evaluation.metrics import paired_bootstrap
 from squeezekv.evaluation.tasks import Task
 
@@ -83,21 +83,32 @@ def headline_terms(task: Task, results: list[dict]):
     return [r["metrics"][task.metric] for r in results], None, None
 
 
-def versus_baseline(
-    config: EvalConfig, task: Task, samples: list[str], records: dict, allocator: str
+def versus(
+    config: EvalConfig,
+    task: Task,
+    samples: list[str],
+    records: dict,
+    ours: tuple[str, str, int],
+    base: tuple[str, str, int],
 ) -> list[str]:
-    """``allocator`` vs ``uniform`` at equal memory: relative change with its paired 95 % interval.
+    """One kind of cell against another at equal memory, per policy and budget: the relative
+    change with its paired 95 % interval, and on how many samples it wins. ``ours`` and ``base``
+    are (what the tables call it, allocator, kv bits).
 
     The interval comes from 2,000 paired bootstrap resamples of the samples (seed 0); a change whose
-    interval excludes zero is marked with ``*``, and only such a change says one allocator beats the other.
+    interval excludes zero is marked with ``*``, and only such a change says one cell beats the other.
     """
     sign = 1.0 if task.higher_is_better else -1.0
+    (name, allocator, bits), (base_name, base_allocator, base_bits) = ours, base
+
+    def key(policy: str, budget, allocator: str, bits: int) -> str:
+        return Cell(OWN, policy, allocator, budget, bits).key
 
     def change(policy: str, budget) -> str:
-        ours = [records[(s, f"{policy}/{allocator}/{budget}")] for s in samples]
-        base = [records[(s, f"{policy}/{BASELINE}/{budget}")] for s in samples]
+        ours = [records[(s, key(policy, budget, allocator, bits))] for s in samples]
+        theirs = [records[(s, key(policy, budget, base_allocator, base_bits))] for s in samples]
         values, weights, transform = headline_terms(task, ours)
-        base_values, _, _ = headline_terms(task, base)
+        base_values, _, _ = headline_terms(task, theirs)
         transform = transform or (lambda x: x)
 
         def relative(mean_a, mean_b):
@@ -111,16 +122,16 @@ def versus_baseline(
         return f"{interval.difference:+.2f}{mark} [{interval.low:+.2f}, {interval.high:+.2f}]"
 
     def wins(policy: str, budget) -> str:
-        def value(sample: str, name: str) -> float:
-            return sign * records[(sample, f"{policy}/{name}/{budget}")]["metrics"][task.metric]
+        def value(sample: str, allocator: str, bits: int) -> float:
+            return sign * records[(sample, key(policy, budget, allocator, bits))]["metrics"][task.metric]
 
-        return str(sum(value(s, allocator) > value(s, BASELINE) for s in samples))
+        return str(sum(value(s, allocator, bits) > value(s, base_allocator, base_bits) for s in samples))
 
     title = (
-        f"{allocator} vs {BASELINE} at equal memory: change of {task.metric} in % (positive: {allocator} "
+        f"{name} vs {base_name} at equal memory: change of {task.metric} in % (positive: {name} "
         "better), 95 % paired bootstrap interval; * the interval excludes 0"
     )
-    counted = f"samples on which {allocator} beats {BASELINE} (per-sample {task.metric}, of {len(samples)})"
+    counted = f"samples on which {name} beats {base_name} (per-sample {task.metric}, of {len(samples)})"
     return [
         *policy_budget_table(title, config, change),
         "",
@@ -160,7 +171,8 @@ def precision_note(config: EvalConfig) -> list[str]:
     bits = ", ".join(str(b) for b in config.kv_bits)
     unit = (
         "budgets count 16-bit tokens' bytes: a quantized cell keeps as many tokens as fit in them, scales "
-        "and zeros counted (docs/quantization.md), so every column is at equal bytes"
+        "and zeros counted and the residual window's tokens at 16 bits (docs/quantization.md), so every "
+        "column is at equal bytes"
         if config.equal_bytes
         else "budgets count tokens at any precision, so quantized cells hold fewer bytes"
     )
@@ -211,7 +223,15 @@ def markdown(
     lines += ["### KV tokens held per layer (mean, end of run)", ""]
     lines += [*table(config, summaries, lambda s, _: f"{s.kv_tokens:.1f}"), ""]
     if BASELINE in config.allocators:
+        uniform = (BASELINE, BASELINE, 16)
         for allocator in config.allocators:
             if allocator != BASELINE:
-                lines += versus_baseline(config, task, samples, records, allocator)
+                lines += versus(config, task, samples, records, (allocator, allocator, 16), uniform)
+        if config.equal_bytes:  # fewer bits and more tokens against 16 bits, at equal bytes
+            for bits in config.kv_bits:
+                if bits != 16:
+                    quantized = (f"{bits}-bit {BASELINE}", BASELINE, bits)
+                    lines += versus(
+                        config, task, samples, records, quantized, ("16-bit " + BASELINE, *uniform[1:])
+                    )
     return "\n".join(lines)
