@@ -7,6 +7,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from squeezekv.components import Component, resolve
 
@@ -24,6 +25,10 @@ class Allocator(Component):
     fields are their settings, and implement :meth:`targets`."""
 
     kind: ClassVar[str] = "allocator"
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuses a model this allocator cannot plan for (one measured on another model); any
+        model by default. Called when a session starts."""
 
     def targets(self, similarity: torch.Tensor, mean_budget: int) -> Targets:
         """Real-valued per-layer targets summing to ``layers * mean_budget`` from one sequence's
