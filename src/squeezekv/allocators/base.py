@@ -67,9 +67,10 @@ def register_allocator(cls: type[Allocator]) -> type[Allocator]:
     return cls
 
 
-def resolve_allocator(spec: Allocator | str) -> Allocator:
-    """An allocator from an instance, a name (``"squeeze"``) or a spec string (``"squeeze:p=0.5"``)."""
-    return resolve(spec, ALLOCATORS, Allocator)
+def resolve_allocator(spec: Allocator | str, settings: dict | None = None) -> Allocator:
+    """An allocator from an instance, a name (``"squeeze"``) or a spec string (``"squeeze:p=0.5"``);
+    ``settings`` it has override the spec's (``oracle`` with ``profile`` from a flag)."""
+    return resolve(spec, ALLOCATORS, Allocator, settings)
 
 
 def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
