@@ -21,15 +21,18 @@ from squeezekv.allocators.squeeze import Squeeze
 
 SENSITIVITY_KIND = "squeezekv layer sensitivity"
 IDENTITY_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+EMBEDDING_ROWS = 1024
 NORM_TOLERANCE = 1e-3  # relative: float32, bfloat16 and float16 copies of one model agree far closer
 
 
 def model_identity(model: nn.Module, name: str) -> dict:
     """What tells models apart in a sensitivity file: the text config's shape and the norm of the
-    input embeddings (two trainings of one architecture differ there; dtypes of one do not)."""
+    first ``EMBEDDING_ROWS`` input embeddings (two trainings of one architecture differ there; dtypes
+    of one do not; a few rows cost nothing even for a large vocabulary)."""
     config = model.config.get_text_config()
     identity = {"name": name, **{field: getattr(config, field, None) for field in IDENTITY_FIELDS}}
-    identity["embedding_norm"] = float(model.get_input_embeddings().weight.detach().double().norm())
+    rows = model.get_input_embeddings().weight.detach()[:EMBEDDING_ROWS]
+    identity["embedding_norm"] = float(rows.double().norm())
     return identity
 
 
