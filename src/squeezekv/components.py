@@ -90,8 +90,11 @@ def check_settings(cls: type[Component], names: typing.Iterable[str]) -> None:
         raise ValueError(f"{cls.kind} {cls.name!r} has no setting {unknown[0]!r}; {has}")
 
 
-def resolve(spec: object, registry: dict[str, type[C]], base: type[C]) -> C:
-    """An instance of ``base`` from an instance, a registered name or ``name:setting=value,...``."""
+def resolve(spec: object, registry: dict[str, type[C]], base: type[C], settings: dict | None = None) -> C:
+    """An instance of ``base`` from an instance, a registered name or ``name:setting=value,...``.
+
+    ``settings`` (typed values, e.g. from flags) override the spec's for the fields its class has and
+    are ignored otherwise, so a setting without a default (a file to read) can come from a flag."""
     if isinstance(spec, base):
         return spec
     kind = base.kind
@@ -114,7 +117,9 @@ def resolve(spec: object, registry: dict[str, type[C]], base: type[C]) -> C:
         texts[setting] = text
     check_settings(cls, texts)
     types = setting_types(cls)
-    return cls(**{setting: parse(cls, setting, text, types[setting]) for setting, text in texts.items()})
+    parsed = {setting: parse(cls, setting, text, types[setting]) for setting, text in texts.items()}
+    given = {setting: value for setting, value in (settings or {}).items() if setting in types}
+    return cls(**(parsed | given))
 
 
 def parse(cls: type[Component], setting: str, text: str, kind: type) -> int | float | str:

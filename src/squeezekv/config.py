@@ -103,8 +103,8 @@ class SqueezeConfig:
     ) -> SqueezeConfig:
         """A config whose policy and allocator take ``settings``, each routed to whichever of the
         two has that field (``p=0.5`` to squeeze, ``sinks=2`` to streaming)."""
-        policy, allocator = resolve_policy(policy), resolve_allocator(allocator)
         precision = {name: settings.pop(name) for name in ("kv_bits", "equal_bytes") if name in settings}
+        policy, allocator = resolve_policy(policy), resolve_allocator(allocator, settings)
         owners = {part: {field.name for field in fields(part)} for part in (policy, allocator)}
         unknown = [name for name in settings if not any(name in names for names in owners.values())]
         if unknown:

@@ -73,6 +73,7 @@ class Session:
         self.architecture = architecture_of(model)
         self.layers = decoder_layers(model, self.architecture)
         self.explicit = checked_implementation(model) == "eager"
+        config.allocator.check_model(model)
         self.attentions = [getattr(layer, self.architecture.attention) for layer in self.layers]
         self.sliding_windows = [sliding_window_of(model, attention) for attention in self.attentions]
         self.devices = model_devices(model)

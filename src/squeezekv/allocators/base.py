@@ -7,6 +7,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from squeezekv.components import Component, resolve
 
@@ -24,6 +25,10 @@ class Allocator(Component):
     fields are their settings, and implement :meth:`targets`."""
 
     kind: ClassVar[str] = "allocator"
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuses a model this allocator cannot plan for (one measured on another model); any
+        model by default. Called when a session starts."""
 
     def targets(self, similarity: torch.Tensor, mean_budget: int) -> Targets:
         """Real-valued per-layer targets summing to ``layers * mean_budget`` from one sequence's
@@ -62,9 +67,10 @@ def register_allocator(cls: type[Allocator]) -> type[Allocator]:
     return cls
 
 
-def resolve_allocator(spec: Allocator | str) -> Allocator:
-    """An allocator from an instance, a name (``"squeeze"``) or a spec string (``"squeeze:p=0.5"``)."""
-    return resolve(spec, ALLOCATORS, Allocator)
+def resolve_allocator(spec: Allocator | str, settings: dict | None = None) -> Allocator:
+    """An allocator from an instance, a name (``"squeeze"``) or a spec string (``"squeeze:p=0.5"``);
+    ``settings`` it has override the spec's (``oracle`` with ``profile`` from a flag)."""
+    return resolve(spec, ALLOCATORS, Allocator, settings)
 
 
 def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""``squeezekv profile``: per-layer similarity and budgets of one prompt, or grouping stability."""
+"""``squeezekv profile``: per-layer similarity and budgets of one prompt, grouping stability, or
+per-layer sensitivity (what the ``oracle`` allocator reads)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,25 @@ def add_parser(commands) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt-file", help="profile one UTF-8 prompt")
     source.add_argument("--stability", action="store_true", help="grouping stability over held-out prompts")
-    parser.add_argument("--limit", type=int, default=20, help="prompts for --stability (default 20)")
-    parser.add_argument("--data", help="JSONL documents for --stability (default: the bundled held-out set)")
+    source.add_argument(
+        "--sensitivity",
+        metavar="OUT.json",
+        help="per-layer sensitivity (NLL rise, one layer at p x budget) on ppl windows: the oracle reads it",
+    )
+    parser.add_argument("--limit", type=int, default=20, help="prompts or documents (default 20)")
+    parser.add_argument(
+        "--skip", type=int, default=0, help="--sensitivity: skip the first N ppl windows (keep them for eval)"
+    )
+    parser.add_argument("--data", help="JSONL documents (default: the bundled held-out set)")
+    parser.add_argument(
+        "--p", type=float, default=0.35, help="--sensitivity: the squeezed share (default 0.35)"
+    )
+    parser.add_argument(
+        "--score-tokens", type=int, default=64, help="--sensitivity: tokens scored per window (default 64)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="--sensitivity: windows per batch (default 4)"
+    )
     parser.add_argument("--context", type=int, default=2048, help="tokens of each prompt kept (default 2048)")
     parser.add_argument("--budget", default="0.2", help="budget the allocators plan for (default 0.2)")
     parser.add_argument("--policy", default="window", help="its floor bounds budgets; similarity ignores it")
@@ -58,6 +76,8 @@ def run(args: argparse.Namespace) -> None:
     if args.context < 2:
         raise ValueError(f"--context {args.context} must be >= 2")
     device = str(resolve_device(args.device))
+    if args.sensitivity is not None:
+        return run_sensitivity(args, config, device)
     if args.prompt_file is not None:
         texts = [read_prompt(args.prompt_file)]
     else:
@@ -87,3 +107,52 @@ def run(args: argparse.Namespace) -> None:
     write_atomic(out / "stability.json", json.dumps(stored, indent=1) + "\n")
     plots.grouping_stability(result.mean_similarity, result.squeezed_frequency, out / "stability.png")
     print(profiling.stability_table(result))
+
+
+def run_sensitivity(args: argparse.Namespace, config, device: str) -> None:
+    """Measures per-layer sensitivity on ppl windows ``--skip`` .. ``--skip + --limit`` and writes it."""
+    from squeezekv.allocators.squeeze import Squeeze
+    from squeezekv.cli.common import model_name
+    from squeezekv.evaluation import sensitivity
+    from squeezekv.evaluation.runner import whole_documents_tokenized
+    from squeezekv.evaluation.store import write_atomic
+    from squeezekv.evaluation.tasks import TaskOptions, task_named
+
+    out = Path(args.sensitivity)
+    if out.suffix != ".json":
+        raise ValueError(f"--sensitivity {str(out)!r} must name a .json file")
+    if args.limit < 1 or args.skip < 0 or args.batch_size < 1:
+        raise ValueError(
+            f"--limit {args.limit} and --batch-size {args.batch_size} must be >= 1, --skip {args.skip} >= 0"
+        )
+    Squeeze(p=args.p)  # refuses a p out of range, named
+    options = TaskOptions(data=args.data, context=args.context, score_tokens=args.score_tokens)
+    name = model_name(args.model)
+    tokenizer, model = load_model(name, device, args.dtype)
+    with whole_documents_tokenized():
+        windows = task_named("ppl", options).samples(tokenizer, model)
+    samples = windows[args.skip : args.skip + args.limit]
+    if not samples:
+        raise ValueError(
+            f"--skip {args.skip}: only {len(windows)} ppl windows of {args.context} tokens exist"
+        )
+    settings = {
+        "context": args.context,
+        "score_tokens": args.score_tokens,
+        "data": args.data,
+        "skip": args.skip,
+    }
+    stored = sensitivity.sensitivity_record(
+        model,
+        Path(name).name,
+        samples,
+        settings,
+        config.budget,
+        config.policy.spec,
+        args.p,
+        args.batch_size,
+        progress=not args.no_progress,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(stored, indent=1) + "\n")
+    print(sensitivity.sensitivity_table(stored))
