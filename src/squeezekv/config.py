@@ -9,7 +9,7 @@ import torch
 
 from squeezekv.allocators import Allocator, resolve_allocator
 from squeezekv.allocators.precision import PrecisionAllocator
-from squeezekv.ops.quantize import check_bits, tokens_within
+from squeezekv.ops.quantize import check_bits, tokens_within, window_error
 from squeezekv.policies import Policy, resolve_policy
 
 
@@ -32,11 +32,12 @@ class SqueezeConfig:
     ``kv_bits`` (16, 8 or 4) is the precision the cache stores keys and values at, once the prompt
     is planned (:mod:`squeezekv.cache.quantized`); 16 is the model's own dtype, untouched. With
     ``equal_bytes``, ``budget`` counts 16-bit tokens' bytes and a quantized layer keeps as many
-    tokens as fit in them, counting the residual window's unquantized tokens at 16 bits
-    (:func:`~squeezekv.ops.quantize.tokens_within`: past the window, 1.85x the tokens at 8 bits and
-    3.44x at 4 for heads of 40). A precision allocator (``squeeze-bits``) plans each layer's bits itself, its
-    budget always in 16-bit bytes, and wants ``kv_bits`` left at 16. Quantized caches run on the
-    simple path only, and not with policies that give each head its own budget.
+    tokens as fit in them once its residual window's unquantized tokens are paid for
+    (:func:`~squeezekv.ops.quantize.tokens_within`: 1.85x the rest at 8 bits and 3.44x at 4 for
+    heads of 40; a budget the window alone would take is refused). A precision allocator
+    (``squeeze-bits``) plans each layer's bits itself, its budget always in 16-bit bytes, and wants
+    ``kv_bits`` left at 16. Quantized caches run on the simple path only, and not with policies
+    that give each head its own budget.
     """
 
     budget: float | int
@@ -191,9 +192,12 @@ class SqueezeConfig:
             elif isinstance(self.allocator, PrecisionAllocator):
                 rows.append(self.allocator.plan_tokens(row, mean, floor, caps, head_dims))
             else:
-                if in_bytes:  # a concave cost: spreading the tokens unevenly never costs more
+                if in_bytes:  # the cost is affine in the tokens: any split of the mean costs the same
                     bits = torch.tensor([float(self.kv_bits)])
-                    mean = int(tokens_within(torch.tensor([float(mean)]), bits, head_dims))
+                    quantized = int(tokens_within(torch.tensor([float(mean)]), bits, head_dims))
+                    if quantized < max(floor, 1):
+                        raise window_error(mean, self.kv_bits)
+                    mean = quantized
                 rows.append(self.allocator.allocate(row, mean, floor, caps))
         return torch.stack(rows)
 

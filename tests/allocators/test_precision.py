@@ -18,10 +18,10 @@ def test_precision_plan_spends_at_most_its_bytes(p):
         caps = torch.randint(30, 2000, (16,), generator=generator)
         tokens = allocator.plan_tokens(similarity, 200, 4, caps, (40, 40))
         bits = allocator.layer_bits(similarity)
-        waiting = tokens.clamp(max=RESIDUAL_TOKENS)  # the residual window's tokens, unquantized
+        window = RESIDUAL_TOKENS * token_bytes(16, 40, 40)  # each quantized layer's, unquantized
         spent = sum(
-            w * token_bytes(16, 40, 40) + (t - w) * token_bytes(int(b), 40, 40)
-            for t, w, b in zip(tokens.tolist(), waiting.tolist(), bits, strict=True)
+            t * token_bytes(int(b), 40, 40) + window * (b < 16)
+            for t, b in zip(tokens.tolist(), bits, strict=True)
         )
         assert spent <= 16 * 200 * token_bytes(16, 40, 40) + 1e-6
         assert (tokens <= caps).all() and (tokens >= torch.minimum(torch.tensor(4), caps)).all()
@@ -31,11 +31,18 @@ def test_precision_plan_spends_at_most_its_bytes(p):
             assert tokens[squeezed].min() > tokens[~squeezed].max()
 
 
+def test_a_byte_budget_its_windows_would_take_is_refused():
+    allocator = resolve_allocator("squeeze-bits")
+    similarity = torch.linspace(0.5, 1.0, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="budget of 50 16-bit tokens per layer cannot hold kv_bits=4"):
+        allocator.plan_tokens(similarity, 50, 4, torch.full((16,), 400), (40, 40))
+
+
 def test_precision_allocator_plans_each_sequence_as_if_alone():
     model = tiny_model("llama")
-    sequences = prompts([44, 30], seed=4)
+    sequences = prompts([180, 140], seed=4)  # budgets that pay for the 4-bit layers' residual windows
     ids, mask = left_pad(sequences)
-    config = SqueezeConfig(0.4, "h2o", "squeeze-bits:low_bits=4,high_bits=16")
+    config = SqueezeConfig(0.8, "h2o", "squeeze-bits:low_bits=4,high_bits=16")
     batched = squeezekv.generate(model, ids, config, attention_mask=mask, max_new_tokens=6, do_sample=False)
     for row, sequence in enumerate(sequences):
         alone = squeezekv.generate(model, sequence[None], config, max_new_tokens=6, do_sample=False)

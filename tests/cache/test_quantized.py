@@ -141,24 +141,25 @@ def test_what_quantized_caches_do_not_support_is_refused():
 
 
 def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits_and_never_more_bytes():
-    """Past the residual window's tokens (counted at 16 bits), fewer bits buy more tokens; a cache
-    at equal bytes never holds more bytes than the 16-bit one, whenever its residual window fills."""
+    """Once the residual window is paid for (at 16 bits), fewer bits buy more tokens; a cache at
+    equal bytes never holds more bytes than the 16-bit one, whenever its window fills."""
     model = tiny_model("llama")
     ids = prompts([200])[0][None]
     held, kept = {}, {}
     for bits in (16, 8, 4):
         for new_tokens in (1, 30, 55):
-            config = SqueezeConfig(80, "h2o", "uniform", kv_bits=bits, equal_bytes=True)
+            config = SqueezeConfig(100, "h2o", "uniform", kv_bits=bits, equal_bytes=True)
             with squeezekv.compress(model, config, max_new_tokens=new_tokens) as session:
                 model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
             held[bits] = session.cache.budgets
             kept[bits, new_tokens] = session.cache.kv_bytes_kept()
     for bits in (8, 4):
         ratio = token_bytes(16, DIM, DIM) / token_bytes(bits, DIM, DIM)
-        assert (held[bits] == int(RESIDUAL_TOKENS + (80 - RESIDUAL_TOKENS) * ratio)).all()
+        assert (held[bits] == int((100 - RESIDUAL_TOKENS) * ratio)).all()
         for new_tokens in (1, 30, 55):
             assert kept[bits, new_tokens] <= kept[16, new_tokens]
-    config = SqueezeConfig(20, "window", "uniform", kv_bits=4, equal_bytes=True)
-    with squeezekv.compress(model, config) as session:
+    assert (held[4] > held[16]).all()  # at this budget 8 bits buy fewer: the window costs most of it
+    config = SqueezeConfig(60, "window", "uniform", kv_bits=4, equal_bytes=True)
+    refused = pytest.raises(ValueError, match="budget of 60 16-bit tokens per layer cannot hold kv_bits=4")
+    with refused, squeezekv.compress(model, config):
         model(ids)
-    assert (session.cache.budgets == 20).all()  # a budget the residual window could hold buys nothing

@@ -67,8 +67,9 @@ def test_rerun_skips_finished_cells_and_resumes_missing_ones(eval_args, tmp_path
 
 
 def test_an_equal_bytes_grid_compares_each_precision_with_16_bits(eval_args, tmp_path):
-    grid = ("--budgets", "0.5", "--policies", "h2o", "--allocators", "uniform", "--kv-bits", "16,4")
-    assert main(eval_args("ppl", grid=(*grid, "--equal-bytes"))) == 0
+    grid = ("--budgets", "0.9", "--policies", "h2o", "--allocators", "uniform", "--kv-bits", "16,4")
+    longer = ("--context", "120")  # a budget that pays for the 4-bit residual window
+    assert main(eval_args("ppl", grid=(*grid, "--equal-bytes", *longer))) == 0
     summary = (tmp_path / "ppl" / "summary.md").read_text()
     assert "| h2o × uniform × 4-bit |" in summary and "residual window's tokens at 16 bits" in summary
     assert "### 4-bit uniform vs 16-bit uniform at equal memory: change of ppl in %" in summary

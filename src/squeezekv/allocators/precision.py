@@ -5,10 +5,9 @@ layers whose attention changes the residual least) is stored at ``low_bits`` and
 ``high_bits``. Tokens and bits are planned together under one byte budget: the budget ``b`` counts
 16-bit tokens, so a plan may spend ``L * b`` 16-bit tokens' bytes; a layer's share of them (``p *
 b`` for the squeezed group, the rest shared by the others, as in ``squeeze``; ``p = 1``: every
-layer the same bytes) buys as many tokens as fit at its bits, scales counted and the residual
-window's tokens at 16 bits (:func:`~squeezekv.ops.quantize.cost_in_16bit_tokens`). With the
-defaults, past the window a squeezed layer holds about 1.86x the tokens of the others at half their
-bits. Bits are planned per sequence like
+layer the same bytes) buys as many tokens as fit at its bits once its residual window is paid
+for (:func:`~squeezekv.ops.quantize.cost_in_16bit_tokens`, scales counted). A budget whose
+windows alone would take it is refused. Bits are planned per sequence like
 budgets; the cache stores each sequence's rows of a layer at that sequence's bits.
 """
 
@@ -20,7 +19,7 @@ import torch
 
 from squeezekv.allocators.base import Allocator, conserve, register_allocator
 from squeezekv.allocators.squeeze import Squeeze
-from squeezekv.ops.quantize import BITS, cost_in_16bit_tokens, tokens_within
+from squeezekv.ops.quantize import BITS, cost_in_16bit_tokens, tokens_within, window_error
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,8 @@ class PrecisionAllocator(Allocator):
         def cost(tokens: torch.Tensor) -> torch.Tensor:
             return cost_in_16bit_tokens(tokens, bits, head_dims)
 
+        if float(cost(floors).sum()) > budget:
+            raise window_error(mean_budget, int(bits.min()))
         spent = conserve(targets, budget, cost(floors), cost(caps)).double()
         tokens = torch.maximum(torch.minimum(tokens_within(spent, bits, head_dims), caps), floors)
         while float(cost(tokens).sum()) > budget + 1e-9:  # rounding overshot: trim the largest

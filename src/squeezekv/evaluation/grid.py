@@ -84,8 +84,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.budgets or not self.policies or not self.allocators or not self.kv_bits:
             raise ValueError("--budgets, --policies, --allocators and --kv-bits each need at least one value")
-        for cell in self.cells():
-            self.squeeze_config(cell)
+        for cell in self.cells():  # every own cell's settings checked before anything runs
+            if cell.method == OWN:
+                self.squeeze_config(cell)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
         if self.batch_size < 1:

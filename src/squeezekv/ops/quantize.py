@@ -58,20 +58,32 @@ def cost_in_16bit_tokens(
     tokens: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int]
 ) -> torch.Tensor:
     """The most that layers holding ``tokens`` at ``bits`` (float64 tensors of one shape) can cost,
-    in 16-bit tokens: up to :data:`RESIDUAL_TOKENS` of a layer's tokens may be waiting unquantized
-    in its residual window, the rest cost their codes and scales."""
-    ratio = bits.double().apply_(lambda b: tokens_per_16bit_token(int(b), *head_dims))
-    waiting = torch.minimum(tokens, torch.full_like(tokens, float(RESIDUAL_TOKENS)))
-    return torch.where(bits == 16, tokens, waiting + (tokens - waiting) / ratio)
+    in 16-bit tokens: every slot's codes and scales, plus a residual window of up to
+    :data:`RESIDUAL_TOKENS` columns waiting unquantized (their slots hold empty codes meanwhile, and a
+    column evicted from the window keeps its bytes until the window is flushed)."""
+    return torch.where(bits == 16, tokens, tokens / ratios(bits, head_dims) + RESIDUAL_TOKENS)
 
 
 def tokens_within(budget: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int]) -> torch.Tensor:
     """The most tokens at ``bits`` whose :func:`cost_in_16bit_tokens` stays within ``budget``
-    16-bit tokens (float64 tensors of one shape; whole tokens, as float64)."""
-    ratio = bits.double().apply_(lambda b: tokens_per_16bit_token(int(b), *head_dims))
-    waiting = torch.minimum(budget, torch.full_like(budget, float(RESIDUAL_TOKENS)))
-    tokens = torch.where(bits == 16, budget, waiting + (budget - waiting) * ratio)
-    return torch.floor(tokens + 1e-9)
+    16-bit tokens (float64 tensors of one shape; whole tokens as float64, below 1 where the residual
+    window alone takes the budget)."""
+    quantized = (budget - RESIDUAL_TOKENS) * ratios(bits, head_dims)
+    return torch.floor(torch.where(bits == 16, budget, quantized) + 1e-9)
+
+
+def ratios(bits: torch.Tensor, head_dims: tuple[int, int]) -> torch.Tensor:
+    """:func:`tokens_per_16bit_token` of every entry of ``bits`` (float64, the shape of ``bits``)."""
+    flat = [tokens_per_16bit_token(int(b), *head_dims) for b in bits.flatten().tolist()]
+    return torch.tensor(flat, dtype=torch.float64).view(bits.shape)
+
+
+def window_error(budget: float, bits: int) -> ValueError:
+    """The one error for an equal-bytes budget that cannot pay for a quantized layer's window."""
+    return ValueError(
+        f"a budget of {budget:g} 16-bit tokens per layer cannot hold kv_bits={bits}: its residual window "
+        f"alone may take {RESIDUAL_TOKENS} unquantized tokens; raise the budget or leave kv_bits at 16"
+    )
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
