@@ -100,16 +100,29 @@ if triton is not None:
             if WITH_MASS:
                 tl.store(SCORES + rows[:, None] * keys + cols[None, :], scores,
                          mask=in_group[:, None] & inside[None, :])  # fmt: skip
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-            p = tl.exp(scores - safe[:, None])
-            rescale = tl.exp(best - safe)
             v = tl.load(V + batch * svb + kv_head * svh + slots[:, None] * svn + dims[None, :] * svd,
                         mask=inside[:, None], other=0.0)  # fmt: skip
-            total = total * rescale + tl.sum(p, 1)
-            acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
-            best = new_best
-        part = rows * splits + split
+            best, total, acc = _softmax_step(scores, v, best, total, acc, IEEE)
+        _store_partials(
+            PART_MAX, PART_SUM, PART_ACC, rows * splits + split, best, total, acc, in_group, dims, DIM
+        )
+
+    @triton.jit
+    def _softmax_step(scores, v, best, total, acc, IEEE: tl.constexpr):
+        """One block of keys folded into the running softmax state (max, sum, weighted values)."""
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+        p = tl.exp(scores - safe[:, None])
+        rescale = tl.exp(best - safe)
+        total = total * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
+        return new_best, total, acc
+
+    @triton.jit
+    def _store_partials(
+        PART_MAX, PART_SUM, PART_ACC, part, best, total, acc, in_group, dims, DIM: tl.constexpr
+    ):
+        """A split's softmax state, which :func:`_decode_combine` merges over the splits."""
         tl.store(PART_MAX + part, best, mask=in_group)
         tl.store(PART_SUM + part, total, mask=in_group)
         tl.store(PART_ACC + part[:, None] * DIM + dims[None, :], acc, mask=in_group[:, None])

@@ -37,6 +37,7 @@ from squeezekv.ops.decode import (
 )
 
 if triton is not None:
+    from squeezekv.ops.decode import _softmax_step, _store_partials  # the contiguous pass's own steps
 
     @triton.jit
     def _paged_decode_chunk(
@@ -82,18 +83,11 @@ if triton is not None:
             if WITH_MASS:
                 tl.store(SCORES + rows[:, None] * keys + cols[None, :], scores,
                          mask=in_group[:, None] & inside[None, :])  # fmt: skip
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-            p = tl.exp(scores - safe[:, None])
-            rescale = tl.exp(best - safe)
             v = tl.load(V + v_base[:, None] + dims[None, :] * svd, mask=seen[:, None], other=0.0)
-            total = total * rescale + tl.sum(p, 1)
-            acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
-            best = new_best
-        part = rows * splits + split
-        tl.store(PART_MAX + part, best, mask=in_group)
-        tl.store(PART_SUM + part, total, mask=in_group)
-        tl.store(PART_ACC + part[:, None] * DIM + dims[None, :], acc, mask=in_group[:, None])
+            best, total, acc = _softmax_step(scores, v, best, total, acc, IEEE)
+        _store_partials(
+            PART_MAX, PART_SUM, PART_ACC, rows * splits + split, best, total, acc, in_group, dims, DIM
+        )
 
     @triton.jit
     def _write_paged_slot(
