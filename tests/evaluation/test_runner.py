@@ -20,6 +20,23 @@ def test_rerun_with_a_different_configuration_is_refused_and_overwrites_nothing(
     assert len((out / "results.jsonl").read_text().splitlines()) == 3 * 9
 
 
+def test_a_grid_extended_at_its_end_runs_only_the_new_cells(eval_args, tmp_path, capsys):
+    grid = ("--budgets", "0.5", "--policies", "h2o", "--allocators", "uniform")
+    out = tmp_path / "grown"
+    assert main(eval_args("ppl", out=out, grid=grid)) == 0
+    before = (out / "results.jsonl").read_text().splitlines()
+    grown = ("--budgets", "0.5,500", "--policies", "h2o,window", "--allocators", "uniform")
+    assert main(eval_args("ppl", out=out, grid=grown)) == 0
+    assert "extending the stored run with more budgets, policies" in capsys.readouterr().err
+    after = (out / "results.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before  # the measured cells are kept, not redone
+    new_cells = {json.loads(line)["cell"] for line in after[len(before) :]}
+    assert new_cells == {"h2o/uniform/500", "window/uniform/0.5", "window/uniform/500"}
+    assert json.loads((out / "config.json").read_text())["policies"] == ["h2o", "window"]
+    # an axis whose stored values are not kept in order is another grid
+    assert main(eval_args("ppl", out=out, grid=("--budgets", "500", *grown[2:]))) == 2
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -26,6 +26,22 @@ def test_chunkkv_keeps_whole_spans():
         ChunkKV(chunk=0)
 
 
+@pytest.mark.parametrize("spec", ["snapkv:heads=shared", "chunkkv:heads=shared"])
+def test_shared_heads_keep_the_same_tokens_in_every_head_of_a_layer(spec):
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([40, 33], seed=3))
+    with squeezekv.compress(model, SqueezeConfig(0.3, spec, "uniform")) as session:
+        session.prefill(ids, mask)
+        for layer in session.cache.layers:
+            kept = torch.where(layer.valid.expand_as(layer.positions), layer.positions, -1).sort(-1).values
+            assert layer.positions.shape[1] > 1 and bool((kept == kept[:, :1]).all())
+    own = FastGenerator(model, SqueezeConfig(0.3, spec.split(":")[0])).generate(ids, mask, 8)
+    shared = FastGenerator(model, SqueezeConfig(0.3, spec)).generate(ids, mask, 8)
+    assert torch.equal(own.stats.layer_tokens_held, shared.stats.layer_tokens_held)  # same memory
+    with pytest.raises(ValueError, match="heads='all' must be 'own' or 'shared'"):
+        resolve_policy("snapkv:heads=all")
+
+
 def test_snapkv_observing_the_question_is_snapkv_with_the_question_as_its_window():
     model = tiny_model("llama")
     ids, mask = left_pad(prompts([40, 33], seed=3))

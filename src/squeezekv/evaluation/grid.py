@@ -55,7 +55,8 @@ class EvalConfig:
 
     ``limit``, ``device``, ``batch_size`` and ``peer_python`` say how much of a run to do, where and
     how fast, not what a result means, so a resumed run may change them (a larger ``limit`` extends
-    a run); every other field must match.
+    a run). The grid's axes (``AXES``) may grow at their end: the stored cells keep their results
+    and only the new ones run. Every other field must match.
 
     ``kv_bits`` is a grid axis (every policy × allocator × budget at each precision; an allocator
     that plans bits itself, such as ``squeeze-bits``, gets one cell per budget). With
@@ -80,6 +81,7 @@ class EvalConfig:
     equal_bytes: bool = False
 
     RUNTIME: ClassVar[tuple[str, ...]] = ("limit", "device", "batch_size", "peer_python")
+    AXES: ClassVar[tuple[str, ...]] = ("budgets", "policies", "allocators", "peer_presses")
 
     def __post_init__(self) -> None:
         if not self.budgets or not self.policies or not self.allocators or not self.kv_bits:

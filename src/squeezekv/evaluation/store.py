@@ -45,6 +45,18 @@ def read_config(path: Path) -> dict:
     return stored
 
 
+def extends(stored: object, wanted: object, name: str) -> bool:
+    """Whether ``wanted`` only adds values to a grid axis of a stored run, so that the cells already
+    measured keep their meaning and a rerun adds the new ones (a policy added to a finished grid
+    costs only its own cells)."""
+    return (
+        name in EvalConfig.AXES
+        and isinstance(stored, list)
+        and isinstance(wanted, list)
+        and wanted[: len(stored)] == stored
+    )
+
+
 class ResultStore:
     """Results of one run directory, keyed by (sample id, cell key)."""
 
@@ -69,10 +81,15 @@ class ResultStore:
                 for name in wanted.keys() | stored.keys()
                 if name not in EvalConfig.RUNTIME and stored.get(name) != wanted.get(name)
             )
-            if differing:
+            if any(not extends(stored.get(name), wanted.get(name), name) for name in differing):
                 raise ValueError(
                     f"--out {str(self.directory)!r} holds a run with a different configuration "
                     f"(differs in: {', '.join(differing)}); choose another --out"
+                )
+            if differing:
+                print(
+                    f"{self.directory}: extending the stored run with more {', '.join(differing)}",
+                    file=sys.stderr,
                 )
         elif (self.directory / RESULTS).exists():
             raise ValueError(
