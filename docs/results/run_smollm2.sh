@@ -14,11 +14,15 @@
 # (question_start), which snapkv:window=0 and --ruler-question after-compression need.
 # A GPU machine without network needs the GGUF (98 MB) and the samples carried to it; where one
 # transfer is smaller than that, `split -b 40000000` the GGUF and `cat` the parts back together there.
+# TUNE_SAMPLES (steps 4 and 5, default ruler4k-seed2.jsonl): a second sample set used only to choose
+# settings, written the same way with --ruler-samples 30 --seed 2 (330 samples, other haystacks,
+# needles and questions than seed 1's).
 # Every run resumes: rerun the same command with the same OUT to finish it.
 set -euo pipefail
 gguf=$1
 samples=$2
 out=$3
+tune_samples=${TUNE_SAMPLES:-ruler4k-seed2.jsonl}
 model=${MODEL_DIR:-smollm2-safetensors}
 [ -d "$model" ] || python3 -m squeezekv.cli convert "$gguf" "$model"
 ruler() {
@@ -34,3 +38,39 @@ ruler --out "$out/smollm2-ruler4k-after" --ruler-question after-compression --bu
 # 3. the allocators and their controls, with h2o and snapkv (the question in the prompt)
 ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv \
     --allocators uniform,squeeze,pyramid,squeeze:p=0.7,squeeze-lowest,squeeze-random,blend
+# 4. settings chosen on the tuning samples, then reported on the samples above: every candidate runs
+#    on tune_samples, the best mean score at each budget is chosen, and the chosen policies are added
+#    to the run of step 1 or 2 (a grown grid runs only its new cells).
+chosen() {
+    python3 - "$1/results.jsonl" <<'EOF_PY'
+import collections, json, sys
+
+records = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")]
+scores = collections.defaultdict(list)
+for record in records:
+    if record["method"] != "full":
+        scores[record["budget"], record["policy"]].append(record["metrics"]["score"])
+best = {}
+for (budget, policy), values in sorted(scores.items()):
+    mean = sum(values) / len(values)
+    if budget not in best or mean > best[budget][1]:
+        best[budget] = (policy, mean)
+print(",".join(dict.fromkeys(policy for policy, _ in best.values())))
+EOF_PY
+}
+grown() {  # the stored run's policies, then the given ones it lacks
+    python3 -c 'import json, sys; from squeezekv.cli.common import specs
+print(",".join(dict.fromkeys(json.load(open(sys.argv[1]))["policies"] + list(specs(sys.argv[2])))))' "$1/config.json" "$2"
+}
+tuning=$out/smollm2-ruler4k-tuning-in-prompt
+ruler --samples-file "$tune_samples" --out "$tuning" --budgets 0.1,0.3 --allocators uniform \
+    --policies snapkv,chunkkv,chunkkv:chunk=5,chunkkv:chunk=20,chunkkv:window=0,chunkkv:window=16,chunkkv:window=64,chunkkv:kernel=3,chunkkv:heads=shared,snapkv:heads=shared,reconstruct:score=max,window=32,reconstruct:chunk=10,score=max,window=32,reconstruct:chunk=10,window=32
+ruler --out "$out/smollm2-ruler4k-policies" --budgets 0.1,0.3 --allocators uniform \
+    --policies "$(grown "$out/smollm2-ruler4k-policies" "$(chosen "$tuning")")"
+# 5. the same for the question asked after compression (streaming added as a query-agnostic baseline)
+tuning=$out/smollm2-ruler4k-tuning-after
+ruler --samples-file "$tune_samples" --out "$tuning" --ruler-question after-compression --budgets 0.3 \
+    --allocators uniform \
+    --policies h2o,reconstruct,streaming,reconstruct:score=max,reconstruct:chunk=5,score=max,reconstruct:chunk=10,score=max,reconstruct:chunk=10,chunkkv:heads=shared
+ruler --out "$out/smollm2-ruler4k-after" --ruler-question after-compression --budgets 0.3 --allocators uniform \
+    --policies "$(grown "$out/smollm2-ruler4k-after" "$(chosen "$tuning"),streaming")"

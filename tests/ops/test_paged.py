@@ -94,8 +94,10 @@ def test_paged_decode_triton_matches_its_torch_twin(group, per_head, window, mas
     [(2, True, 300, torch.float32), pytest.param(4, False, None, torch.bfloat16, marks=needs_gpu)],
 )
 def test_paged_decode_is_the_contiguous_kernel_on_the_gathered_rows(group, per_head, window, dtype):
-    """Bit for bit: the same sums in the same order, only the addresses differ (one column for all
-    rows, as the contiguous kernel takes)."""
+    """The same sums in the same order, only the addresses differ (one column for all rows, as the
+    contiguous kernel takes): bit for bit in float32. With bf16 inputs the two compiled kernels may
+    multiply on different tensor-core instructions (seen on an H200: the float32 mass then differs in
+    its last bits while the bf16 output is equal), so there the mass is compared to float32 rounding."""
     arguments = paged_batch(group, per_head, seed=10 + group, columns=(5000, 5000, 5000), dtype=dtype)
     query, pool_keys, pool_values, tables, positions, valid, _ = arguments
     column = torch.tensor([5000], device=DEVICE)
@@ -104,7 +106,11 @@ def test_paged_decode_is_the_contiguous_kernel_on_the_gathered_rows(group, per_h
     )
     keys, values = paged.gathered(pool_keys, tables), paged.gathered(pool_values, tables)
     want = decode.decode_attention_triton(query, keys, values, positions, valid, column, window, 0.2, True)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+    if dtype == torch.float32:
+        assert torch.equal(got[1], want[1])
+    else:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
 
 
 def test_the_torch_twin_attends_each_rows_own_tokens():

@@ -15,6 +15,7 @@ from squeezekv.serving.store import blocks_for
 from models import prompts, short_policy, tiny_model
 
 MiB = 2**20
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Collector:
@@ -189,11 +190,15 @@ def test_chunked_prefill_interleaves_and_equals_the_fast_engines_chunked_prefill
 
 @pytest.mark.skipif(common.triton is None, reason="needs Triton")
 def test_the_decode_step_through_the_triton_kernels_equals_the_torch_path(monkeypatch):
-    """What a GPU runs: the paged write, decode and eviction kernels (here in Triton's interpreter)
-    reading the pool through block tables, one column per row, a sliding window."""
-    model = copy.deepcopy(tiny_model("mistral")).float()
+    """What a GPU runs: the paged write, decode and eviction kernels (on the GPU, or else in Triton's
+    interpreter) reading the pool through block tables, one column per row, a sliding window,
+    against their torch twins on the same device."""
+    model = copy.deepcopy(tiny_model("mistral")).float().to(DEVICE)
     config = SqueezeConfig(budget=0.4, policy="h2o", allocator="squeeze")  # scores, newest kept
     requests = [(p.tolist(), config, 3, []) for p in prompts([30, 21], seed=8)]
+    monkeypatch.setattr(batch, "paged_decode_attention", paged.paged_decode_attention_torch)
+    monkeypatch.setattr(batch, "write_paged_slot", paged.write_paged_slot_torch)
+    monkeypatch.setattr(batch, "evict_lowest", eviction.evict_lowest_torch)
     expected, _ = serve_staggered(ServingEngine(model, config, kv_memory=MiB), requests, arrivals=[0, 1])
 
     def triton_decode(query, *arguments, with_mass, add_mass_to, **unused):

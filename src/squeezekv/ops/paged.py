@@ -19,7 +19,9 @@ addresses looked up in the block table, a column per row (for the sliding window
 the slots that hold a token (a row shorter than the batch's widest costs no bandwidth for its
 padding) and a loop that stops at the last slot; the second pass, which turns the partial softmax
 states into the output and the mass, is shared as it is. The skipped work adds exactly nothing, so
-the output and the mass are bit for bit those of the contiguous kernel on the gathered rows.
+in float32 the output and the mass are bit for bit those of the contiguous kernel on the gathered
+rows (with bf16 inputs the compiler may pick other tensor-core instructions, and the float32 mass
+can then differ in its last bits).
 """
 
 from __future__ import annotations

@@ -253,6 +253,7 @@ class DecodeSteps:
             self.graphs.clear()
             self.warm_steps.clear()
             self.generation = self.arena.generation
+            self.graph_memory = None  # freed with its last graph: capturing into it again is an error
         graph = self.graphs.get(batch.key)
         if graph is None and self.warm_steps[batch.key] < WARM_STEPS:
             self.warm_steps[batch.key] += 1
