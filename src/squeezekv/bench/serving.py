@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
+import time
 
 import torch
 
@@ -46,18 +48,24 @@ def run_workload(args: argparse.Namespace) -> None:
     else:
         model = build_model(args.shape, device, workload.longest)
         name = args.shape.rstrip("/").split("/")[-1].removesuffix(".json")
-    report = serving_benchmark(
-        model,
-        configs,
-        workload,
-        args.reference_batch,
-        hf=any(name.startswith("hf") for name in args.baselines),
-    )
-    report["model"], report["device"] = name, device
     stem = f"{name}-serving-{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S')}"
-    (folder / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    table = workload_markdown(report)
-    (folder / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
+    started = time.perf_counter()
+
+    def write(report: dict) -> None:
+        """The files as they stand, rewritten after every path (a stopped run keeps what it did)."""
+        report["model"], report["device"] = name, device
+        (folder / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (folder / f"{stem}.md").write_text(workload_markdown(report) + "\n", encoding="utf-8")
+        last = report["results"][-1]
+        print(
+            f"{last['path']} (budget {last['budget'] or 1.0}) done, {time.perf_counter() - started:.0f} s "
+            f"into the run; {folder / stem}.md updated",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    hf = any(baseline.startswith("hf") for baseline in args.baselines)
+    report = serving_benchmark(model, configs, workload, args.reference_batch, hf=hf, on_path=write)
+    print(workload_markdown(report))
     print(f"written: {folder / stem}.json, {folder / stem}.md")
     check_workload_memory(report)

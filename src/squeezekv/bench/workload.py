@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -235,36 +236,51 @@ def serve_hf(model: nn.Module, trace: list[TraceRequest], limit: int, page_token
 
 
 def serving_benchmark(
-    model: nn.Module, configs: list[SqueezeConfig], workload: Workload, reference_batch: int, hf: bool
+    model: nn.Module,
+    configs: list[SqueezeConfig],
+    workload: Workload,
+    reference_batch: int,
+    hf: bool,
+    on_path: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Every path over the same trace; a JSON-ready report. A failing transformers path is reported
-    with its error (it is not ours to fix), a failing squeezekv path raises."""
+    """Every path over the same trace; a JSON-ready report, also handed to ``on_path`` after each
+    path (so that a run stopped midway keeps the paths it finished). A failing transformers path is
+    reported with its error (it is not ours to fix), a failing squeezekv path raises."""
     limit = workload.kv_memory or reference_batch * workload.longest * kv_bytes_per_token(model)
     trace = poisson_trace(workload, model.config.get_text_config().vocab_size)
     warm = [TraceRequest(0.0, trace[0].prompt[:64], 4)]
     results = []
+
+    def report() -> dict:
+        return {
+            "workload": {**asdict(workload), "kv_memory": limit, "reference_batch": reference_batch},
+            "trace": {
+                "prompt_tokens": [len(t.prompt) for t in trace],
+                "max_tokens": [t.max_tokens for t in trace],
+                "arrivals": [round(t.arrival, 4) for t in trace],
+            },
+            "results": [asdict(result) for result in results],
+        }
+
+    def finished(result: PathResult) -> None:
+        results.append(result)
+        if on_path is not None:
+            on_path(report())
+
     if hf:
         try:
             serve_hf(model, warm, limit, workload.block_size)
-            results.append(serve_hf(model, trace, limit, workload.block_size))
+            finished(serve_hf(model, trace, limit, workload.block_size))
         except Exception as error:  # reported, named, in the results
             failed = PathResult(
                 "hf_continuous", None, None, None, 0, 0.0, *[math.nan] * 6, limit, None, 0.0, 0
             )
             failed.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            results.append(failed)
+            finished(failed)
     for config in [SqueezeConfig(budget=1.0, policy=configs[0].policy), *configs]:
         serve_engine(model, config, warm, workload, limit)
-        results.append(serve_engine(model, config, trace, workload, limit))
-    return {
-        "workload": {**asdict(workload), "kv_memory": limit, "reference_batch": reference_batch},
-        "trace": {
-            "prompt_tokens": [len(t.prompt) for t in trace],
-            "max_tokens": [t.max_tokens for t in trace],
-            "arrivals": [round(t.arrival, 4) for t in trace],
-        },
-        "results": [asdict(result) for result in results],
-    }
+        finished(serve_engine(model, config, trace, workload, limit))
+    return report()
 
 
 def check_workload_memory(report: dict) -> None:
