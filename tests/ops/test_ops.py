@@ -91,7 +91,7 @@ def decode_cases():
     """Slots in no order, some empty, more slots than one program's chunk. The ways of scoring
     take turns over the shapes, so every setting meets every way of scoring (the interpreter makes
     each case cost seconds)."""
-    shapes = [(g, h, w) for g in (1, 2, 4) for h in (False, True) for w in (None, 300)]
+    shapes = [(g, h, w) for g in (1, 3, 4) for h in (False, True) for w in (None, 300)]  # 3: padded group
     for index, (group, per_head, window) in enumerate(shapes):
         generator = torch.Generator().manual_seed(group)
         batch, kv_heads, slots_, dim = 3, 2, decode.DECODE_CHUNK * 2 + 77, 32

@@ -148,6 +148,7 @@ if triton is not None:
         safe = tl.where(best == float("-inf"), 0.0, best)
         weights = tl.exp(chunk_best - safe[:, None])
         total = tl.sum(tl.load(PART_SUM + parts, mask=in_parts, other=0.0) * weights, 1)
+        total = tl.where(in_group, total, 1.0)  # a padding member (a group not a power of 2): 0 / 1
         if block == 0:
             dims = tl.arange(0, DIM)
             acc = tl.zeros([GP, DIM], tl.float32)
