@@ -29,3 +29,24 @@ def test_graphed_decode_equals_simple_path_on_the_gpu(policy):
     assert torch.equal(simple.sequences, fast.sequences)
     assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
     assert generator.steady_step_seconds is not None
+
+
+def test_h2o_decode_equals_simple_path_with_three_query_heads_per_key_head():
+    """SmolLM2's grouping (9 query heads over 3 key-value heads): the decode kernel pads a group to
+    a power of 2, and its padding once made the attention mass NaN, which only h2o reads at decode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models import LLAMA_LIKE
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**dict(LLAMA_LIKE, hidden_size=96, num_attention_heads=6))
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).to(torch.float64).eval().to("cuda")
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    ids, mask = left_pad(prompts([60, 41, 52], seed=7))
+    ids, mask = ids.cuda(), mask.cuda()
+    config = SqueezeConfig(budget=0.3, policy="h2o", allocator="squeeze")
+    simple = squeezekv.generate(model, ids, config, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    fast = FastGenerator(model, config).generate(ids, mask, max_new_tokens=24)
+    assert torch.equal(simple.sequences, fast.sequences)
+    assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
