@@ -52,9 +52,12 @@ class SqueezeLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def append(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, new_valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends ``q`` new tokens whose validity is ``new_valid`` (``[batch, q]``)."""
+        self, key_states: torch.Tensor, value_states: torch.Tensor, new_valid: torch.Tensor,
+        reads_codes: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Appends ``q`` new tokens whose validity is ``new_valid`` (``[batch, q]``); returns every
+        slot's keys and values or, when attention ``reads_codes`` (:meth:`SqueezeCache.reads_codes`),
+        only the new tokens' (no transient copy of a quantized layer)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, heads, q = key_states.shape[:3]
@@ -67,7 +70,7 @@ class SqueezeLayer(CacheLayerMixin):
         )
         self.scores = torch.cat([self.scores, self.scores.new_zeros(batch, self.scores.shape[1], q)], dim=-1)
         self.seen += q
-        return self.states()
+        return (key_states, value_states) if reads_codes else self.states()
 
     def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Keeps the new tokens' keys and values in new last slots."""
@@ -304,7 +307,17 @@ class SqueezeCache(CompressedCache):
                 "SqueezeCache used outside squeezekv.compress(...): the model hook is not installed"
             )
         self.head_dims = (key_states.shape[-1], value_states.shape[-1])
-        return self.layers[layer_idx].append(key_states, value_states, self.new_valid)
+        layer = self.layers[layer_idx]
+        if self.reads_codes(layer, key_states.shape[2]):
+            return layer.append(key_states, value_states, self.new_valid, reads_codes=True)
+        return layer.append(key_states, value_states, self.new_valid)
+
+    def reads_codes(self, layer: SqueezeLayer | RaggedLayer, queries: int) -> bool:
+        """Whether attention over ``layer`` reads its packed codes directly
+        (:func:`~squeezekv.ops.quantized_decode_attention`): a one-token decode step over a quantized
+        layer whose policy sums the mass (the decode ops give no peak)."""
+        packed = isinstance(layer, SqueezeLayer) and layer.packed is not None
+        return packed and queries == 1 and not self.config.policy.peak_mass(self.phase)
 
     def attention(
         self,
@@ -323,22 +336,30 @@ class SqueezeCache(CompressedCache):
                 f"layer {layer_idx}: sliding window {sliding_window} != {layer.sliding_window}"
             )
         scored, scoring_valid = self.scoring_queries(query)
-        output, mass = prefill_attention(
-            query,
-            key,
-            value,
-            layer.positions,
-            layer.valid,
-            layer.seen - query.shape[2],
-            layer.sliding_window,
-            scaling,
-            scored,
-            scoring_valid,
-            softcap,
-            self.explicit,
-            self.plainly_causal,
-            self.config.policy.peak_mass(self.phase),
-        )
+        if self.reads_codes(layer, query.shape[2]):
+            output, mass = layer.packed.decode_attention(
+                query, layer.positions, layer.valid, layer.seen - 1, layer.sliding_window, scaling,
+                scored > 0, softcap, self.explicit,
+            )  # fmt: skip
+            if mass is not None:  # a padding query's mass counts for nothing, as in the prefill op
+                mass.mul_(scoring_valid.view(-1, 1, 1))
+        else:
+            output, mass = prefill_attention(
+                query,
+                key,
+                value,
+                layer.positions,
+                layer.valid,
+                layer.seen - query.shape[2],
+                layer.sliding_window,
+                scaling,
+                scored,
+                scoring_valid,
+                softcap,
+                self.explicit,
+                self.plainly_causal,
+                self.config.policy.peak_mass(self.phase),
+            )
         if mass is not None:
             layer.add_mass(mass, self.phase, self.config.policy)
         return output

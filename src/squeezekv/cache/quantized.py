@@ -16,24 +16,27 @@ Rows of a batch may be stored at different precisions (a precision allocator pla
 sequence); each precision is one :class:`PackedRows` over its rows, 16 bits storing the model's
 dtype as is.
 
-Attention on this layer reads a transient full-precision copy of the whole layer, made by
-:meth:`QuantizedLayer.states` for each forward and dropped after it: the stored cache is packed,
-the transient is one layer (this is the torch path; no kernel reads the codes directly).
+A one-token decode step attends over the codes themselves (:meth:`PackedStates.decode_attention`:
+:func:`~squeezekv.ops.quantized_decode_attention` once per precision, whose Triton kernel
+dequantizes in registers; it has not yet run on a GPU). Prefill and multi-token forwards, and the
+torch twin, read a transient full-precision copy of the whole layer, made by
+:meth:`PackedStates.states` for the forward and dropped after it: the stored cache is packed, the
+transient is one layer.
 """
 
 from __future__ import annotations
 
 import torch
 
+from squeezekv.ops import quantized_decode_attention
 from squeezekv.ops.quantize import (
     KEY_GROUP_TOKENS,
     SCALE_DTYPE,
-    dequantize_keys,
-    dequantize_values,
     quantize_key_groups,
     quantize_values,
     value_group,
 )
+from squeezekv.ops.quantized_decode import PackedCodes, residual_laid_out, with_residual
 
 NO_GROUP = -1  # the first column of a group slot that no group uses (they come first in a head)
 
@@ -146,17 +149,17 @@ class PackedRows:
         self.group_start = moved(self.group_start, NO_GROUP)
         self.key_scale, self.key_zero = moved(self.key_scale, 0), moved(self.key_zero, 0)
 
+    def codes(self, positions: torch.Tensor) -> PackedCodes:
+        """The slots as the ops read them, each slot's key group found from its column (``positions``)."""
+        group = None if self.bits == 16 or self.group_start.shape[-1] == 0 else self.group_of(positions)
+        return PackedCodes(
+            self.bits, self.key_codes, self.key_scale, self.key_zero, group, self.value_codes,
+            self.value_scale, self.value_zero,
+        )  # fmt: skip
+
     def states(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Every slot's keys and values decoded to ``dtype``."""
-        if self.bits == 16:
-            return self.key_codes, self.value_codes
-        if self.group_start.shape[-1] == 0:
-            keys = self.like.new_zeros(*self.key_codes.shape[:3], self.dims[0], dtype=dtype)
-        else:
-            group = self.group_of(positions)
-            keys = dequantize_keys(self.key_codes, self.key_scale, self.key_zero, group, self.bits, dtype)
-        values = dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, dtype)
-        return keys, values
+        return self.codes(positions).states(dtype)
 
     def nbytes(self) -> int:
         parts = [self.key_codes, self.value_codes]
@@ -213,16 +216,6 @@ class PackedStates:
         for part in self.parts:
             part.add_slots(key_states.shape[2])
 
-    def residual_states(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual window's keys and values laid out in the slots of ``columns`` (per head;
-        slots outside the window get any of them)."""
-        index = (columns - self.residual_start).clamp(0, self.residual_keys.shape[2] - 1)
-
-        def laid_out(states: torch.Tensor) -> torch.Tensor:
-            return states.gather(2, index.unsqueeze(-1).expand(*index.shape, states.shape[-1]))
-
-        return laid_out(self.residual_keys), laid_out(self.residual_values)
-
     def states(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The transient full-precision keys and values of every slot (see the module)."""
         columns = self.per_head(positions)
@@ -230,12 +223,35 @@ class PackedStates:
         values = self.residual_values.new_empty(*columns.shape, self.dims[1])
         for part in self.parts:
             keys[part.rows], values[part.rows] = part.states(columns[part.rows], self.dtype)
-        if self.residual_keys.shape[2]:
-            residual = (columns >= self.residual_start).unsqueeze(-1)
-            residual_keys, residual_values = self.residual_states(columns)
-            keys = torch.where(residual, residual_keys, keys)
-            values = torch.where(residual, residual_values, values)
+        keys = with_residual(keys, self.residual_keys, columns, self.residual_start)
+        values = with_residual(values, self.residual_values, columns, self.residual_start)
         return keys, values
+
+    def decode_attention(
+        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, column: int,
+        sliding_window: int | None, scaling: float, with_mass: bool, softcap: float | None, explicit: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """A one-token decode step's attention over the codes themselves
+        (:func:`~squeezekv.ops.quantized_decode_attention`, once per precision): the output and,
+        if ``with_mass``, each slot's mass ``[batch, heads, slots]``."""
+        arguments = (column, sliding_window, scaling, with_mass, None, softcap, explicit)
+        columns = self.per_head(positions)
+        if len(self.parts) == 1:  # every row at one precision: no row is gathered
+            return quantized_decode_attention(
+                query, self.parts[0].codes(columns), self.residual_keys, self.residual_values,
+                self.residual_start, positions, valid, *arguments,
+            )  # fmt: skip
+        output = torch.empty_like(query)
+        mass = query.new_empty(*columns.shape, dtype=torch.float32) if with_mass else None
+        for part in self.parts:
+            rows = part.rows
+            output[rows], part_mass = quantized_decode_attention(
+                query[rows], part.codes(columns[rows]), self.residual_keys[rows], self.residual_values[rows],
+                self.residual_start, positions[rows], valid[rows], *arguments,
+            )  # fmt: skip
+            if with_mass:
+                mass[rows] = part_mass
+        return output, mass
 
     def keep(self, chosen: torch.Tensor) -> None:
         """Keeps the ``chosen`` slots. Groups left without tokens go at the next :meth:`settle`
@@ -249,7 +265,8 @@ class PackedStates:
         if seen - self.residual_start < KEY_GROUP_TOKENS:
             return
         columns, held = self.per_head(positions), self.per_head(valid)
-        keys, values = self.residual_states(columns)
+        keys = residual_laid_out(self.residual_keys, columns, self.residual_start)
+        values = residual_laid_out(self.residual_values, columns, self.residual_start)
         self.quantize(keys, values, columns, held & (columns >= self.residual_start), held)
         self.residual_start = seen
         self.residual_keys, self.residual_values = keys[:, :, :0], values[:, :, :0]

@@ -10,6 +10,7 @@
 | :func:`residual_cosine` | layer importance's cosine per token |
 | :func:`paged_decode_attention` | one decode query over each row's blocks of the serving pool, plus mass |
 | :func:`write_paged_slot` | the serving batch's write of a new token into the pool |
+| :func:`quantized_decode_attention` | one decode query over a quantized layer's packed codes, plus mass |
 """
 
 from squeezekv.ops.attention import attend, layer_mask
@@ -19,6 +20,7 @@ from squeezekv.ops.decode import decode_attention
 from squeezekv.ops.eviction import evict_lowest
 from squeezekv.ops.paged import paged_decode_attention, write_paged_slot
 from squeezekv.ops.prefill import prefill_attention
+from squeezekv.ops.quantized_decode import quantized_decode_attention
 from squeezekv.ops.slots import write_slot
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "layer_mask",
     "paged_decode_attention",
     "prefill_attention",
+    "quantized_decode_attention",
     "residual_cosine",
     "use_triton",
     "write_paged_slot",

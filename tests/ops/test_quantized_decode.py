@@ -1,0 +1,174 @@
+"""The decode op over a quantized layer's packed codes: the Triton kernel against its torch twin,
+the twin against attention over the layer's transient copy (the prefill op's path), and generation
+through the kernel against the torch path.
+
+Without a GPU the Triton side runs in Triton's interpreter (``tests/conftest.py`` turns it on).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import squeezekv
+from squeezekv import SqueezeConfig
+from squeezekv.cache import quantized
+from squeezekv.cache.dynamic import SqueezeCache
+from squeezekv.cache.quantized import PackedStates
+from squeezekv.ops import common, quantized_decode
+from squeezekv.ops.prefill import prefill_attention_torch
+
+from models import left_pad, prompts, tiny_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KV_HEADS, DIM = 2, 16
+needs_triton = pytest.mark.skipif(common.triton is None, reason="needs Triton")
+needs_gpu = pytest.mark.skipif(
+    DEVICE == "cpu", reason="bf16 products need a GPU (the interpreter's are wrong)"
+)
+
+
+def quantized_layer(
+    bits: list[int], group: int, per_head: bool, seed: int, prompt: int = 150, dtype=torch.float32
+):
+    """A layer of ``len(bits)`` rows quantized after a ``prompt`` of which about 70 % is kept (each
+    head its own columns when ``per_head``: heads get different numbers of key groups), then 6
+    decode tokens waiting in the residual window (one of them evicted); a query at the last column.
+    Returns the query, the packed states and the layer's positions, validity and query column."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, heads, new = len(bits), KV_HEADS if per_head else 1, 6
+
+    def states(columns: int, spread: torch.Tensor | float = 1.0) -> torch.Tensor:
+        drawn = torch.randn(batch, KV_HEADS, columns, DIM, generator=generator) * spread
+        return drawn.to(DEVICE, dtype)
+
+    positions = torch.arange(prompt + new).repeat(batch, heads, 1).to(DEVICE)  # valid's layout
+    valid = torch.rand(batch, heads, prompt + new, generator=generator) > 0.3
+    valid[0, 0, : prompt // 2] = False  # one head holds half the others' tokens: fewer key groups
+    valid[:, :, prompt:] = True
+    valid[:, :, prompt + 1] = False  # evicted from the residual window
+    valid = valid.to(DEVICE)
+    prompt_positions, prompt_valid = positions[..., :prompt], valid[..., :prompt]
+    keys = states(prompt, torch.linspace(0.5, 4, DIM))  # channels of different ranges
+    packed = PackedStates(keys, states(prompt), prompt_positions, prompt_valid, prompt, torch.tensor(bits))
+    packed.store(states(new), states(new))
+    query = torch.randn(batch, KV_HEADS * group, 1, DIM, generator=generator).to(DEVICE, dtype)
+    return query, packed, positions, valid, prompt + new - 1
+
+
+def arguments(packed: PackedStates, positions: torch.Tensor) -> tuple:
+    """One precision's codes and the residual window, as the op takes them."""
+    codes = packed.parts[0].codes(packed.per_head(positions))
+    return codes, packed.residual_keys, packed.residual_values, packed.residual_start
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("bits", "group", "per_head", "window", "mass", "dtype"),
+    [
+        (8, 1, False, None, "none", torch.float32),
+        (4, 3, True, None, "returned", torch.float32),
+        (8, 3, True, 40, "added", torch.float32),
+        (4, 1, False, 40, "returned", torch.float32),
+        (16, 3, True, 40, "returned", torch.float32),
+        pytest.param(4, 3, True, 40, "returned", torch.bfloat16, marks=needs_gpu),
+    ],
+)
+def test_quantized_decode_triton_matches_its_torch_twin(bits, group, per_head, window, mass, dtype):
+    """Within float32 rounding (bf16: within bf16's, the twin's products being bf16). The 4-bit
+    layers hold more slots than one program's chunk, so their first pass is split."""
+    prompt = quantized_decode.DECODE_CHUNK + 40 if bits == 4 else 150
+    query, packed, positions, valid, column = quantized_layer(
+        [bits, bits], group, per_head, seed=bits + group, prompt=prompt, dtype=dtype
+    )
+    running = torch.rand(2, KV_HEADS, positions.shape[-1], device=DEVICE)
+    results = []
+    for side in (
+        quantized_decode.quantized_decode_attention_torch,
+        quantized_decode.quantized_decode_attention_triton,
+    ):
+        added = running.clone() if mass == "added" else None
+        output, returned = side(
+            query, *arguments(packed, positions), positions, valid, column, window, 0.3, mass != "none", added
+        )
+        results.append((output, returned, added))
+    (want, want_mass, want_added), (got, got_mass, got_added) = results
+    close = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **close)
+    if mass == "returned":
+        torch.testing.assert_close(got_mass, want_mass, **close)
+        assert got_mass[~valid.expand_as(got_mass)].abs().max() == 0
+    else:
+        assert got_mass is None and want_mass is None
+    if mass == "added":
+        torch.testing.assert_close(got_added, want_added, **close)
+
+
+@needs_triton
+def test_rows_at_different_precisions_each_read_their_own_codes(monkeypatch):
+    """The layer's op, once per precision, through the kernel against the torch twin."""
+    query, packed, positions, valid, column = quantized_layer([4, 16, 8], 3, True, seed=9, prompt=70)
+    monkeypatch.setattr(quantized_decode, "fused", lambda *unused: False)
+    want = packed.decode_attention(query, positions, valid, column, 40, 0.3, True, None, False)
+    monkeypatch.setattr(quantized_decode, "fused", lambda *unused: True)
+    got = packed.decode_attention(query, positions, valid, column, 40, 0.3, True, None, False)
+    for got_part, want_part in zip(got, want, strict=True):
+        torch.testing.assert_close(got_part, want_part, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("bits", "group", "per_head", "window"), [(8, 3, True, None), (4, 1, False, 40)])
+def test_the_torch_twin_is_attention_over_the_transient_copy(bits, group, per_head, window):
+    """Against the prefill op's torch path over :meth:`PackedStates.states` (what a decode step ran
+    before): the same numbers, bit for bit, the mass included; also with a padding query, which still
+    sees its own token and gives no mass."""
+    query, packed, positions, valid, column = quantized_layer([bits, 16], group, per_head, seed=5)
+    valid[1, :, -1] = False  # the second row's query is padding
+    keys, values = packed.states(positions)
+    query_valid = torch.tensor([[True], [False]], device=DEVICE)
+    want, want_mass = prefill_attention_torch(
+        query, keys, values, positions, valid, column, window, 0.3, 1, query_valid
+    )
+    got, got_mass = packed.decode_attention(query, positions, valid, column, window, 0.3, True, None, False)
+    assert torch.equal(got, want)
+    assert torch.equal(got_mass * query_valid.view(-1, 1, 1), want_mass)
+
+
+@needs_triton
+def test_generation_through_the_kernel_equals_the_transient_path(monkeypatch):
+    """Two padded prompts at 8 bits under H2O (mass every step) on a model with a sliding window;
+    key groups of 5 tokens, so that the residual window is quantized twice. The same tokens through
+    the transient copy (the path before: built at every decode step), the torch twin and the Triton
+    kernel (on the CPU: in Triton's interpreter), neither of which calls :meth:`PackedStates.states`
+    (the twin decodes each precision's rows itself)."""
+    model = copy.deepcopy(tiny_model("mistral")).float().to(DEVICE)  # a sliding window of 24
+    ids, mask = left_pad(prompts([30, 21], seed=3))
+    steps = 12
+    monkeypatch.setattr(quantized, "KEY_GROUP_TOKENS", 5)
+    states = PackedStates.states
+    transients = []
+    monkeypatch.setattr(PackedStates, "states", lambda *args: transients.append(1) or states(*args))
+
+    def generate() -> torch.Tensor:
+        transients.clear()
+        config = SqueezeConfig(0.6, "h2o", kv_bits=8)
+        with squeezekv.compress(model, config, max_new_tokens=steps) as session:
+            tokens = model.generate(
+                ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=steps, do_sample=False
+            )
+            assert session.cache.layers[0].packed.residual_start == ids.shape[1] + 10  # quantized twice
+        return tokens
+
+    with monkeypatch.context() as before:
+        before.setattr(SqueezeCache, "reads_codes", lambda *unused: False)
+        expected = generate()
+    assert len(transients) == (steps - 1) * model.config.num_hidden_layers  # each decode step's layers
+    monkeypatch.setattr(quantized_decode, "fused", lambda *unused: False)
+    twin = generate()
+    assert not transients
+    monkeypatch.setattr(quantized_decode, "fused", lambda *unused: True)
+    got = generate()
+    assert not transients
+    assert torch.equal(twin, expected)
+    assert torch.equal(got, expected)
