@@ -54,6 +54,23 @@ class Segments(NamedTuple):
 if triton is not None:
 
     @triton.jit
+    def _group_query(
+        Q, sqb, sqh, sqd, batch, kv_head, q_heads, GROUP: tl.constexpr, GM: tl.constexpr, DIM: tl.constexpr
+    ):
+        """The query heads sharing ``kv_head`` as the rows of a matrix product (padded to ``GM``),
+        with their row indices and an empty softmax state: how every decode first pass starts."""
+        members = tl.arange(0, GM)
+        in_group = members < GROUP
+        rows = batch * q_heads + kv_head * GROUP + members
+        dims = tl.arange(0, DIM)
+        q = tl.load(Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh + dims[None, :] * sqd,
+                    mask=in_group[:, None], other=0.0)  # fmt: skip
+        best = tl.full([GM], float("-inf"), tl.float32)
+        total = tl.zeros([GM], tl.float32)
+        acc = tl.zeros([GM, DIM], tl.float32)
+        return in_group, rows, dims, q, best, total, acc
+
+    @triton.jit
     def _decode_chunk(
         Q, K, V, P, A, COLUMN, SCORES, PART_MAX, PART_SUM, PART_ACC, OFFSETS, LENGTHS,
         sqb, sqh, sqd,
@@ -74,15 +91,9 @@ if triton is not None:
             held = keys
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
         position_head = kv_head if POSITION_HEADS > 1 else 0
-        members = tl.arange(0, GM)
-        in_group = members < GROUP
-        rows = batch * q_heads + kv_head * GROUP + members
-        dims = tl.arange(0, DIM)
-        q = tl.load(Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh + dims[None, :] * sqd,
-                    mask=in_group[:, None], other=0.0)  # fmt: skip
-        best = tl.full([GM], float("-inf"), tl.float32)
-        total = tl.zeros([GM], tl.float32)
-        acc = tl.zeros([GM, DIM], tl.float32)
+        in_group, rows, dims, q, best, total, acc = _group_query(
+            Q, sqb, sqh, sqd, batch, kv_head, q_heads, GROUP, GM, DIM
+        )
         if HAS_WINDOW:
             oldest = tl.load(COLUMN) - window
         for offset in range(0, CHUNK, BN):

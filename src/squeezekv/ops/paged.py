@@ -39,7 +39,11 @@ from squeezekv.ops.decode import (
 )
 
 if triton is not None:
-    from squeezekv.ops.decode import _softmax_step, _store_partials  # the contiguous pass's own steps
+    from squeezekv.ops.decode import (  # the contiguous pass's own steps
+        _group_query,
+        _softmax_step,
+        _store_partials,
+    )
 
     @triton.jit
     def _paged_decode_chunk(
@@ -57,15 +61,9 @@ if triton is not None:
         split, batch_head = tl.program_id(0), tl.program_id(1)
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
         position_head = kv_head if POSITION_HEADS > 1 else 0
-        members = tl.arange(0, GM)
-        in_group = members < GROUP
-        rows = batch * q_heads + kv_head * GROUP + members
-        dims = tl.arange(0, DIM)
-        q = tl.load(Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh + dims[None, :] * sqd,
-                    mask=in_group[:, None], other=0.0)  # fmt: skip
-        best = tl.full([GM], float("-inf"), tl.float32)
-        total = tl.zeros([GM], tl.float32)
-        acc = tl.zeros([GM, DIM], tl.float32)
+        in_group, rows, dims, q, best, total, acc = _group_query(
+            Q, sqb, sqh, sqd, batch, kv_head, q_heads, GROUP, GM, DIM
+        )
         if HAS_WINDOW:
             oldest = tl.load(COLUMNS + batch * scb) - window
         for offset in range(0, tl.minimum(CHUNK, keys - split * CHUNK), BN):  # blocks past the keys add 0
