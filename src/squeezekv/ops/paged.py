@@ -37,6 +37,7 @@ from squeezekv.ops.decode import (
     DecodePartials,
     decode_attention_torch,
 )
+from squeezekv.ops.slots import record_written_slot
 
 if triton is not None:
     from squeezekv.ops.decode import (  # the contiguous pass's own steps
@@ -258,10 +259,7 @@ def write_paged_slot_torch(
     heads = torch.arange(kv_heads, device=free.device).expand_as(kv_free)
     pool_keys[blocks, offsets, heads] = key[:, :, 0]
     pool_values[blocks, offsets, heads] = value[:, :, 0]
-    slot = free.unsqueeze(-1)
-    positions.scatter_(-1, slot, columns.view(-1, 1, 1).expand_as(slot))
-    valid.scatter_(-1, slot, True)
-    scores.scatter_(-1, slot, 0.0)
+    record_written_slot(positions, valid, scores, free, columns.view(-1, 1, 1))
 
 
 def write_paged_slot_triton(

@@ -81,6 +81,18 @@ def write_slot_torch(
     kv_slot = free.expand(-1, key.shape[1]).unsqueeze(-1).unsqueeze(-1)
     keys.scatter_(2, kv_slot.expand(-1, -1, -1, key.shape[-1]), key)
     values.scatter_(2, kv_slot.expand(-1, -1, -1, value.shape[-1]), value)
+    record_written_slot(positions, valid, scores, free, column)
+
+
+def record_written_slot(
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    scores: torch.Tensor,
+    free: torch.Tensor,
+    column: torch.Tensor,
+) -> None:
+    """The bookkeeping of a slot just written (``free``: ``[batch, 1 or heads]``): its position
+    ``column`` (broadcast to ``[batch, 1, 1]``), valid, and score 0."""
     slot = free.unsqueeze(-1)
     positions.scatter_(-1, slot, column.expand_as(slot))
     valid.scatter_(-1, slot, True)
