@@ -66,6 +66,12 @@ class SqueezeConfig:
         object.__setattr__(self, "allocator", resolve_allocator(self.allocator))
         if isinstance(budget, int):
             self.check_tokens_per_layer(budget)
+        if self.allocator.reads_dispersion and not self.policy.scores_tokens:
+            raise ValueError(
+                f"allocator {self.allocator.name!r} plans from the attention scores the policy keeps, but "
+                f"policy {self.policy.name!r} scores nothing: it needs a scoring policy (h2o, snapkv, "
+                "chunkkv, adakv, reconstruct)"
+            )
         self.check_precision()
 
     def check_precision(self) -> None:
@@ -168,14 +174,24 @@ class SqueezeConfig:
         sliding_windows: list[int | None],
         max_new_tokens: int = 0,
         head_dims: tuple[int, int] | None = None,
+        dispersion: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[batch, layers]`` budgets: each sequence is planned on its own prompt and similarities.
 
         A layer can hold at most the prompt plus the tokens still to come (and no more than its
         sliding window), which is what a keep-everything budget gives every layer; the floor is the
         policy's minimum. A budget in 16-bit bytes (``equal_bytes``, a precision allocator) becomes
-        tokens at each layer's bits through the keys' and values' ``head_dims``.
+        tokens at each layer's bits through the keys' and values' ``head_dims``. An allocator that
+        ``reads_dispersion`` plans from ``dispersion`` (``[batch, layers]``, the prefill cache's
+        :meth:`~squeezekv.cache.SqueezeCache.score_dispersion`) instead of the similarities.
         """
+        if self.allocator.reads_dispersion and not self.keeps_everything:
+            if dispersion is None:
+                raise ValueError(
+                    f"allocator {self.allocator.name!r} plans from the layers' score dispersion after a "
+                    "prefill: pass dispersion to plan_budgets"
+                )
+            similarity = dispersion
         in_bytes = self.equal_bytes and self.kv_bits < 16 or isinstance(self.allocator, PrecisionAllocator)
         if in_bytes and head_dims is None and not self.keeps_everything:
             raise ValueError("a budget in bytes needs the head sizes: pass head_dims to plan_budgets")

@@ -88,6 +88,7 @@ class Session:
         self.cache: SqueezeCache | None = None
         self.attention_mask: torch.Tensor | None = None  # every column so far, after a prefill
         self.similarity: torch.Tensor | None = None
+        self.dispersion: torch.Tensor | None = None  # measured for an allocator that reads it
         self.importance = ImportanceRecorder(len(self.layers), self._is_prefill, lambda: self.cache.new_valid)
         self.prefill_seconds = self.decode_seconds = 0.0
         self.decode_forwards = 0
@@ -237,7 +238,7 @@ class Session:
     def _start_generation(self) -> None:
         self.cache = SqueezeCache(self.config, self.sliding_windows, self.explicit)
         self.importance.reset()
-        self.similarity = None
+        self.similarity = self.dispersion = None
         self.prefill_seconds = self.decode_seconds = 0.0
         self.decode_forwards = 0
 
@@ -256,16 +257,20 @@ class Session:
             self.decode_forwards += 1
 
     def _plan_and_evict(self) -> None:
-        """After a prefill forward: measures importance and plans budgets; then evicts to them."""
+        """After a prefill forward: measures importance (and the layers' score dispersion, for an
+        allocator that reads it) and plans budgets; then evicts to them."""
         cache = self.cache
         if cache.phase == "prefill":
             self.similarity = self.importance.similarity()
+            if self.config.allocator.reads_dispersion:
+                self.dispersion = cache.score_dispersion()
             budgets = self.config.plan_budgets(
                 self.similarity,
                 cache.prompt_tokens.cpu(),
                 self.sliding_windows,
                 self.max_new_tokens,
                 cache.head_dims,
+                self.dispersion,
             )
             cache.budgets = agree(budgets, self.group, self.devices[0])
             bits = self.config.plan_bits(self.similarity)

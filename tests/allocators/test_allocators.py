@@ -123,7 +123,7 @@ def test_sliding_layers_are_capped_at_their_window():
 
 
 def test_a_keep_everything_budget_gives_every_layer_its_cap_whatever_the_allocator():
-    for allocator in ("uniform", "squeeze", "pyramid"):
+    for allocator in ("uniform", "squeeze", "pyramid", "cake"):  # cake needs no dispersion to keep all
         config = SqueezeConfig(budget=1.0, allocator=allocator)
         budgets = config.plan_budgets(
             torch.rand(2, 3), torch.tensor([100, 40]), [None, 16, None], max_new_tokens=5

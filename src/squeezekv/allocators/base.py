@@ -22,9 +22,17 @@ class Targets(NamedTuple):
 @dataclass(frozen=True)
 class Allocator(Component):
     """Base class: splits a total budget across layers. Subclasses are frozen dataclasses whose
-    fields are their settings, and implement :meth:`targets`."""
+    fields are their settings, and implement :meth:`targets`.
+
+    ``reads_dispersion``: the per-layer signal :meth:`targets` and :meth:`allocate` receive is how
+    widely each layer's prefill attention spreads over the prompt
+    (:meth:`~squeezekv.cache.SqueezeCache.score_dispersion`, in (0, 1]; 0 where a layer's scores hold
+    nothing) instead of the cosine similarity. The cache measures it only for such an allocator,
+    which therefore needs a policy that scores tokens.
+    """
 
     kind: ClassVar[str] = "allocator"
+    reads_dispersion: ClassVar[bool] = False
 
     def check_model(self, model: nn.Module) -> None:
         """Refuses a model this allocator cannot plan for (one measured on another model); any
@@ -32,7 +40,7 @@ class Allocator(Component):
 
     def targets(self, similarity: torch.Tensor, mean_budget: int) -> Targets:
         """Real-valued per-layer targets summing to ``layers * mean_budget`` from one sequence's
-        per-layer similarities (float64, on the host)."""
+        per-layer similarities, or dispersions (``reads_dispersion``) (float64, on the host)."""
         raise NotImplementedError
 
     def allocate(
@@ -40,9 +48,10 @@ class Allocator(Component):
     ) -> torch.Tensor:
         """Per-layer token budgets (int64, one per layer) for one sequence.
 
-        ``similarity`` holds one value per layer, ``caps`` the most tokens each layer can hold. The
-        result lies within ``[min(floor, cap), cap]`` per layer and sums to ``num_layers *
-        mean_budget`` whenever the caps allow it (never more).
+        ``similarity`` holds one value per layer (a dispersion if the allocator ``reads_dispersion``),
+        ``caps`` the most tokens each layer can hold. The result lies within ``[min(floor, cap),
+        cap]`` per layer and sums to ``num_layers * mean_budget`` whenever the caps allow it (never
+        more).
         """
         targets, adjustable = self.targets(similarity.double().cpu(), mean_budget)
         caps = caps.to(torch.float64).cpu()

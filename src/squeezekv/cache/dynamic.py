@@ -212,6 +212,19 @@ class SqueezeLayer(CacheLayerMixin):
         return 2 * batch * heads * self.seen * dim * self.keys.element_size()
 
 
+def score_dispersion(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[batch]``: how widely a layer's scores spread over its valid tokens, the mean over heads of
+    ``exp(entropy) / tokens`` of each head's scores as a distribution (in (0, 1]; 1 for even scores,
+    ``1 / tokens`` for one token's); a head whose scores hold nothing counts 0."""
+    scores, valid = torch.broadcast_tensors(scores.double(), valid)
+    scores = torch.where(valid, scores, 0.0)
+    total = scores.sum(-1, keepdim=True)
+    share = scores / total.clamp(min=torch.finfo(torch.float64).tiny)
+    entropy = -torch.special.xlogy(share, share).sum(-1)
+    spread = entropy.exp() / valid.sum(-1).clamp(min=1)
+    return torch.where(total.squeeze(-1) > 0, spread, 0.0).mean(-1)
+
+
 def gather_slots(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """``states[b, h, chosen[b, h or 0, k]]``: a new, smaller tensor (the old one can be freed)."""
     batch, heads, _, dim = states.shape
@@ -399,6 +412,13 @@ class SqueezeCache(CompressedCache):
                     self.layers[index] = RaggedLayer(layer, layer.head_budgets)
         for index, layer in enumerate(self.layers if self.layer_bits is not None else ()):
             layer.settle(self.layer_bits[:, index])
+
+    def score_dispersion(self) -> torch.Tensor:
+        """``[batch, layers]`` (float64, on the host): how widely each layer's scores spread over the
+        tokens it holds (:func:`score_dispersion`); after a prefill, the whole prompt's."""
+        home = self.layers[0].scores.device
+        spreads = [score_dispersion(layer.scores, layer.valid).to(home) for layer in self.layers]
+        return torch.stack(spreads, dim=1).cpu()
 
     def kv_bytes_kept(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

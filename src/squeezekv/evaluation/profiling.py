@@ -19,6 +19,7 @@ from torch import nn
 
 import squeezekv
 from squeezekv import SqueezeConfig
+from squeezekv.allocators import resolve_allocator
 from squeezekv.allocators.squeeze import Squeeze, kmeans_1d
 
 
@@ -44,17 +45,25 @@ def layer_profile(
     """Prefills ``prompt`` once and plans the budget of every allocator from the same similarities.
 
     Similarities do not depend on the policy, so the prefill runs under ``window`` (which needs no
-    scores, no question start and no second pass)."""
+    scores, no question start and no second pass), unless an allocator reads the layers' score
+    dispersion: then it runs under ``config``'s policy, whose scores that allocator plans from."""
+    readers = [name for name in allocators if resolve_allocator(name).reads_dispersion]
+    prefill = (
+        dataclasses.replace(config, allocator=readers[0])
+        if readers
+        else dataclasses.replace(config, policy="window")
+    )
     ids = torch.tensor([prompt], device=model.device)
-    with squeezekv.compress(model, dataclasses.replace(config, policy="window")) as session:
+    with squeezekv.compress(model, prefill) as session:
         model(input_ids=ids, use_cache=True)
         similarity, windows, dims = session.similarity, session.sliding_windows, session.cache.head_dims
+        dispersion = session.dispersion
     tokens = torch.tensor([len(prompt)])
     budgets = {
         name: dataclasses.replace(
             config, allocator=config.allocator if name == config.allocator.name else name
         )
-        .plan_budgets(similarity, tokens, windows, head_dims=dims)[0]
+        .plan_budgets(similarity, tokens, windows, head_dims=dims, dispersion=dispersion)[0]
         .tolist()
         for name in allocators
     }

@@ -116,6 +116,12 @@ class Policy(Component):
         return None
 
     @property
+    def scores_tokens(self) -> bool:
+        """Some phase's attention mass reaches the scores (the policy overrides :meth:`scored_queries`);
+        a policy that ranks by position alone leaves every score at zero."""
+        return type(self).scored_queries is not Policy.scored_queries
+
+    @property
     def spreads_over_heads(self) -> bool:
         """Each key-value head gets its own budget (the policy overrides :meth:`head_budgets`)."""
         return type(self).head_budgets is not Policy.head_budgets
