@@ -1,12 +1,13 @@
 """Layer-wise allocators: how a total KV budget is split across layers.
 
-An allocator turns per-layer similarities into real-valued per-layer targets summing to
-``num_layers * mean_budget``, and may name the layers that absorb any adjustment first;
-:meth:`Allocator.allocate` then makes them whole token counts within each layer's floor and cap,
-sharing overflow equally and keeping the total. Adding an allocator is one small module: a frozen
-dataclass of its settings, decorated with :func:`register_allocator`. Every module of this package is
-imported (so registered) below: a new file needs no other edit (``blend.py``, ``squeeze_lowest.py``
-and ``squeeze_random.py`` were added so); the original three are also exported by name.
+An allocator turns per-layer similarities (or, if it ``reads_dispersion``, the spread of each
+layer's prefill scores) into real-valued per-layer targets summing to ``num_layers * mean_budget``,
+and may name the layers that absorb any adjustment first; :meth:`Allocator.allocate` then makes them
+whole token counts within each layer's floor and cap, sharing overflow equally and keeping the
+total. Adding an allocator is one small module: a frozen dataclass of its settings, decorated with
+:func:`register_allocator`. Every module of this package is imported (so registered) below: a new
+file needs no other edit (``blend.py``, ``cake.py``, ``squeeze_lowest.py`` and ``squeeze_random.py``
+were added so); the original three are also exported by name.
 """
 
 import importlib
