@@ -146,8 +146,11 @@ if triton is not None:
                 v_coded = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
                                   mask=coded[:, None], other=0.0)  # fmt: skip
             else:
-                # a coded slot that is seen holds a token, quantized into one of its head's key groups
-                group = tl.load(KG + batch * sgb + kv_head * sgh + cols * sgn, mask=coded, other=0)
+                # a coded slot that is seen holds a token, quantized into one of its head's key groups;
+                # other slots read the first entry (Triton 3.6 on sm_90 rejects this 1-D load masked by
+                # ``coded``, a mask computed from loaded data: "mask type matches ptr type")
+                group_at = tl.where(coded, batch * sgb + kv_head * sgh + cols * sgn, 0)
+                group = tl.load(KG + group_at, mask=inside, other=0)
                 k_coded = _decoded(
                     K, KS, KZ, batch * skb + kv_head * skh + cols * skn,
                     batch * sksb + kv_head * sksh + group * sksg, skd, sksd, dims, coded, BITS, 1,

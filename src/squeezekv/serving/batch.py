@@ -244,6 +244,7 @@ class DecodeSteps:
         self.warm_steps: Counter[tuple] = Counter()
         self.generation = arena.generation
         self.graph_memory = None  # the graphs' shared pool, made at the first capture
+        self.captured = 0  # graphs captured so far (a moved buffer drops the ones held, not this count)
 
     def run(self, batch: PagedCache) -> None:
         if not (self.cuda_graphs and batch.tokens.device.type == "cuda"):
@@ -269,4 +270,5 @@ class DecodeSteps:
             graph = self.graphs[batch.key] = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_memory):
                 batch.step(self.model)  # recorded, not run: the replay below runs it
+            self.captured += 1
         graph.replay()
