@@ -35,8 +35,9 @@ ruler --out "$out/smollm2-ruler4k-policies" --budgets 0.1,0.3 --allocators unifo
 # 2. the question asked after the context is compressed (query-agnostic)
 ruler --out "$out/smollm2-ruler4k-after" --ruler-question after-compression --budgets 0.3 \
     --allocators uniform --policies h2o,snapkv,chunkkv,reconstruct,adakv
-# 3. the allocators and their controls, with h2o and snapkv (the question in the prompt)
-ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv \
+# 3. the allocators and their controls, with h2o, snapkv and the first tuning round's chunkkv:chunk=20
+#    (the question in the prompt; the published run grew its policies from h2o,snapkv to these)
+ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv,chunkkv:chunk=20 \
     --allocators uniform,squeeze,pyramid,squeeze:p=0.7,squeeze-lowest,squeeze-random,blend
 # 4. settings chosen on the tuning samples, then reported on the samples above: every candidate runs
 #    on tune_samples, the best mean score at each budget is chosen, and the chosen policies are added
@@ -64,7 +65,7 @@ print(",".join(dict.fromkeys(json.load(open(sys.argv[1]))["policies"] + list(spe
 }
 tuning=$out/smollm2-ruler4k-tuning-in-prompt
 ruler --samples-file "$tune_samples" --out "$tuning" --budgets 0.1,0.3 --allocators uniform \
-    --policies snapkv,chunkkv,chunkkv:chunk=5,chunkkv:chunk=20,chunkkv:window=0,chunkkv:window=16,chunkkv:window=64,chunkkv:kernel=3,chunkkv:heads=shared,snapkv:heads=shared,reconstruct:score=max,window=32,reconstruct:chunk=10,score=max,window=32,reconstruct:chunk=10,window=32
+    --policies snapkv,chunkkv,chunkkv:chunk=5,chunkkv:chunk=20,chunkkv:window=0,chunkkv:window=16,chunkkv:window=64,chunkkv:kernel=3,chunkkv:heads=shared,snapkv:heads=shared,reconstruct:score=max,window=32,reconstruct:chunk=10,score=max,window=32,reconstruct:chunk=10,window=32,chunkkv:chunk=30,chunkkv:chunk=40,chunkkv:chunk=60
 ruler --out "$out/smollm2-ruler4k-policies" --budgets 0.1,0.3 --allocators uniform \
     --policies "$(grown "$out/smollm2-ruler4k-policies" "$(chosen "$tuning")")"
 # 5. the same for the question asked after compression (streaming added as a query-agnostic baseline)
@@ -74,3 +75,21 @@ ruler --samples-file "$tune_samples" --out "$tuning" --ruler-question after-comp
     --policies h2o,reconstruct,streaming,reconstruct:score=max,reconstruct:chunk=5,score=max,reconstruct:chunk=10,score=max,reconstruct:chunk=10,chunkkv:heads=shared
 ruler --out "$out/smollm2-ruler4k-after" --ruler-question after-compression --budgets 0.3 --allocators uniform \
     --policies "$(grown "$out/smollm2-ruler4k-after" "$(chosen "$tuning"),streaming")"
+# 6. a new allocator's setting chosen on the tuning samples (the best mean over every policy and
+#    budget among the settings not already in the grid), then the grid of step 3 grown by it
+tuning=$out/smollm2-ruler4k-tuning-allocators
+ruler --samples-file "$tune_samples" --out "$tuning" --budgets 0.1,0.2 --policies h2o,snapkv,chunkkv:chunk=20 \
+    --allocators uniform,squeeze,pyramid,cake,cake:share=0.5,cake:temperature=2
+new_allocator=$(python3 - "$tuning/results.jsonl" <<'EOF_PY'
+import collections, json, sys
+
+scores = collections.defaultdict(list)
+for line in open(sys.argv[1], encoding="utf-8"):
+    record = json.loads(line)
+    if record["method"] != "full" and record["allocator"] not in ("uniform", "squeeze", "pyramid"):
+        scores[record["allocator"]].append(record["metrics"]["score"])
+print(max(scores, key=lambda name: sum(scores[name]) / len(scores[name])))
+EOF_PY
+)
+ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv,chunkkv:chunk=20 \
+    --allocators "uniform,squeeze,pyramid,squeeze:p=0.7,squeeze-lowest,squeeze-random,blend,$new_allocator"
