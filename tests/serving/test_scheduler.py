@@ -77,6 +77,25 @@ def test_staggered_requests_equal_each_request_alone_on_the_reference_model(refe
     assert engine.kv_bytes_in_use == 0 and not engine.running
 
 
+def test_each_layer_of_a_batch_is_as_wide_as_its_own_widest_row(reference_model, heldout_prompts):
+    """squeeze gives a few layers most of the prompt: the others' tables and bookkeeping stay narrow,
+    so their decode pass walks only their own slots."""
+    _, model = reference_model
+    config = SqueezeConfig(budget=0.25, policy="h2o", allocator="squeeze")
+    engine = ServingEngine(model, config, kv_memory=8 * MiB)
+    collector = Collector()
+    for index, prompt in enumerate(heldout_prompts[:2]):
+        engine.submit(Request(prompt, 4, config, collector.listener(index), frozenset()))
+    while engine.batch is None or engine.batch.rows < 2:
+        engine.step()
+    cache, block_size = engine.batch, engine.pool.block_size
+    widths = [layer.tables.shape[1] for layer in cache.layers]
+    for index, (layer, width) in enumerate(zip(cache.layers, widths, strict=True)):
+        assert width == batch.bucket(max(len(row[index].blocks) for row in cache.slots))
+        assert layer.positions.shape[-1] == layer.scores.shape[-1] == width * block_size
+    assert len(set(widths)) > 1 and cache.key[1] == tuple(widths)
+
+
 def test_keep_everything_budget_equals_model_generate(reference_model, heldout_prompts):
     _, model = reference_model
     config = SqueezeConfig(budget=1.0, policy="h2o")

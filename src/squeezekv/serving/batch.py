@@ -9,7 +9,8 @@ its block table (:mod:`squeezekv.ops.paged`). The bookkeeping the policy ranks (
 validity, scores) is one dense buffer per layer while the batch's membership holds, so the policy
 and the eviction run on it as on the fast engine's buffers.
 
-The batch is padded to static shapes (rows and table width rounded up to powers of two) in
+The batch is padded to static shapes (rows and each layer's table width rounded up to powers of
+two) in
 buffers that persist across batches (:class:`Arena`), so a decode step allocates nothing of its
 own and is captured as one CUDA graph per shape on the GPU (:class:`DecodeSteps`).
 """
@@ -56,11 +57,20 @@ class Arena:
             self.generation += 1
         return storage[:need].view(shape)
 
+    def take_layered(
+        self, name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One buffer per layer, each of its own shape, as consecutive views of one flat buffer (also
+        returned, so that one copy can fill them all)."""
+        flat = self.take(name, (sum(math.prod(shape) for shape in shapes),), dtype)
+        parts = flat.split([math.prod(shape) for shape in shapes])
+        return flat, [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
+
 
 class PagedLayer(CacheLayerMixin):
-    """One layer of the batch (views of the batch's buffers): block tables (``[batch, width]``),
-    budgets, free slots and bookkeeping (``positions``, ``valid``, ``scores``: ``[batch, kv_heads,
-    width * block_size]``)."""
+    """One layer of the batch (views of the batch's buffers): block tables (``[batch, width]``, the
+    layer's own width), budgets, free slots and bookkeeping (``positions``, ``valid``, ``scores``:
+    ``[batch, kv_heads, width * block_size]``)."""
 
     is_sliding = False
 
@@ -108,15 +118,17 @@ class PagedCache(CompressedCache):
         explicit: bool,
     ) -> None:
         self.rows, batch = len(slots), bucket(len(slots))
-        count, heads = len(slots[0]), pool.kv_heads
-        width = bucket(max(len(layer.blocks) for row in slots for layer in row))
+        count, heads, block_size = len(slots[0]), pool.kv_heads, pool.block_size
+        # each layer is as wide as its own widest row, so that a layer keeping few tokens is not
+        # walked as far as the batch's widest layer (squeeze gives a few layers most of the prompt)
+        widths = [bucket(max(len(row[index].blocks) for row in slots)) for index in range(count)]
         pad = [0] * (batch - self.rows)
-        # every layer's buffers at once ([layers, batch, ...]): a few copies build the batch
-        tables = arena.take("tables", (count, batch, width), torch.long)
-        tables.copy_(torch.tensor([
-            [row[index].blocks + [PAD_BLOCK] * (width - len(row[index].blocks)) for row in slots]
-            + [[PAD_BLOCK] * width] * len(pad)
-            for index in range(count)
+        flat_tables, tables = arena.take_layered("tables", [(batch, width) for width in widths], torch.long)
+        flat_tables.copy_(torch.tensor([
+            block
+            for index, width in enumerate(widths)
+            for row in [*(r[index].blocks for r in slots), *([[]] * len(pad))]
+            for block in row + [PAD_BLOCK] * (width - len(row))
         ]))  # fmt: skip
         budget = arena.take("budget", (count, batch), torch.long)
         budget.copy_(torch.tensor([[row[index].budget for row in slots] + pad for index in range(count)]))
@@ -125,18 +137,17 @@ class PagedCache(CompressedCache):
         free[:, : self.rows] = torch.stack(
             [torch.stack([row[index].free for row in slots]) for index in range(count)]
         )
-        shape = (count, batch, heads, width * pool.block_size)
-        positions = arena.take("positions", shape, pool.positions.dtype)
-        valid = arena.take("valid", shape, pool.valid.dtype)
-        scores = arena.take("scores", shape, pool.scores.dtype)
-        pool.read_bookkeeping(tables, positions, valid, scores)
-        self.layer_buffers = (tables, budget, free, positions, valid, scores)
-        super().__init__(
-            layers=[PagedLayer(*(buffer[index] for buffer in self.layer_buffers)) for index in range(count)]
-        )
+        shapes = [(batch, heads, width * block_size) for width in widths]
+        _, positions = arena.take_layered("positions", shapes, pool.positions.dtype)
+        _, valid = arena.take_layered("valid", shapes, pool.valid.dtype)
+        _, scores = arena.take_layered("scores", shapes, pool.scores.dtype)
+        for layer in zip(tables, positions, valid, scores, strict=True):
+            pool.read_bookkeeping(*layer)
+        self.layer_buffers = list(zip(tables, budget, free, positions, valid, scores, strict=True))
+        super().__init__(layers=[PagedLayer(*buffers) for buffers in self.layer_buffers])
         self.pool, self.config, self.slots = pool, config, slots
         self.scored, self.explicit = scored, explicit
-        self.key = (batch, width, scored)
+        self.key = (batch, tuple(widths), scored)
         self.columns = arena.take("columns", (batch,), torch.long)
         self.columns.copy_(torch.tensor(columns + pad))
         self.prompt_columns = arena.take("prompt_columns", (batch, 1, 1), torch.long)
@@ -209,10 +220,10 @@ class PagedCache(CompressedCache):
     def store_back(self) -> None:
         """Hands each row's bookkeeping back to the pool and its free slots to its
         :class:`LayerSlots`, before the batch is rebuilt."""
-        tables, _, free, positions, valid, scores = (buffer[:, : self.rows] for buffer in self.layer_buffers)
-        self.pool.store_bookkeeping(tables, positions, valid, scores)
-        for index, layer_free in enumerate(free.clone()):
-            for row, row_free in zip(self.slots, layer_free, strict=True):
+        for index, buffers in enumerate(self.layer_buffers):
+            tables, _, free, positions, valid, scores = (buffer[: self.rows] for buffer in buffers)
+            self.pool.store_bookkeeping(tables, positions, valid, scores)
+            for row, row_free in zip(self.slots, free.clone(), strict=True):
                 row[index].free = row_free
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
