@@ -20,6 +20,8 @@ def test_the_trace_is_seeded_and_within_its_ranges():
     assert all(gap >= 0 for gap in gaps) and 0.15 < sum(gaps) / len(gaps) < 0.35  # mean 1 / rate
     with pytest.raises(ValueError, match="--answer-range 9,3"):
         Workload(answer_range=(9, 3))
+    with pytest.raises(ValueError, match="--hf-compile-level 4 must be 0, 1, 2 or 3"):
+        Workload(hf_compile_level=4)
 
 
 def test_the_workload_bench_serves_every_path_at_equal_memory(tmp_path, capsys):

@@ -32,6 +32,7 @@ def run_workload(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         prefill_chunk=args.prefill_chunk,
         cuda_graphs=args.cuda_graphs,
+        hf_compile_level=args.hf_compile_level,
     )
     configs = [
         SqueezeConfig(budget=budget, policy=policy, allocator=allocator)

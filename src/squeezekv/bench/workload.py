@@ -45,6 +45,7 @@ class Workload:
     prefill_chunk: int | None = None
     seed: int = 0
     cuda_graphs: bool = True  # each decode bucket captured once (off: --no-cuda-graphs)
+    hf_compile_level: int = 0  # transformers' continuous batching: its default_compile_level (0: none)
 
     def __post_init__(self) -> None:
         if self.requests < 1:
@@ -57,6 +58,8 @@ class Workload:
         ):
             if not 1 <= low <= high:
                 raise ValueError(f"{name} {low},{high} must be two token counts with 1 <= low <= high")
+        if self.hf_compile_level not in (0, 1, 2, 3):
+            raise ValueError(f"--hf-compile-level {self.hf_compile_level} must be 0, 1, 2 or 3")
 
     @property
     def longest(self) -> int:
@@ -184,9 +187,12 @@ def serve_engine(
     return summarise(name, config, timelines, seconds, limit, peak, in_flight)
 
 
-def serve_hf(model: nn.Module, trace: list[TraceRequest], limit: int, page_tokens: int) -> PathResult:
+def serve_hf(
+    model: nn.Module, trace: list[TraceRequest], limit: int, page_tokens: int, compile_level: int = 0
+) -> PathResult:
     """Serves ``trace`` through transformers' continuous batching, its paged cache ``limit`` bytes in
-    pages of ``page_tokens`` (squeezekv's block size, so that both round alike)."""
+    pages of ``page_tokens`` (squeezekv's block size, so that both round alike), compiled at its
+    ``default_compile_level`` ``compile_level`` (0: not compiled)."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -198,7 +204,9 @@ def serve_hf(model: nn.Module, trace: list[TraceRequest], limit: int, page_token
     generation = GenerationConfig(
         do_sample=False, max_new_tokens=max(t.max_tokens for t in trace), eos_token_id=None
     )
-    batching = ContinuousBatchingConfig(num_blocks=blocks, page_size=page_tokens, max_queue_size=0)
+    batching = ContinuousBatchingConfig(
+        num_blocks=blocks, page_size=page_tokens, max_queue_size=0, default_compile_level=compile_level
+    )
     manager = model.init_continuous_batching(
         generation_config=generation, continuous_batching_config=batching
     )
@@ -232,7 +240,8 @@ def serve_hf(model: nn.Module, trace: list[TraceRequest], limit: int, page_token
     spans = [(outputs[i].lifespan[0] - start, outputs[i].lifespan[1] - start) for i in range(len(trace))]
     samples = [seconds * k / 200 for k in range(200)]
     in_flight = [sum(begin <= moment < end for begin, end in spans) for moment in samples]
-    return summarise("hf_continuous", None, timelines, seconds, limit, None, in_flight)
+    path = "hf_continuous" if compile_level == 0 else f"hf_continuous compile={compile_level}"
+    return summarise(path, None, timelines, seconds, limit, None, in_flight)
 
 
 def serving_benchmark(
@@ -269,8 +278,9 @@ def serving_benchmark(
 
     if hf:
         try:
-            serve_hf(model, warm, limit, workload.block_size)
-            finished(serve_hf(model, trace, limit, workload.block_size))
+            level = workload.hf_compile_level
+            serve_hf(model, warm, limit, workload.block_size, level)
+            finished(serve_hf(model, trace, limit, workload.block_size, level))
         except Exception as error:  # reported, named, in the results
             failed = PathResult(
                 "hf_continuous", None, None, None, 0, 0.0, *[math.nan] * 6, limit, None, 0.0, 0

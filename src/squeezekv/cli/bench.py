@@ -98,6 +98,13 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--prefill-chunk", type=int, help="prefill prompts in chunks of this many tokens")
+    group.add_argument(
+        "--hf-compile-level",
+        type=int,
+        default=0,
+        help="transformers' continuous batching compiled at this default_compile_level (0-3; default 0: "
+        "not compiled); shapes first met during the trace compile inside the timed run",
+    )
 
 
 def output_folder(out: str) -> Path:
