@@ -10,9 +10,8 @@ validity, scores) is one dense buffer per layer while the batch's membership hol
 and the eviction run on it as on the fast engine's buffers.
 
 The batch is padded to static shapes (rows and each layer's table width rounded up to powers of
-two) in
-buffers that persist across batches (:class:`Arena`), so a decode step allocates nothing of its
-own and is captured as one CUDA graph per shape on the GPU (:class:`DecodeSteps`).
+two) in buffers that persist across batches (:class:`Arena`), so a decode step allocates nothing of
+its own and is captured as one CUDA graph per shape on the GPU (:class:`DecodeSteps`).
 """
 
 from __future__ import annotations
