@@ -58,3 +58,33 @@ def test_the_workload_bench_serves_every_path_at_equal_memory(tmp_path, capsys):
     report["results"][1]["kv_peak_bytes"] = report["workload"]["kv_memory"] + 1
     with pytest.raises(ValueError, match="over the KV memory limit: full held"):
         check_workload_memory(report)
+
+
+def test_the_workload_bench_runs_only_the_baselines_asked_for(tmp_path):
+    arguments = ["bench", "--workload", "poisson", "--shape", "tiny", "--device", "cpu", "--requests", "2"]
+    arguments += [
+        "--rate",
+        "50",
+        "--prompt-range",
+        "16,32",
+        "--answer-range",
+        "2,4",
+        "--reference-batch",
+        "2",
+    ]
+    arguments += [
+        "--baselines",
+        "hf_static",
+        "--budgets",
+        "0.5",
+        "--policies",
+        "window",
+        "--allocators",
+        "uniform",
+    ]
+    assert main([*arguments, "--out", str(tmp_path)]) == 0
+    (report_path,) = tmp_path.glob("tiny-serving-*.json")
+    assert [r["path"] for r in json.loads(report_path.read_text())["results"]] == [
+        "hf_continuous",
+        "window/uniform",
+    ]

@@ -66,7 +66,9 @@ def run_workload(args: argparse.Namespace) -> None:
         )
 
     hf = any(baseline.startswith("hf") for baseline in args.baselines)
-    report = serving_benchmark(model, configs, workload, args.reference_batch, hf=hf, on_path=write)
+    report = serving_benchmark(
+        model, configs, workload, args.reference_batch, hf=hf, on_path=write, full="full" in args.baselines
+    )
     print(workload_markdown(report))
     print(f"written: {folder / stem}.json, {folder / stem}.md")
     check_workload_memory(report)

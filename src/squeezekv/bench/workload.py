@@ -251,10 +251,12 @@ def serving_benchmark(
     reference_batch: int,
     hf: bool,
     on_path: Callable[[dict], None] | None = None,
+    full: bool = True,
 ) -> dict:
     """Every path over the same trace; a JSON-ready report, also handed to ``on_path`` after each
-    path (so that a run stopped midway keeps the paths it finished). A failing transformers path is
-    reported with its error (it is not ours to fix), a failing squeezekv path raises."""
+    path (so that a run stopped midway keeps the paths it finished). ``hf`` and ``full``: whether
+    transformers' continuous batching and our engine's full cache run too. A failing transformers
+    path is reported with its error (it is not ours to fix), a failing squeezekv path raises."""
     limit = workload.kv_memory or reference_batch * workload.longest * kv_bytes_per_token(model)
     trace = poisson_trace(workload, model.config.get_text_config().vocab_size)
     warm = [TraceRequest(0.0, trace[0].prompt[:64], 4)]
@@ -287,7 +289,8 @@ def serving_benchmark(
             )
             failed.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             finished(failed)
-    for config in [SqueezeConfig(budget=1.0, policy=configs[0].policy), *configs]:
+    full_cache = [SqueezeConfig(budget=1.0, policy=configs[0].policy)] if full else []
+    for config in [*full_cache, *configs]:
         serve_engine(model, config, warm, workload, limit)
         finished(serve_engine(model, config, trace, workload, limit))
     return report()

@@ -95,13 +95,14 @@ if triton is not None:
         BITS: tl.constexpr, SCALE_GROUP: tl.constexpr,
     ):  # fmt: skip
         """``[slots, dims]`` states from packed codes (``BITS`` 8 or 4: the even channel in the low
-        nibble) and scales and zeros per ``SCALE_GROUP`` channels, in float32; 0 where not ``seen``."""
+        nibble) and scales and zeros per ``SCALE_GROUP`` channels, in float32; 0 where not ``seen``.
+        ``code_base``, ``scale_base`` and ``seen`` are ``[slots, 1]`` columns."""
         bit = dims * BITS
-        codes = tl.load(CODES + code_base[:, None] + (bit // 8)[None, :] * scd, mask=seen[:, None], other=0)
+        codes = tl.load(CODES + code_base + (bit // 8)[None, :] * scd, mask=seen, other=0)
         codes = (codes.to(tl.int32) >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
-        scales = scale_base[:, None] + (dims // SCALE_GROUP)[None, :] * ssd
-        scale = tl.load(SCALE + scales, mask=seen[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(ZERO + scales, mask=seen[:, None], other=0.0).to(tl.float32)
+        scales = scale_base + (dims // SCALE_GROUP)[None, :] * ssd
+        scale = tl.load(SCALE + scales, mask=seen, other=0.0).to(tl.float32)
+        zero = tl.load(ZERO + scales, mask=seen, other=0.0).to(tl.float32)
         return codes.to(tl.float32) * scale + zero
 
     @triton.jit
@@ -147,17 +148,20 @@ if triton is not None:
                                   mask=coded[:, None], other=0.0)  # fmt: skip
             else:
                 # a coded slot that is seen holds a token, quantized into one of its head's key groups;
-                # other slots read the first entry (Triton 3.6 on sm_90 rejects this 1-D load masked by
-                # ``coded``, a mask computed from loaded data: "mask type matches ptr type")
-                group_at = tl.where(coded, batch * sgb + kv_head * sgh + cols * sgn, 0)
-                group = tl.load(KG + group_at, mask=inside, other=0)
+                # every operand is a [slots, 1] column (Triton 3.6 on sm_90 failed to lay out this
+                # lookup as 1-D tensors feeding both the key and the value reads)
+                seen_coded = coded[:, None]
+                group = tl.load(
+                    KG + batch * sgb + kv_head * sgh + cols[:, None] * sgn, mask=seen_coded, other=0
+                )
                 k_coded = _decoded(
-                    K, KS, KZ, batch * skb + kv_head * skh + cols * skn,
-                    batch * sksb + kv_head * sksh + group * sksg, skd, sksd, dims, coded, BITS, 1,
+                    K, KS, KZ, batch * skb + kv_head * skh + cols[:, None] * skn,
+                    batch * sksb + kv_head * sksh + group * sksg, skd, sksd, dims, seen_coded, BITS, 1,
                 ).to(k.dtype)  # fmt: skip
                 v_coded = _decoded(
-                    V, VS, VZ, batch * svb + kv_head * svh + cols * svn,
-                    batch * svsb + kv_head * svsh + cols * svsn, svd, svsd, dims, coded, BITS, VALUE_GROUP,
+                    V, VS, VZ, batch * svb + kv_head * svh + cols[:, None] * svn,
+                    batch * svsb + kv_head * svsh + cols[:, None] * svsn, svd, svsd, dims, seen_coded, BITS,
+                    VALUE_GROUP,
                 ).to(v.dtype)  # fmt: skip
             k = tl.where(waiting[:, None], k, k_coded)  # codes rounded to the model's dtype, as the transient
             v = tl.where(waiting[:, None], v, v_coded)
