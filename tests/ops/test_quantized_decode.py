@@ -121,8 +121,8 @@ def test_rows_at_different_precisions_each_read_their_own_codes(monkeypatch):
 @pytest.mark.parametrize(("bits", "group", "per_head", "window"), [(8, 3, True, None), (4, 1, False, 40)])
 def test_the_torch_twin_is_attention_over_the_transient_copy(bits, group, per_head, window):
     """Against the prefill op's torch path over :meth:`PackedStates.states` (what a decode step ran
-    before): the same numbers, bit for bit, the mass included; also with a padding query, which still
-    sees its own token and gives no mass."""
+    before): the same numbers (bit for bit on the CPU), the mass included; also with a padding query,
+    which still sees its own token and gives no mass."""
     query, packed, positions, valid, column = quantized_layer([bits, 16], group, per_head, seed=5)
     valid[1, :, -1] = False  # the second row's query is padding
     keys, values = packed.states(positions)
@@ -131,8 +131,12 @@ def test_the_torch_twin_is_attention_over_the_transient_copy(bits, group, per_he
         query, keys, values, positions, valid, column, window, 0.3, 1, query_valid
     )
     got, got_mass = packed.decode_attention(query, positions, valid, column, window, 0.3, True, None, False)
-    assert torch.equal(got, want)
-    assert torch.equal(got_mass * query_valid.view(-1, 1, 1), want_mass)
+    got_mass = got_mass * query_valid.view(-1, 1, 1)
+    if DEVICE == "cpu":
+        assert torch.equal(got, want) and torch.equal(got_mass, want_mass)
+    else:  # cuBLAS picks its reduction order by shape, so the last bit may differ
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got_mass, want_mass, atol=1e-6, rtol=1e-5)
 
 
 @needs_triton

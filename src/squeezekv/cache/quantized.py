@@ -18,10 +18,9 @@ dtype as is.
 
 A one-token decode step attends over the codes themselves (:meth:`PackedStates.decode_attention`:
 :func:`~squeezekv.ops.quantized_decode_attention` once per precision, whose Triton kernel
-dequantizes in registers; it has not yet run on a GPU). Prefill and multi-token forwards, and the
-torch twin, read a transient full-precision copy of the whole layer, made by
-:meth:`PackedStates.states` for the forward and dropped after it: the stored cache is packed, the
-transient is one layer.
+dequantizes in registers). Prefill and multi-token forwards, and the torch twin, read a transient
+full-precision copy of the whole layer, made by :meth:`PackedStates.states` for the forward and
+dropped after it: the stored cache is packed, the transient is one layer.
 """
 
 from __future__ import annotations

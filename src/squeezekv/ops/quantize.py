@@ -8,7 +8,7 @@ scales and zeros float16, and 4-bit codes are packed two to a byte (the even cha
 nibble). ``bits=16`` means no quantization: the model's own dtype.
 
 These are torch functions. A one-token decode step on a GPU reads the codes themselves, dequantizing in
-registers (:mod:`squeezekv.ops.quantized_decode`, whose Triton kernel has not yet run on a GPU);
+registers (:mod:`squeezekv.ops.quantized_decode`);
 prefill and multi-token forwards dequantize one layer at a time to a transient full-precision
 tensor (:mod:`squeezekv.cache.quantized`). The fast engine's static buffers do not support
 quantized caches (kv_bits < 16).
