@@ -118,6 +118,8 @@ def versus(
         interval = paired_bootstrap(values, base_values, weights, relative)
         if np.isnan(interval.difference):
             return "n/a"
+        if np.isnan(interval.low):  # the base cell's mean is 0 on some resamples: no relative interval
+            return f"{interval.difference:+.2f} [no interval: {base_name} averages 0 on some resamples]"
         mark = "*" if interval.decided else ""
         return f"{interval.difference:+.2f}{mark} [{interval.low:+.2f}, {interval.high:+.2f}]"
 
