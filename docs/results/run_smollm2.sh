@@ -93,3 +93,19 @@ EOF_PY
 )
 ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv,chunkkv:chunk=20 \
     --allocators "uniform,squeeze,pyramid,squeeze:p=0.7,squeeze-lowest,squeeze-random,blend,$new_allocator"
+# 7. the allocators at budget 0.5, in a run of their own
+ruler --out "$out/smollm2-ruler4k-b05" --budgets 0.5 --policies h2o,snapkv,chunkkv:chunk=20 \
+    --allocators uniform,squeeze,pyramid,squeeze:p=0.7
+# 8. answer drift: 100 held-out documents, 2k-token prompts (the eval extra's rouge-score needed)
+python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --engine fast --task drift \
+    --context 2048 --batch-size 100 --limit 100 --budgets 0.2 --policies h2o,snapkv,chunkkv:chunk=40 \
+    --allocators uniform,squeeze,pyramid --no-progress --out "$out/smollm2-drift-gpu" >/dev/null
+# 9. fewer bits, more tokens at equal bytes (issue 18): the simple path, whose decode step reads the
+#    codes; the published seed-1 run stopped at 64 samples in 12 of the 15 cells (docs/results/README.md)
+bits() {
+    python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --task ruler --engine simple \
+        --batch-size 64 --budgets 0.2 --kv-bits 16,8,4 --equal-bytes --policies h2o,chunkkv:chunk=40 \
+        --allocators uniform,squeeze,squeeze-bits --no-progress "$@" >/dev/null
+}
+bits --samples-file "$tune_samples" --limit 110 --out "$out/smollm2-ruler4k-tuning-bits"
+bits --samples-file "$samples" --out "$out/smollm2-ruler4k-bits"
