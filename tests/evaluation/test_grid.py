@@ -1,5 +1,6 @@
 import pytest
 
+from squeezekv.evaluation.decoding import QuantizedFullCache
 from squeezekv.evaluation.grid import FULL, Cell, EvalConfig, to_json
 
 
@@ -39,3 +40,18 @@ def test_a_16_bit_grid_records_and_keys_as_before():
 def test_bad_kv_bits_in_a_grid_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match="kv_bits=6 is not supported"):
         grid(kv_bits=(16, 6))
+
+
+def test_transformers_quantized_cache_cells_come_after_the_full_cache_at_every_budget():
+    config = grid(quantized_cache=(4, 2))
+    cells = config.cells()
+    assert [cell.key for cell in cells[:3]] == [
+        FULL,
+        "transformers-quantized/4bit",
+        "transformers-quantized/2bit",
+    ]
+    assert cells[1].row == "transformers QuantizedCache × 4-bit" and cells[1].budget is None
+    assert config.squeeze_config(cells[2]) == QuantizedFullCache(2)
+    assert to_json(config)["quantized_cache"] == [4, 2] and "quantized_cache" not in to_json(grid())
+    with pytest.raises(ValueError, match="stores 2 or 4 bits, not 8"):
+        grid(quantized_cache=(8,))

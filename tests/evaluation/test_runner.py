@@ -37,6 +37,26 @@ def test_a_grid_extended_at_its_end_runs_only_the_new_cells(eval_args, tmp_path,
     assert main(eval_args("ppl", out=out, grid=("--budgets", "500", *grown[2:]))) == 2
 
 
+def test_a_stored_run_grows_by_transformers_quantized_cache_cells(eval_args, tmp_path, capsys):
+    """A run recorded without the peer (its config.json has no quantized_cache) gains its cells alone;
+    they fill every budget column, and the summary says what their KV column counts."""
+    grid = ("--budgets", "0.5,500", "--policies", "h2o", "--allocators", "uniform")
+    out = tmp_path / "peer"
+    assert main(eval_args("ppl", out=out, grid=grid)) == 0
+    before = (out / "results.jsonl").read_text().splitlines()
+    assert main(eval_args("ppl", out=out, grid=(*grid, "--quantized-cache", "4"))) == 0
+    assert "extending the stored run with more quantized_cache" in capsys.readouterr().err
+    after = (out / "results.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before
+    assert {json.loads(line)["cell"] for line in after[len(before) :]} == {"transformers-quantized/4bit"}
+    summary = (out / "summary.md").read_text()
+    row = next(
+        line for line in summary.splitlines() if line.startswith("| transformers QuantizedCache × 4-bit |")
+    )
+    assert row.count("|") == 4 and "| |" not in row  # a value under both budgets
+    assert "their KV-tokens column is their bytes counted in 16-bit tokens" in summary
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -51,6 +51,12 @@ def add_parser(commands) -> None:
         help="comma-separated key-value precisions, a grid axis: 16 (default), 8, 4 (the simple engine only)",
     )
     parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
+    parser.add_argument(
+        "--quantized-cache",
+        default="",
+        help="comma-separated bits (2, 4): also run transformers' QuantizedCache (quanto backend, every "
+        'token kept) at each, the peer of --kv-bits (needs pip install "squeezekv[quanto]")',
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
     parser.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
     parser.add_argument("--data", help="JSONL input (default: the bundled held-out documents)")
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> None:
         peer_python=args.peer_python,
         kv_bits=numbers(args.kv_bits, int),
         equal_bytes=args.equal_bytes,
+        quantized_cache=numbers(args.quantized_cache, int) if args.quantized_cache else (),
     )
     if not args.no_progress:  # what the bar will count, before the model loads
         print(f"grid: {describe(config)} per sample", file=sys.stderr)
@@ -170,4 +177,6 @@ def describe(config) -> str:
     if config.peer_presses:
         presses = counted(len(config.peer_presses), f"{config.peer} press", f"{config.peer} presses")
         parts.append(f"{presses} × {budgets}")
+    if config.quantized_cache:
+        parts.append(counted(len(config.quantized_cache), "transformers QuantizedCache cell"))
     return f"{len(config.cells())} cells (the full cache, {', '.join(parts)})"

@@ -10,15 +10,18 @@ from typing import ClassVar
 from squeezekv import SqueezeConfig
 from squeezekv.allocators import resolve_allocator
 from squeezekv.allocators.precision import PrecisionAllocator
+from squeezekv.evaluation.decoding import QuantizedFullCache
 from squeezekv.evaluation.tasks import TaskOptions
 
 FULL = "full"
 OWN = "squeezekv"
+QUANTIZED = "transformers-quantized"  # transformers' QuantizedCache: every token, fewer bits
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One column of results: the full cache, a squeezekv setting, or a peer library's press.
+    """One column of results: the full cache, a squeezekv setting, a peer library's press, or
+    transformers' ``QuantizedCache`` at ``kv_bits`` (like the full cache, the same at every budget).
 
     ``kv_bits`` below 16 marks a quantized squeezekv cell (its key and row say so; 16 reads as before).
     """
@@ -36,6 +39,8 @@ class Cell:
         if self.method == OWN:
             bits = f"/{self.kv_bits}bit" if self.kv_bits != 16 else ""
             return f"{self.policy}/{self.allocator}/{self.budget}{bits}"
+        if self.method == QUANTIZED:
+            return f"{QUANTIZED}/{self.kv_bits}bit"
         return f"{self.method}:{self.policy}/{self.budget}"
 
     @property
@@ -46,6 +51,8 @@ class Cell:
         if self.method == OWN:
             bits = f" × {self.kv_bits}-bit" if self.kv_bits != 16 else ""
             return f"{self.policy} × {self.allocator}{bits}"
+        if self.method == QUANTIZED:
+            return f"transformers QuantizedCache × {self.kv_bits}-bit"
         return f"{self.method} {self.policy}"
 
 
@@ -61,7 +68,8 @@ class EvalConfig:
     ``kv_bits`` is a grid axis (every policy × allocator × budget at each precision; an allocator
     that plans bits itself, such as ``squeeze-bits``, gets one cell per budget). With
     ``equal_bytes`` every budget counts 16-bit tokens' bytes, so quantized cells keep more tokens
-    (:class:`~squeezekv.SqueezeConfig`).
+    (:class:`~squeezekv.SqueezeConfig`). ``quantized_cache``: the bits of transformers'
+    ``QuantizedCache`` cells, the peer of ``kv_bits`` (every token kept at 2 or 4 bits).
     """
 
     task: str
@@ -79,15 +87,16 @@ class EvalConfig:
     peer_python: str | None = None
     kv_bits: tuple[int, ...] = (16,)
     equal_bytes: bool = False
+    quantized_cache: tuple[int, ...] = ()
 
     RUNTIME: ClassVar[tuple[str, ...]] = ("limit", "device", "batch_size", "peer_python")
-    AXES: ClassVar[tuple[str, ...]] = ("budgets", "policies", "allocators", "peer_presses")
+    AXES: ClassVar[tuple[str, ...]] = ("budgets", "policies", "allocators", "peer_presses", "quantized_cache")
 
     def __post_init__(self) -> None:
         if not self.budgets or not self.policies or not self.allocators or not self.kv_bits:
             raise ValueError("--budgets, --policies, --allocators and --kv-bits each need at least one value")
-        for cell in self.cells():  # every own cell's settings checked before anything runs
-            if cell.method == OWN:
+        for cell in self.cells():  # every own and quantized cell's settings checked before anything runs
+            if cell.method in (OWN, QUANTIZED):
                 self.squeeze_config(cell)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
@@ -104,11 +113,16 @@ class EvalConfig:
             for budget in self.budgets
         ]
         peers = [Cell(self.peer, press, "", budget) for press in self.peer_presses for budget in self.budgets]
-        return [Cell(FULL), *own, *peers]
+        quantized = [Cell(QUANTIZED, kv_bits=bits) for bits in self.quantized_cache]
+        return [Cell(FULL), *quantized, *own, *peers]
 
-    def squeeze_config(self, cell: Cell) -> SqueezeConfig | None:
+    def squeeze_config(self, cell: Cell) -> SqueezeConfig | QuantizedFullCache | None:
+        """What a cell runs with: ``None`` (the full cache), transformers' ``QuantizedCache`` or a
+        squeezekv configuration (a peer's press runs in the peer's own process)."""
         if cell.method == FULL:
             return None
+        if cell.method == QUANTIZED:
+            return QuantizedFullCache(cell.kv_bits)
         return self.own_config(cell.budget, cell.policy, cell.allocator, cell.kv_bits)
 
     def own_config(
@@ -126,11 +140,14 @@ class EvalConfig:
 
 
 def to_json(config: EvalConfig) -> dict:
-    """``config`` as plain JSON types (tuples become lists); the precision fields only when not at
-    their defaults, so that a run recorded before they existed still resumes."""
+    """``config`` as plain JSON types (tuples become lists); the precision fields and
+    ``quantized_cache`` only when not at their defaults, so that a run recorded before they existed
+    still resumes."""
     record = json.loads(json.dumps(dataclasses.asdict(config)))
     if record["kv_bits"] == [16]:
         del record["kv_bits"]
     if not record["equal_bytes"]:
         del record["equal_bytes"]
+    if not record["quantized_cache"]:
+        del record["quantized_cache"]
     return record

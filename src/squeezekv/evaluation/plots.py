@@ -27,8 +27,12 @@ def metric_vs_budget(summaries, budgets, metric: str, path: Path) -> None:
     families: list[str] = []
     for summary in summaries:
         cell = summary.cell
-        if cell.method == FULL:
-            axes.axhline(summary.metrics[metric], color="black", linestyle="--", label="full cache")
+        if cell.budget is None:  # the full cache, or transformers' QuantizedCache: one value at every budget
+            full = cell.method == FULL
+            axes.axhline(
+                summary.metrics[metric], color="black" if full else "grey", linestyle="--" if full else ":",
+                label=cell.row,
+            )  # fmt: skip
             continue
         family = f"{cell.method}:{cell.policy}"
         families += [family] if family not in families else []

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.utils import logging
 
-from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig
+from squeezekv.evaluation.grid import FULL, OWN, QUANTIZED, Cell, EvalConfig
 from squeezekv.evaluation.peer import check_peer, run_peer
 from squeezekv.evaluation.profiling import layer_profile
 from squeezekv.evaluation.store import ResultStore, write_atomic
@@ -66,9 +66,11 @@ def run_eval(config: EvalConfig, model: nn.Module, tokenizer, out: str | Path, p
     store = ResultStore(out, config)
     try:
         with tqdm(total=len(samples) * len(cells), disable=not progress, unit="cell") as bar:
-            peer_cells = [cell for cell in cells if cell.method not in (FULL, OWN)]
-            run_peers(config, task, tokenizer, samples, peer_cells, store, bar)
-            own = [cell for cell in cells if cell.method in (FULL, OWN)]
+            here = (FULL, QUANTIZED, OWN)  # run in this process; a peer's presses run in its own
+            run_peers(
+                config, task, tokenizer, samples, [c for c in cells if c.method not in here], store, bar
+            )
+            own = [cell for cell in cells if cell.method in here]
             for start in range(0, len(samples), config.batch_size):
                 batch = samples[start : start + config.batch_size]
                 run_batch(config, task, model, tokenizer, batch, own, store, bar)

@@ -49,6 +49,7 @@ def extends(stored: object, wanted: object, name: str) -> bool:
     """Whether ``wanted`` only adds values to a grid axis of a stored run, so that the cells already
     measured keep their meaning and a rerun adds the new ones (a policy added to a finished grid
     costs only its own cells)."""
+    stored = [] if stored is None and name in EvalConfig.AXES else stored  # an axis added since
     return (
         name in EvalConfig.AXES
         and isinstance(stored, list)

@@ -39,7 +39,8 @@ def summarize(task: Task, cells: list[Cell], samples: list[str], records: dict) 
 
 
 def table(config: EvalConfig, summaries: list[CellSummary], value) -> list[str]:
-    """Markdown rows: one per policy × allocator (and peer press), one column per budget."""
+    """Markdown rows: one per policy × allocator (and peer press), one column per budget; a cell
+    without a budget (transformers' ``QuantizedCache``) fills every column, as the full cache does."""
     by_key = {(s.cell.row, s.cell.budget): s for s in summaries if s.cell.method != FULL}
     full = next(s for s in summaries if s.cell.method == FULL)
     rows = list(dict.fromkeys(s.cell.row for s in summaries if s.cell.method != FULL))
@@ -49,7 +50,7 @@ def table(config: EvalConfig, summaries: list[CellSummary], value) -> list[str]:
         f"| full cache | {' | '.join(value(full, full) for _ in config.budgets)} |",
     ]
     for row in rows:
-        cells = [by_key.get((row, budget)) for budget in config.budgets]
+        cells = [by_key.get((row, budget)) or by_key.get((row, None)) for budget in config.budgets]
         lines.append(f"| {row} | " + " | ".join(value(s, full) if s else "" for s in cells) + " |")
     return lines
 
@@ -168,8 +169,13 @@ def share_of_full(
 
 def precision_note(config: EvalConfig) -> list[str]:
     """What the kv bits of the rows mean (nothing for a grid at 16 bits alone)."""
+    peer = [
+        "- transformers QuantizedCache rows (the quanto backend) keep every token at 2 or 4 bits, its "
+        "newest 128 unquantized; their KV-tokens column is their bytes counted in 16-bit tokens "
+        "(codes as stored, scales and shifts at 2 bytes), the unit of squeezekv's equal-bytes budgets"
+    ]
     if config.kv_bits == (16,) and not config.equal_bytes:
-        return []
+        return peer if config.quantized_cache else []
     bits = ", ".join(str(b) for b in config.kv_bits)
     unit = (
         "budgets count 16-bit tokens' bytes: a quantized cell keeps as many tokens as fit in them, scales "
@@ -178,7 +184,8 @@ def precision_note(config: EvalConfig) -> list[str]:
         if config.equal_bytes
         else "budgets count tokens at any precision, so quantized cells hold fewer bytes"
     )
-    return [f"- key-value precision: {bits} bits (rows marked × 8-bit, × 4-bit; unmarked: 16); {unit}"]
+    note = f"- key-value precision: {bits} bits (rows marked × 8-bit, × 4-bit; unmarked: 16); {unit}"
+    return [note, *(peer if config.quantized_cache else [])]
 
 
 def markdown(
