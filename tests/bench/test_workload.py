@@ -24,18 +24,15 @@ def test_the_trace_is_seeded_and_within_its_ranges():
         Workload(hf_compile_level=4)
 
 
+def tiny_trace(requests: int, prompts: str, answers: str) -> list[str]:
+    """``bench --workload`` on the tiny shape, on the CPU, at the memory of 2 full caches."""
+    arguments = ["bench", "--workload", "poisson", "--shape", "tiny", "--device", "cpu", "--rate", "50"]
+    arguments += ["--requests", str(requests), "--prompt-range", prompts, "--answer-range", answers]
+    return [*arguments, "--reference-batch", "2"]
+
+
 def test_the_workload_bench_serves_every_path_at_equal_memory(tmp_path, capsys):
-    arguments = ["bench", "--workload", "poisson", "--shape", "tiny", "--device", "cpu", "--requests", "3"]
-    arguments += [
-        "--rate",
-        "50",
-        "--prompt-range",
-        "16,64",
-        "--answer-range",
-        "3,6",
-        "--reference-batch",
-        "2",
-    ]
+    arguments = tiny_trace(3, "16,64", "3,6")
     arguments += ["--budgets", "0.5", "--policies", "h2o", "--allocators", "squeeze", "--out", str(tmp_path)]
     assert main(arguments) == 0
     (report_path,) = tmp_path.glob("tiny-serving-*.json")
@@ -61,27 +58,9 @@ def test_the_workload_bench_serves_every_path_at_equal_memory(tmp_path, capsys):
 
 
 def test_the_workload_bench_runs_only_the_baselines_asked_for(tmp_path):
-    arguments = ["bench", "--workload", "poisson", "--shape", "tiny", "--device", "cpu", "--requests", "2"]
-    arguments += [
-        "--rate",
-        "50",
-        "--prompt-range",
-        "16,32",
-        "--answer-range",
-        "2,4",
-        "--reference-batch",
-        "2",
-    ]
-    arguments += [
-        "--baselines",
-        "hf_static",
-        "--budgets",
-        "0.5",
-        "--policies",
-        "window",
-        "--allocators",
-        "uniform",
-    ]
+    arguments = tiny_trace(2, "16,32", "2,4")
+    arguments += ["--baselines", "hf_static", "--budgets", "0.5", "--policies", "window"]
+    arguments += ["--allocators", "uniform"]
     assert main([*arguments, "--out", str(tmp_path)]) == 0
     (report_path,) = tmp_path.glob("tiny-serving-*.json")
     assert [r["path"] for r in json.loads(report_path.read_text())["results"]] == [
