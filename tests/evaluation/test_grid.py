@@ -26,7 +26,7 @@ def test_kv_bits_is_a_grid_axis_and_a_bits_planning_allocator_gets_one_cell():
     ]
     cell = config.cells()[-1]
     assert cell.row == "h2o × uniform × 4-bit"
-    squeeze = config.squeeze_config(cell)
+    squeeze = config.cache_setting(cell)
     assert (squeeze.kv_bits, squeeze.equal_bytes) == (4, True)
 
 
@@ -51,7 +51,7 @@ def test_transformers_quantized_cache_cells_come_after_the_full_cache_at_every_b
         "transformers-quantized/2bit",
     ]
     assert cells[1].row == "transformers QuantizedCache × 4-bit" and cells[1].budget is None
-    assert config.squeeze_config(cells[2]) == QuantizedFullCache(2)
+    assert config.cache_setting(cells[2]) == QuantizedFullCache(2)
     assert to_json(config)["quantized_cache"] == [4, 2] and "quantized_cache" not in to_json(grid())
     with pytest.raises(ValueError, match="stores 2 or 4 bits, not 8"):
         grid(quantized_cache=(8,))

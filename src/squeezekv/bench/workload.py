@@ -240,8 +240,12 @@ def serve_hf(
     spans = [(outputs[i].lifespan[0] - start, outputs[i].lifespan[1] - start) for i in range(len(trace))]
     samples = [seconds * k / 200 for k in range(200)]
     in_flight = [sum(begin <= moment < end for begin, end in spans) for moment in samples]
-    path = "hf_continuous" if compile_level == 0 else f"hf_continuous compile={compile_level}"
-    return summarise(path, None, timelines, seconds, limit, None, in_flight)
+    return summarise(hf_path(compile_level), None, timelines, seconds, limit, None, in_flight)
+
+
+def hf_path(compile_level: int) -> str:
+    """The report's name for transformers' continuous batching at ``compile_level``."""
+    return "hf_continuous" if compile_level == 0 else f"hf_continuous compile={compile_level}"
 
 
 def serving_benchmark(
@@ -285,7 +289,7 @@ def serving_benchmark(
             finished(serve_hf(model, trace, limit, workload.block_size, level))
         except Exception as error:  # reported, named, in the results
             failed = PathResult(
-                "hf_continuous", None, None, None, 0, 0.0, *[math.nan] * 6, limit, None, 0.0, 0
+                hf_path(level), None, None, None, 0, 0.0, *[math.nan] * 6, limit, None, 0.0, 0
             )
             failed.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             finished(failed)

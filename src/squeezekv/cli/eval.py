@@ -53,7 +53,6 @@ def add_parser(commands) -> None:
     parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
     parser.add_argument(
         "--quantized-cache",
-        default="",
         help="comma-separated bits (2, 4): also run transformers' QuantizedCache (quanto backend, every "
         'token kept) at each, the peer of --kv-bits (needs pip install "squeezekv[quanto]")',
     )
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
         peer_python=args.peer_python,
         kv_bits=numbers(args.kv_bits, int),
         equal_bytes=args.equal_bytes,
-        quantized_cache=numbers(args.quantized_cache, int) if args.quantized_cache else (),
+        quantized_cache=numbers(args.quantized_cache, int) or (),
     )
     if not args.no_progress:  # what the bar will count, before the model loads
         print(f"grid: {describe(config)} per sample", file=sys.stderr)

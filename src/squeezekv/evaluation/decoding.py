@@ -86,8 +86,11 @@ def quantized_cache_tokens(cache) -> float:
     return sum(shares) / len(shares)
 
 
-def session_for(model: nn.Module, config: SqueezeConfig | None, new_tokens: int):
-    return contextlib.nullcontext() if config is None else squeezekv.compress(model, config, new_tokens)
+def session_for(model: nn.Module, config: SqueezeConfig | QuantizedFullCache | None, new_tokens: int):
+    """A squeezekv session for a squeezekv configuration; nothing for the model's own caches."""
+    if isinstance(config, SqueezeConfig):
+        return squeezekv.compress(model, config, new_tokens)
+    return contextlib.nullcontext()
 
 
 @torch.inference_mode()
@@ -104,7 +107,7 @@ def decode(
     Scoring token by token is the decode path users get, so eviction during decode is measured too.
     """
     quantized = config if isinstance(config, QuantizedFullCache) else None
-    with session_for(model, None if quantized else config, steps) as session:
+    with session_for(model, config, steps) as session:
         first = {} if quantized is None else {"cache": quantized.new_cache(model)}
         output = model(input_ids=prompt, use_cache=True, **first)
         cache, logits, tokens = output.cache, [output.logits[:, -1].float()], []

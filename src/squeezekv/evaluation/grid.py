@@ -97,7 +97,7 @@ class EvalConfig:
             raise ValueError("--budgets, --policies, --allocators and --kv-bits each need at least one value")
         for cell in self.cells():  # every own and quantized cell's settings checked before anything runs
             if cell.method in (OWN, QUANTIZED):
-                self.squeeze_config(cell)
+                self.cache_setting(cell)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
         if self.batch_size < 1:
@@ -116,7 +116,7 @@ class EvalConfig:
         quantized = [Cell(QUANTIZED, kv_bits=bits) for bits in self.quantized_cache]
         return [Cell(FULL), *quantized, *own, *peers]
 
-    def squeeze_config(self, cell: Cell) -> SqueezeConfig | QuantizedFullCache | None:
+    def cache_setting(self, cell: Cell) -> SqueezeConfig | QuantizedFullCache | None:
         """What a cell runs with: ``None`` (the full cache), transformers' ``QuantizedCache`` or a
         squeezekv configuration (a peer's press runs in the peer's own process)."""
         if cell.method == FULL:

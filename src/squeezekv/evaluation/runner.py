@@ -62,7 +62,7 @@ def run_eval(config: EvalConfig, model: nn.Module, tokenizer, out: str | Path, p
     cells = config.cells()
     for cell in cells:  # a budget too small for some prompt fails here, before anything is written
         for sample in samples if cell.method == OWN else ():
-            config.squeeze_config(cell).tokens_per_layer(len(sample.prompt))
+            config.cache_setting(cell).tokens_per_layer(len(sample.prompt))
     store = ResultStore(out, config)
     try:
         with tqdm(total=len(samples) * len(cells), disable=not progress, unit="cell") as bar:
@@ -92,7 +92,7 @@ def run_batch(config, task: Task, model, tokenizer, batch: list[Sample], cells, 
         bar.set_postfix_str(f"{cell.key} ({len(todo)} samples)")
         started = time.perf_counter()
         results = task.evaluate(
-            model, tokenizer, todo, [prepared[s.id] for s in todo], config.squeeze_config(cell)
+            model, tokenizer, todo, [prepared[s.id] for s in todo], config.cache_setting(cell)
         )
         seconds = (time.perf_counter() - started) / len(todo)
         for sample, result in zip(todo, results, strict=True):
@@ -140,7 +140,7 @@ def write_plots(config: EvalConfig, task: Task, model, samples: list[Sample], st
         path = store.directory / f"{task.metric}_vs_budget.png"
         plots.metric_vs_budget(summaries, list(config.budgets), task.metric, path)
     middle = config.budgets[len(config.budgets) // 2]
-    squeeze = config.squeeze_config(Cell(OWN, config.policies[0], config.allocators[0], middle))
+    squeeze = config.cache_setting(Cell(OWN, config.policies[0], config.allocators[0], middle))
     profile = layer_profile(model, samples[0].prompt, squeeze, list(config.allocators))
     plots.layer_profile(profile.similarity, profile.budgets, profile.squeezed, store.directory / "layers.png")
     if task.heat_map is not None and complete:
