@@ -7,8 +7,9 @@ import torch
 
 import squeezekv
 from squeezekv import SqueezeConfig
-from squeezekv.engine import FastGenerator, compiled_parts
+from squeezekv.engine import FastGenerator, compiled_parts, kv_bytes_per_sequence
 from squeezekv.evaluation.decoding import stepwise_generate
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS
 
 from models import FAMILIES, left_pad, prompts, short_policy, tiny_model
 
@@ -171,3 +172,41 @@ def test_decoding_stops_once_every_sequence_has_the_stop_token():
         assert torch.equal(new_early[row, :cut], new_whole[row, :cut])  # the same answer up to the stop
     if all((new_whole[row] == stop).any() for row in range(2)):
         assert early.stats.decode_steps < 39 and bool((new_early[:, -1] == stop).all())
+
+
+@pytest.mark.parametrize(
+    ("policy", "bits"), [(policy, 4) for policy in UNIFORM_HEADS] + [("h2o", 8), ("window", 8)]
+)
+def test_fast_engine_with_packed_keys_and_values_equals_simple_path(policy, bits):
+    """Past two residual windows, each quantized on the host between steps, with the micro-batches'
+    key-group tables stacked: the same tokens kept, the same new tokens."""
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([100, 85, 93], seed=1))
+    config = SqueezeConfig(0.5, short_policy(policy, window=4), "squeeze", kv_bits=bits)
+    new_tokens = 2 * KEY_GROUP_TOKENS + 12
+    with squeezekv.compress(model, config, max_new_tokens=new_tokens) as session:
+        simple = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        simple_cache = session.cache
+    generator = FastGenerator(model, config)
+    fast = generator.generate(ids, mask, max_new_tokens=new_tokens, prefill_batch=2)
+    assert torch.equal(simple, fast.sequences)
+    for dynamic, static in zip(simple_cache.layers, generator.cache.layers, strict=True):
+        assert static.keys is None and static.packed.bits == bits
+        for row in range(3):
+            for head in range(static.packed.heads):
+                assert kept_positions(dynamic, row, head) == kept_positions(static, row, head)
+        assert static.packed.start == dynamic.packed.residual_start == 100 + 2 * KEY_GROUP_TOKENS
+    assert fast.stats.kv_bytes_kept == generator.cache.kv_bytes_kept()
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_bytes_per_sequence_are_what_the_fast_engine_allocates(bits):
+    """The bench sizes its batches from this, before any run."""
+    model = tiny_model("llama")
+    ids = prompts([90, 90], seed=3)
+    config = SqueezeConfig(30, "h2o", "uniform", kv_bits=bits)
+    generator = FastGenerator(model, config)
+    generator.generate(torch.stack(ids), max_new_tokens=70, prefill_batch=1)
+    expected = 2 * kv_bytes_per_sequence(model, config, 90, 70)
+    assert generator.cache.kv_bytes_kept() == expected
+    assert (generator.cache.row_overhead_bytes() > 0) == (bits < 16)

@@ -50,3 +50,25 @@ def test_h2o_decode_equals_simple_path_with_three_query_heads_per_key_head():
     fast = FastGenerator(model, config).generate(ids, mask, max_new_tokens=24)
     assert torch.equal(simple.sequences, fast.sequences)
     assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
+
+
+@pytest.mark.parametrize(("bits", "policy"), [(8, "h2o"), (4, "window"), (4, "snapkv")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_graphed_decode_over_packed_codes_equals_simple_path_on_the_gpu(bits, policy, dtype):
+    """Residual windows quantized on the host between graph replays; in float32 both paths read the
+    codes through the Triton kernel, in float64 (eager attention) through its torch twin."""
+    model = tiny_model("llama", "eager" if dtype == torch.float64 else "sdpa").to("cuda", dtype)
+    ids, mask = left_pad(prompts([60, 41, 52], seed=7))
+    ids, mask = ids.cuda(), mask.cuda()
+    config = SqueezeConfig(0.5, short_policy(policy, window=8), "squeeze", kv_bits=bits)
+    try:
+        simple = squeezekv.generate(
+            model, ids, config, attention_mask=mask, max_new_tokens=150, do_sample=False
+        )
+        generator = FastGenerator(model, config)
+        fast = generator.generate(ids, mask, max_new_tokens=150, prefill_batch=2)
+    finally:
+        model.to("cpu", torch.float64)
+    assert torch.equal(simple.sequences, fast.sequences)
+    assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
+    assert generator.cache.layers[0].packed.start == 60 + 2 * 64

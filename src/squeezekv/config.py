@@ -36,8 +36,8 @@ class SqueezeConfig:
     (:func:`~squeezekv.ops.quantize.tokens_within`: 1.85x the rest at 8 bits and 3.44x at 4 for
     heads of 40; a budget the window alone would take is refused). A precision allocator
     (``squeeze-bits``) plans each layer's bits itself, its budget always in 16-bit bytes, and wants
-    ``kv_bits`` left at 16. Quantized caches run on the simple path only, and not with policies
-    that give each head its own budget.
+    ``kv_bits`` left at 16 and runs on the simple path only; a fixed ``kv_bits`` runs on both
+    engines. Quantized caches do not run with policies that give each head its own budget.
     """
 
     budget: float | int

@@ -19,8 +19,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from squeezekv.allocators.precision import PrecisionAllocator
 from squeezekv.architectures import Architecture, architecture_of, decoder_layers
 from squeezekv.cache import StaticCache
+from squeezekv.cache.quantized import packed_bytes_per_head
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import model_devices, synchronized, tensor_parallel_size
 from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
@@ -66,11 +68,11 @@ class FastGenerator:
     def __init__(
         self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True, compile_layers: bool = True
     ) -> None:
-        if config.plans_bits:
+        if isinstance(config.allocator, PrecisionAllocator):
             raise ValueError(
-                f"the fast engine stores keys and values unquantized: kv_bits={config.kv_bits} with "
-                f"allocator {config.allocator.name!r} runs on the simple path only (squeezekv.generate, "
-                "--engine simple)"
+                f"the fast engine stores every sequence of a layer at one precision: allocator "
+                f"{config.allocator.name!r} plans bits per sequence and runs on the simple path only "
+                "(squeezekv.generate, --engine simple); a fixed kv_bits runs on both"
             )
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
@@ -117,7 +119,7 @@ class FastGenerator:
             input_ids, attention_mask, max_new_tokens, prefill_batch, prefill_chunk,
             question_start, followup_ids, followup_mask,
         )  # fmt: skip
-        self.cache = StaticCache(caches, self.config)
+        self.cache = StaticCache(caches, self.config, max_new_tokens)
         prefill_seconds = synchronized(self.devices) - started
         new_tokens = torch.empty(
             input_ids.shape[0], max_new_tokens, dtype=torch.long, device=input_ids.device
@@ -185,9 +187,15 @@ class FastGenerator:
             return tokens[:, 0]
 
         if not (self.cuda_graphs and tokens.is_cuda) or steps <= WARM_STEPS:
-            return lambda: step().clone()
+
+            def eager_step() -> torch.Tensor:
+                new = step().clone()
+                cache.after_step()
+                return new
+
+            return eager_step
         with compiled_parts(model, self.architecture) if self.compile_layers else nullcontext():
-            return CapturedStep(step, buffers=(tokens, positions))
+            return CapturedStep(step, cache.after_step, buffers=(tokens, positions))
 
 
 def finished(new_tokens: torch.Tensor, index: int, stop_token_id: int) -> bool:
@@ -196,19 +204,23 @@ def finished(new_tokens: torch.Tensor, index: int, stop_token_id: int) -> bool:
 
 
 class CapturedStep:
-    """``step`` captured as a CUDA graph after ``WARM_STEPS`` warm-up calls, which are real steps.
+    """``step`` captured as a CUDA graph after ``WARM_STEPS`` warm-up calls, which are real steps;
+    ``after`` runs on the host after every real step (warm-up or replay), outside the graph.
 
     A replay reads and writes the addresses the capture saw. Tensors made before the capture (the
     step's input buffers) are outside the graph's memory pool, so this object keeps them alive: a
     freed one would be handed to the next allocation while every replay still wrote into it.
     """
 
-    def __init__(self, step, buffers: tuple[torch.Tensor, ...]) -> None:
-        self.buffers = buffers
+    def __init__(self, step, after, buffers: tuple[torch.Tensor, ...]) -> None:
+        self.buffers, self.after = buffers, after
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.warmed = [step().clone() for _ in range(WARM_STEPS)]
+            self.warmed = []
+            for _ in range(WARM_STEPS):
+                self.warmed.append(step().clone())
+                after()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -218,6 +230,7 @@ class CapturedStep:
         if self.warmed:
             return self.warmed.pop(0)
         self.graph.replay()
+        self.after()
         return self.output.clone()
 
 
@@ -225,18 +238,24 @@ def kv_bytes_per_sequence(
     model: nn.Module, config: SqueezeConfig, prompt_tokens: int, new_tokens: int
 ) -> int:
     """Buffer bytes one sequence needs in the fast engine (on this rank): each layer's budget plus
-    the free slot.
+    the free slot, at ``config.kv_bits`` (packed: with the residual window and key-group table).
 
     Exact when every sequence of a batch gets the same per-layer budgets (a layer's buffer is as
-    wide as the largest budget any sequence gives it).
+    wide as the largest budget any sequence gives it) and, when packed, its whole prompt was
+    quantized at once.
     """
     tokens = min(config.tokens_per_layer(prompt_tokens, new_tokens), prompt_tokens + new_tokens)
-    return (tokens + 1) * kv_bytes_per_token(model)
+    layers, heads, head_dim, element = kv_geometry(model)
+    if config.kv_bits == 16:
+        return (tokens + 1) * kv_bytes_per_token(model)
+    dims = (head_dim, head_dim)
+    per_head = packed_bytes_per_head(config.kv_bits, dims, tokens + 1, tokens, new_tokens, element)
+    return layers * heads * per_head
 
 
-def kv_bytes_per_token(model: nn.Module) -> int:
-    """Key and value bytes one token takes in every layer of a full cache, on this rank (a tensor
-    parallel rank holds its share of the heads)."""
+def kv_geometry(model: nn.Module) -> tuple[int, int, int, int]:
+    """Layers, key-value heads on this rank (a tensor parallel rank holds its share), head size and
+    bytes per element of the model's cache."""
     model_config = model.config.get_text_config()
     kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = (
@@ -244,8 +263,13 @@ def kv_bytes_per_token(model: nn.Module) -> int:
         or model_config.hidden_size // model_config.num_attention_heads
     )
     element = next(model.parameters()).element_size()
-    local_heads = kv_heads // tensor_parallel_size(model)
-    return model_config.num_hidden_layers * 2 * local_heads * head_dim * element
+    return model_config.num_hidden_layers, kv_heads // tensor_parallel_size(model), head_dim, element
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Key and value bytes one token takes in every layer of a full cache, on this rank."""
+    layers, heads, head_dim, element = kv_geometry(model)
+    return layers * 2 * heads * head_dim * element
 
 
 def largest_batch(

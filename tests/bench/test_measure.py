@@ -31,6 +31,9 @@ def test_fitting_rows_count_a_layers_widest_budget_for_every_row():
     assert fitting_rows(budget, 1.0, limit=29) == 2
     assert fitting_rows(budget, 1.0, limit=30) == 3
     assert fitting_rows(budget, 2.0, limit=7) == 0
+    # a packed cache's rows also take bytes whatever their slots: 10 each
+    assert fitting_rows(budget, 1.0, limit=39, row_bytes=10) == 1
+    assert fitting_rows(budget, 1.0, limit=60, row_bytes=10) == 3
 
 
 def test_hf_paths_warm_up_then_time_each_repeat(model):
@@ -53,3 +56,13 @@ def test_engine_cuts_a_ragged_batch_to_the_rows_that_fit(model):
     cut = measure_engine(model, ids, 6, config, "squeeze", repeats=1, limit=limit, cuda_graphs=False)
     assert cut.batch < 6 and cut.kv_bytes <= limit
     assert cut.extra["cut_from_batch"] == 6
+
+
+def test_a_packed_batch_is_cut_to_the_most_rows_that_fit(model):
+    """Its residual windows and key-group tables cost per row, not per slot."""
+    config = SqueezeConfig(budget=0.25, policy="h2o", allocator="uniform", kv_bits=8)
+    ids = prompts(6)
+    unlimited = measure_engine(model, ids, 6, config, "8-bit", repeats=1, cuda_graphs=False)
+    per_row = unlimited.kv_bytes // 6
+    cut = measure_engine(model, ids, 6, config, "8-bit", repeats=1, limit=4 * per_row + 1, cuda_graphs=False)
+    assert cut.batch == 4 and cut.kv_bytes == 4 * per_row

@@ -67,7 +67,9 @@ def test_bench_runs_every_path_within_the_kv_limit(tmp_path):
 
 def test_a_path_over_the_kv_limit_fails_the_run_and_names_itself(tmp_path, monkeypatch, capsys):
     # without the cut to the rows that really fit, squeeze's ragged per-row budgets overflow the limit
-    monkeypatch.setattr(measure, "fitting_rows", lambda budget, token_bytes, limit: budget.shape[0])
+    monkeypatch.setattr(
+        measure, "fitting_rows", lambda budget, token_bytes, limit, row_bytes: budget.shape[0]
+    )
     argv = ["bench", *SMALL, "--policies", "window", "--allocators", "squeeze", "--baselines", ""]
     assert main([*argv, "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err

@@ -132,8 +132,6 @@ def test_what_quantized_caches_do_not_support_is_refused():
         SqueezeConfig(0.2, "adakv", kv_bits=8)
     with pytest.raises(ValueError, match="kv_bits=8 with allocator 'squeeze-bits'.*leave kv_bits at 16"):
         SqueezeConfig(0.2, allocator="squeeze-bits", kv_bits=8)
-    with pytest.raises(ValueError, match="fast engine.*kv_bits=4.*simple path"):
-        FastGenerator(tiny_model("llama"), SqueezeConfig(0.2, kv_bits=4), cuda_graphs=False)
     with pytest.raises(ValueError, match="fast engine.*allocator 'squeeze-bits'.*simple path"):
         FastGenerator(tiny_model("llama"), SqueezeConfig(0.2, allocator="squeeze-bits"), cuda_graphs=False)
     with pytest.raises(ValueError, match="kv_bits=8 .*only the simple path stores: the server cannot serve"):
@@ -163,3 +161,25 @@ def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits_and_never_more_bytes(
     refused = pytest.raises(ValueError, match="budget of 60 16-bit tokens per layer cannot hold kv_bits=4")
     with refused, squeezekv.compress(model, config):
         model(ids)
+
+
+def own_storage(obj) -> dict[str, bool]:
+    """Whether each tensor attribute of ``obj`` is all its storage holds (no view keeps more alive)."""
+    return {
+        name: value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        for name, value in vars(obj).items()
+        if isinstance(value, torch.Tensor) and value.is_contiguous()
+    }
+
+
+@pytest.mark.parametrize("new_tokens", [1, KEY_GROUP_TOKENS + 5])
+def test_a_packed_layer_keeps_no_full_precision_storage_alive(new_tokens):
+    """Its bytes are the packed bytes: an empty residual window sliced from the prompt's keys once
+    kept the whole full-precision layer allocated behind the codes."""
+    model = tiny_model("llama")
+    config = SqueezeConfig(0.3, "h2o", kv_bits=8)
+    with squeezekv.compress(model, config, max_new_tokens=new_tokens) as session:
+        model.generate(prompts([120])[0][None], max_new_tokens=new_tokens, do_sample=False)
+    for layer in session.cache.layers:
+        for holder in (layer.packed, *layer.packed.parts):
+            assert all(own_storage(holder).values()), own_storage(holder)

@@ -74,6 +74,7 @@ def arguments(packed: PackedStates, positions: torch.Tensor) -> tuple:
         (4, 1, False, 40, "returned", torch.float32),
         (16, 3, True, 40, "returned", torch.float32),
         pytest.param(4, 3, True, 40, "returned", torch.bfloat16, marks=needs_gpu),
+        pytest.param(8, 1, False, None, "added", torch.bfloat16, marks=needs_gpu),
     ],
 )
 def test_quantized_decode_triton_matches_its_torch_twin(bits, group, per_head, window, mass, dtype):
@@ -176,3 +177,19 @@ def test_generation_through_the_kernel_equals_the_transient_path(monkeypatch):
     assert not transients
     assert torch.equal(twin, expected)
     assert torch.equal(got, expected)
+
+
+@needs_triton
+def test_the_column_and_the_window_start_may_be_device_tensors():
+    """As the fast engine passes them, so that a captured step reads each replay's values."""
+    query, packed, positions, valid, column = quantized_layer([8, 8], 3, True, seed=4)
+    codes, keys, values, start = arguments(packed, positions)
+    on_device = (torch.tensor([start], device=DEVICE), torch.tensor([column], device=DEVICE))
+    results = [
+        quantized_decode.quantized_decode_attention_triton(
+            query, codes, keys, values, first, positions, valid, last, 40, 0.3, True
+        )
+        for first, last in ((start, column), on_device)
+    ]
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)

@@ -21,7 +21,8 @@ class BenchConfig:
     """One benchmark run. ``shape`` names an entry of ``SHAPES`` or a ``config.json`` path.
 
     Every path is warmed up with a run of the full length, then timed ``repeats`` times; the report
-    gives the median and the spread. ``peer`` adds a peer library's ``peer_presses``, run by the
+    gives the median and the spread. Each of ``kv_bits`` is a path of its own at the same KV memory
+    (packed caches fit more sequences). ``peer`` adds a peer library's ``peer_presses``, run by the
     interpreter ``peer_python``.
     """
 
@@ -32,6 +33,7 @@ class BenchConfig:
     budgets: tuple[float, ...] = (0.2,)
     policies: tuple[str, ...] = ("h2o", "window")
     allocators: tuple[str, ...] = ("squeeze", "uniform")
+    kv_bits: tuple[int, ...] = (16,)
     baselines: tuple[str, ...] = BASELINES
     repeats: int = 3
     max_batch: int = 256
@@ -69,7 +71,8 @@ class BenchConfig:
         for budget in self.budgets:
             for policy in self.policies:
                 for allocator in self.allocators:
-                    SqueezeConfig(budget=budget, policy=policy, allocator=allocator)
+                    for bits in self.kv_bits:
+                        SqueezeConfig(budget=budget, policy=policy, allocator=allocator, kv_bits=bits)
         if self.peer is not None:
             self.check_peer_settings()
         check_fits_in_memory(self.shape, self.device)

@@ -131,16 +131,17 @@ def measure_hf(
     return measurement, tokens
 
 
-def fitting_rows(layer_budget: torch.Tensor, layer_token_bytes: float, limit: int) -> int:
+def fitting_rows(layer_budget: torch.Tensor, layer_token_bytes: float, limit: int, row_bytes: int = 0) -> int:
     """The most leading rows whose fast-engine buffers fit ``limit`` bytes.
 
     A layer's buffer is as wide as the largest budget any row of the batch gives it, plus the free
     slot (``layer_budget``: ``[rows, layers]``), so ``n`` rows cost ``n * sum over layers of (max of
-    their budgets + 1)`` token slots of ``layer_token_bytes`` each.
+    their budgets + 1)`` token slots of ``layer_token_bytes`` each, plus ``n * row_bytes`` (what a
+    row takes whatever its slots: a packed cache's residual windows and key-group tables).
     """
     widest = torch.cummax(layer_budget, dim=0).values.sum(-1) + layer_budget.shape[1]
     rows = torch.arange(1, layer_budget.shape[0] + 1)
-    fits = (rows * widest).double() * layer_token_bytes <= limit
+    fits = rows.double() * (widest.double() * layer_token_bytes + row_bytes) <= limit
     return int(fits.sum())  # costs only grow with rows: the fitting ones lead
 
 
@@ -168,13 +169,14 @@ def measure_engine(
     def once(rows: torch.Tensor):
         generator = FastGenerator(model, config, cuda_graphs, compile_layers)
         result = generator.generate(rows, max_new_tokens=new_tokens, prefill_batch=1)
-        return result.stats, generator.steady_step_seconds
+        return result.stats, generator.steady_step_seconds, generator.cache.row_overhead_bytes()
 
-    stats, _ = once(ids)
+    stats, _, row_bytes = once(ids)
     sized_from = ids.shape[0]
     if limit is not None:
         slots = int(stats.layer_budget.max(0).values.sum()) + stats.layer_budget.shape[1]
-        rows = fitting_rows(stats.layer_budget, stats.kv_bytes_kept / (ids.shape[0] * slots), limit)
+        slot_bytes = (stats.kv_bytes_kept - ids.shape[0] * row_bytes) / (ids.shape[0] * slots)
+        rows = fitting_rows(stats.layer_budget, slot_bytes, limit, row_bytes)
         if rows < ids.shape[0]:
             ids = ids[:rows]
             reset_memory(devices)
@@ -182,7 +184,7 @@ def measure_engine(
     reset_memory(devices)
     prefills, steps = [], []
     for _ in range(repeats):
-        stats, step = once(ids)
+        stats, step, _ = once(ids)
         prefills.append(stats.prefill_seconds)
         steps.append(step)
     extra = {"kv_fraction_kept": stats.kv_fraction_kept}

@@ -71,7 +71,7 @@ def benchmark(config: BenchConfig) -> dict:
             measurement = Measurement(path=path, batch=batch, error=f"{type(error).__name__}: {error}")
         record(measurement)
 
-    checks = agreement(devices[0], config.policies, config.cuda_graphs, config.compile_layers)
+    checks = agreement(devices[0], config.policies, config.cuda_graphs, config.compile_layers, config.kv_bits)
     overhead, chunked_memory = measure_own(config, model, prompts, memory, attempt)
     peer = None
     if config.peer is not None:
@@ -156,22 +156,24 @@ def measure_own(
         for budget in config.budgets:
             for policy in config.policies:
                 for allocator in config.allocators:
-                    squeeze = SqueezeConfig(budget=budget, policy=policy, allocator=allocator)
-                    # a first guess, as if every row had the same per-layer budgets; the warm-up
-                    # measures the real ones and cuts the batch to what fits
-                    batch = min(
-                        config.max_batch,
-                        largest_batch(model, squeeze, config.prompt_tokens, config.new_tokens, memory),
-                    )
-                    ids = prompts[:batch].to(devices[0])
-                    name = f"squeezekv {policy}/{allocator} b={budget}"
-                    attempt(
-                        name,
-                        batch,
-                        lambda s=squeeze, i=ids, n=name: measure_engine(
-                            model, i, config.new_tokens, s, n, config.repeats, memory, **engine
-                        ),
-                    )
+                    for bits in config.kv_bits:
+                        squeeze = SqueezeConfig(budget, policy, allocator, kv_bits=bits)
+                        # a first guess, as if every row had the same per-layer budgets; the warm-up
+                        # measures the real ones and cuts the batch to what fits
+                        batch = min(
+                            config.max_batch,
+                            largest_batch(model, squeeze, config.prompt_tokens, config.new_tokens, memory),
+                        )
+                        ids = prompts[:batch].to(devices[0])
+                        precision = f" {bits}-bit" if bits < 16 else ""
+                        name = f"squeezekv {policy}/{allocator} b={budget}{precision}"
+                        attempt(
+                            name,
+                            batch,
+                            lambda s=squeeze, i=ids, n=name: measure_engine(
+                                model, i, config.new_tokens, s, n, config.repeats, memory, **engine
+                            ),
+                        )
         for path in ("hf_static", "hf_static_gqa"):
             if path in config.baselines:
                 attempt(path, config.reference_batch, lambda p=path: hf(p))

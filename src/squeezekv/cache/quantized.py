@@ -44,6 +44,17 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def empty_window(states: torch.Tensor) -> torch.Tensor:
+    """An empty residual window shaped like ``states``: a new tensor, not a view of them (a view
+    keeps their storage, the full-precision layer, alive)."""
+    return states.new_empty(*states.shape[:2], 0, states.shape[-1])
+
+
+def unquantized_bytes(batch: int, heads: int, seen: int, dims: tuple[int, int], dtype: torch.dtype) -> int:
+    """Bytes the unquantized keys and values of ``seen`` columns would take."""
+    return batch * heads * seen * sum(dims) * dtype.itemsize
+
+
 class PackedRows:
     """The rows ``rows`` of a layer at ``bits``: ``[rows, heads, slots, ...]`` codes (the states
     themselves at 16 bits), value scales and zeros per slot, key scales and zeros per group and
@@ -51,7 +62,8 @@ class PackedRows:
     unused ones (``NO_GROUP``, scale 0)."""
 
     def __init__(self, rows: torch.Tensor, bits: int, heads: int, dims: tuple[int, int], like: torch.Tensor):
-        self.rows, self.bits, self.heads, self.dims, self.like = rows, bits, heads, dims, like[:0]
+        self.rows, self.bits, self.heads, self.dims = rows, bits, heads, dims
+        self.dtype = like.dtype  # not a view of ``like``: it would keep its storage alive
         batch, device = rows.numel(), like.device
         self.key_codes, self.value_codes = self.slots(dims[0], 0), self.slots(dims[1], 0)
         value_groups = dims[1] // value_group(dims[1])
@@ -65,8 +77,8 @@ class PackedRows:
         """``count`` empty slots of codes for ``dim`` channels (of states, at 16 bits)."""
         shape = (self.rows.numel(), self.heads, count)
         if self.bits == 16:
-            return self.like.new_zeros(*shape, dim)
-        return torch.zeros(*shape, dim * self.bits // 8, dtype=torch.uint8, device=self.like.device)
+            return torch.zeros(*shape, dim, dtype=self.dtype, device=self.rows.device)
+        return torch.zeros(*shape, dim * self.bits // 8, dtype=torch.uint8, device=self.rows.device)
 
     def add_slots(self, count: int) -> None:
         self.key_codes = torch.cat([self.key_codes, self.slots(self.dims[0], count)], 2)
@@ -185,7 +197,7 @@ class PackedStates:
                 f"kv_bits=4 packs two channels a byte and needs even head sizes, not {self.dims}"
             )
         self.residual_start = seen
-        self.residual_keys, self.residual_values = keys[:, :, :0], values[:, :, :0]
+        self.residual_keys, self.residual_values = empty_window(keys), empty_window(values)
         bits = bits.to(keys.device)
         self.parts = [
             PackedRows(torch.nonzero(bits == value).view(-1), value, self.heads, self.dims, keys)
@@ -268,12 +280,168 @@ class PackedStates:
         values = residual_laid_out(self.residual_values, columns, self.residual_start)
         self.quantize(keys, values, columns, held & (columns >= self.residual_start), held)
         self.residual_start = seen
-        self.residual_keys, self.residual_values = keys[:, :, :0], values[:, :, :0]
+        self.residual_keys, self.residual_values = empty_window(keys), empty_window(values)
 
     def nbytes(self) -> int:
         """Bytes of codes, scales, zeros, groups' first columns and the residual window."""
         return sum(part.nbytes() for part in self.parts) + nbytes(self.residual_keys, self.residual_values)
 
     def full_bytes(self, batch: int, seen: int) -> int:
-        """Bytes the unquantized keys and values of ``seen`` columns would take."""
-        return batch * self.heads * seen * sum(self.dims) * self.dtype.itemsize
+        return unquantized_bytes(batch, self.heads, seen, self.dims, self.dtype)
+
+
+def packed_bytes_per_head(
+    bits: int, dims: tuple[int, int], slots: int, prefilled_tokens: int, new_columns: int, element: int
+) -> int:
+    """Bytes one (sequence, head) takes in a :class:`StaticPackedStates` of ``slots`` slots whose
+    ``prefilled_tokens`` were quantized at once (their groups of ``KEY_GROUP_TOKENS``), for a
+    decode of ``new_columns`` columns, with model states of ``element`` bytes."""
+    scale = SCALE_DTYPE.itemsize
+    groups = -(-prefilled_tokens // KEY_GROUP_TOKENS) + -(-new_columns // KEY_GROUP_TOKENS) + 1
+    group_index = 2 if groups <= torch.iinfo(torch.int16).max else 4
+    slot = sum(dims) * bits // 8 + 2 * scale * (dims[1] // value_group(dims[1])) + group_index
+    return slots * slot + groups * 2 * scale * dims[0] + KEY_GROUP_TOKENS * sum(dims) * element
+
+
+class StaticPackedStates:
+    """The packed keys and values of a fast-engine layer (:class:`~squeezekv.cache.StaticLayer`):
+    :class:`PackedStates`' layout, one precision for every row, in buffers whose shapes never
+    change, so that a decode step can be captured as a CUDA graph.
+
+    - codes, value scales and zeros per slot (``[batch, heads, slots, ...]``), and each slot's key
+      group beside it (``key_group``) instead of searched by column;
+    - a table of key scales and zeros: the prefilled rows' groups (right-aligned, as
+      :class:`PackedRows` keeps them), then one entry for each residual window the decode will
+      quantize, sized at build from its new columns and never compacted;
+    - the residual window, ``KEY_GROUP_TOKENS`` columns, column ``c`` at row ``c - residual_start``.
+
+    A decode step writes the new token into the window (:meth:`write`) and attends over codes and
+    window (:meth:`decode_attention`), reading the window's start from the device. Between steps,
+    on the host and outside any graph, :meth:`settle` quantizes a full window as the simple path
+    does, so both paths decode the same numbers.
+    """
+
+    def __init__(
+        self, parts: list[PackedStates], positions: list[torch.Tensor], slots: int, new_columns: int
+    ) -> None:
+        """Stacks the packed layers of several micro-batches (their rows, in order; ``positions``:
+        each one's slot columns) into buffers of ``slots`` slots."""
+        if any(len(part.parts) != 1 for part in parts) or len({part.parts[0].bits for part in parts}) > 1:
+            raise ValueError("the fast engine stores every sequence of a layer at one precision")
+        if len({part.residual_start for part in parts}) > 1:
+            raise ValueError("micro-batches of one decode batch must have seen the same columns")
+        first = parts[0]
+        self.bits, self.dtype = first.parts[0].bits, first.dtype
+        self.heads, self.dims = first.heads, first.dims
+        self.start = first.residual_start  # on the host; the device's copy is residual_start
+        device = first.residual_keys.device
+        batch = sum(part.parts[0].rows.numel() for part in parts)
+        prefilled = max(part.parts[0].group_start.shape[-1] for part in parts)
+        self.next_group = prefilled
+        groups = prefilled + -(-new_columns // KEY_GROUP_TOKENS) + 1
+        rows = PackedRows(torch.arange(batch, device=device), self.bits, self.heads, self.dims,
+                          first.residual_keys)  # fmt: skip
+        self.key_codes, self.value_codes = rows.slots(self.dims[0], slots), rows.slots(self.dims[1], slots)
+        value_groups = self.dims[1] // value_group(self.dims[1])
+        scale = dict(dtype=SCALE_DTYPE, device=device)
+        self.value_scale = torch.zeros(batch, self.heads, slots, value_groups, **scale)
+        self.value_zero = torch.zeros_like(self.value_scale)
+        self.key_scale = torch.zeros(batch, self.heads, groups, self.dims[0], **scale)
+        self.key_zero = torch.zeros_like(self.key_scale)
+        group_dtype = torch.int16 if groups <= torch.iinfo(torch.int16).max else torch.int32
+        self.key_group = torch.zeros(batch, self.heads, slots, dtype=group_dtype, device=device)
+        window = (batch, self.heads, KEY_GROUP_TOKENS)
+        self.residual_keys = first.residual_keys.new_zeros(*window, self.dims[0])
+        self.residual_values = first.residual_values.new_zeros(*window, self.dims[1])
+        self.residual_start = torch.tensor([self.start], device=device)
+        row = 0
+        for part, columns in zip(parts, positions, strict=True):
+            packed = part.parts[0]
+            rows = slice(row, row + packed.rows.numel())
+            held, width = packed.key_codes.shape[2], packed.group_start.shape[-1]
+            waiting = part.residual_keys.shape[2]
+            for buffer, stored in (
+                (self.key_codes, packed.key_codes),
+                (self.value_codes, packed.value_codes),
+                (self.value_scale, packed.value_scale),
+                (self.value_zero, packed.value_zero),
+            ):
+                buffer[rows, :, :held] = stored
+            self.key_scale[rows, :, prefilled - width : prefilled] = packed.key_scale
+            self.key_zero[rows, :, prefilled - width : prefilled] = packed.key_zero
+            if width:
+                group = packed.group_of(part.per_head(columns)) + prefilled - width
+                self.key_group[rows, :, :held] = group.to(group_dtype)
+            self.residual_keys[rows, :, :waiting] = part.residual_keys
+            self.residual_values[rows, :, :waiting] = part.residual_values
+            row = rows.stop
+
+    def codes(self) -> PackedCodes:
+        return PackedCodes(
+            self.bits, self.key_codes, self.key_scale, self.key_zero, self.key_group, self.value_codes,
+            self.value_scale, self.value_zero,
+        )  # fmt: skip
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, column: torch.Tensor) -> None:
+        """The new token (``[batch, heads, 1, dim]``) into the residual window, in place."""
+        row = column - self.residual_start
+        self.residual_keys.index_copy_(2, row, key)
+        self.residual_values.index_copy_(2, row, value)
+
+    def decode_attention(
+        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, column: torch.Tensor,
+        sliding_window: int | None, scaling: float, with_mass: bool, add_mass_to: torch.Tensor | None,
+        softcap: float | None, explicit: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """:func:`~squeezekv.ops.quantized_decode_attention` over the codes and the window."""
+        return quantized_decode_attention(
+            query, self.codes(), self.residual_keys, self.residual_values, self.residual_start, positions,
+            valid, column, sliding_window, scaling, with_mass, add_mass_to, softcap, explicit,
+        )  # fmt: skip
+
+    def settle(self, positions: torch.Tensor, valid: torch.Tensor, seen: int) -> None:
+        """Quantizes the window's kept tokens as the next key group once ``KEY_GROUP_TOKENS`` columns
+        have arrived (``seen``: the columns so far), in place."""
+        if seen - self.start < KEY_GROUP_TOKENS:
+            return
+        if self.next_group == self.key_scale.shape[2]:
+            raise RuntimeError(
+                f"the layer was built for {self.key_scale.shape[2]} key groups; decode ran past the "
+                "new columns it was sized for"
+            )
+        columns = positions.expand(-1, self.heads, -1)
+        chosen = valid.expand(-1, self.heads, -1) & (columns >= self.start)
+        # the window's kept tokens, found once (a host sync); the work is the window's, not the layer's
+        row, head, slot = chosen.nonzero(as_tuple=True)
+        column = columns[row, head, slot] - self.start
+        held = torch.zeros_like(self.residual_keys[..., 0], dtype=torch.bool)
+        held[row, head, column] = True
+        codes, scale, zero = quantize_key_groups(self.residual_keys, torch.where(held, 0, -1), 1, self.bits)
+        self.key_codes[row, head, slot] = codes[row, head, column]
+        self.key_scale[:, :, self.next_group] = scale[:, :, 0]
+        self.key_zero[:, :, self.next_group] = zero[:, :, 0]
+        self.key_group[row, head, slot] = self.next_group
+        codes, scale, zero = quantize_values(self.residual_values, self.bits)
+        self.value_codes[row, head, slot] = codes[row, head, column]
+        self.value_scale[row, head, slot] = scale[row, head, column]
+        self.value_zero[row, head, slot] = zero[row, head, column]
+        self.next_group += 1
+        self.start = seen
+        self.residual_start.fill_(seen)
+
+    def nbytes(self) -> int:
+        """Bytes of every buffer: codes, scales, zeros, key groups, the group table and the window."""
+        return nbytes(*self.slot_buffers(), *self.row_buffers())
+
+    def row_overhead_bytes(self) -> int:
+        """Bytes one sequence takes whatever its slots: its group table and residual window."""
+        return nbytes(*self.row_buffers()) // self.key_codes.shape[0]
+
+    def slot_buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.key_codes, self.value_codes, self.value_scale, self.value_zero, self.key_group
+
+    def row_buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.key_scale, self.key_zero, self.residual_keys, self.residual_values
+
+    def full_bytes(self, batch: int, seen: int) -> int:
+        return unquantized_bytes(batch, self.heads, seen, self.dims, self.dtype)

@@ -223,6 +223,7 @@ class RaggedStaticLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = True
+    packed = None  # head-wise layers are not quantized
 
     def __init__(self, parts: list[RaggedLayer], budget: torch.Tensor, policy: Policy) -> None:
         """Stacks the prefilled layers of several micro-batches (their rows, in order)."""
@@ -299,3 +300,9 @@ class RaggedStaticLayer(CacheLayerMixin):
 
     def full_bytes(self, columns: int) -> int:
         return 2 * self.head_budgets.numel() * columns * self.keys.shape[-1] * self.keys.element_size()
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def row_overhead_bytes(self) -> int:
+        return 0

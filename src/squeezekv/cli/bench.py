@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", type=comma_list(str), default=("h2o", "window"))
     parser.add_argument("--allocators", type=comma_list(str), default=("squeeze", "uniform"))
     parser.add_argument(
+        "--kv-bits",
+        type=comma_list(int),
+        default=(16,),
+        help="comma-separated precisions of the cache, each a path at the same KV memory (default 16)",
+    )
+    parser.add_argument(
         "--baselines",
         type=comma_list(str),
         default=BASELINES,

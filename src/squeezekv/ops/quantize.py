@@ -10,8 +10,7 @@ nibble). ``bits=16`` means no quantization: the model's own dtype.
 These are torch functions. A one-token decode step on a GPU reads the codes themselves, dequantizing in
 registers (:mod:`squeezekv.ops.quantized_decode`);
 prefill and multi-token forwards dequantize one layer at a time to a transient full-precision
-tensor (:mod:`squeezekv.cache.quantized`). The fast engine's static buffers do not support
-quantized caches (kv_bits < 16).
+tensor (:mod:`squeezekv.cache.quantized`).
 """
 
 from __future__ import annotations
@@ -146,7 +145,7 @@ def dequantize_keys(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, bits: int, dtype
 ) -> torch.Tensor:
     """Keys from :func:`quantize_key_groups`' codes, each slot decoded with its ``group``'s scale."""
-    index = group.clamp(min=0).unsqueeze(-1).expand(*group.shape, scale.shape[-1])
+    index = group.clamp(min=0).long().unsqueeze(-1).expand(*group.shape, scale.shape[-1])
     return decode(codes, scale.gather(2, index), zero.gather(2, index), bits, dtype)
 
 

@@ -24,13 +24,14 @@ import torch
 from squeezekv.ops.attention import fused
 from squeezekv.ops.common import dot, tl, triton
 from squeezekv.ops.decode import (
-    DECODE_BLOCK,
     DECODE_CHUNK,
     DECODE_WARPS,
     DecodePartials,
     decode_attention_torch,
 )
 from squeezekv.ops.quantize import dequantize_keys, dequantize_values
+
+PACKED_BLOCK = 16  # slots per step of a program's loop: on an H200 16 beat 32 and 64 (more registers a slot)
 
 
 class PackedCodes(NamedTuple):
@@ -90,37 +91,34 @@ if triton is not None:
     )
 
     @triton.jit
-    def _decoded(
-        CODES, SCALE, ZERO, code_base, scale_base, scd, ssd, dims, seen,
-        BITS: tl.constexpr, SCALE_GROUP: tl.constexpr,
-    ):  # fmt: skip
-        """``[slots, dims]`` states from packed codes (``BITS`` 8 or 4: the even channel in the low
-        nibble) and scales and zeros per ``SCALE_GROUP`` channels, in float32; 0 where not ``seen``.
-        ``code_base``, ``scale_base`` and ``seen`` are ``[slots, 1]`` columns."""
-        bit = dims * BITS
-        codes = tl.load(CODES + code_base + (bit // 8)[None, :] * scd, mask=seen, other=0)
-        codes = (codes.to(tl.int32) >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
-        scales = scale_base + (dims // SCALE_GROUP)[None, :] * ssd
-        scale = tl.load(SCALE + scales, mask=seen, other=0.0).to(tl.float32)
-        zero = tl.load(ZERO + scales, mask=seen, other=0.0).to(tl.float32)
-        return codes.to(tl.float32) * scale + zero
+    def _codes(CODES, base, seen, BITS: tl.constexpr, DIM: tl.constexpr):
+        """``[slots, DIM]`` float32 codes of the slots whose packed bytes start at ``base`` (a
+        ``[slots, 1]`` column), 0 where not ``seen``. At 8 bits one contiguous load per slot (vectorized);
+        at 4 bits each channel reads its byte, the even channel's code in the low nibble (a join and
+        reshape of the two nibbles instead gave wrong bfloat16 products on an H200, Triton 3.6)."""
+        channels = tl.arange(0, DIM)[None, :]
+        if BITS == 8:
+            return tl.load(CODES + base + channels, mask=seen, other=0).to(tl.float32)
+        packed = tl.load(CODES + base + channels // 2, mask=seen, other=0).to(tl.int32)
+        return ((packed >> (channels % 2) * 4) & 15).to(tl.float32)
 
     @triton.jit
     def _quantized_decode_chunk(
         Q, K, KS, KZ, KG, V, VS, VZ, RK, RV, P, A, SCORES, PART_MAX, PART_SUM, PART_ACC,
         sqb, sqh, sqd,
-        skb, skh, skn, skd, sksb, sksh, sksg, sksd, sgb, sgh, sgn,
-        svb, svh, svn, svd, svsb, svsh, svsn, svsd,
+        skb, skh, skn, skd, sksb, sksh, sksg, sgb, sgh, sgn,
+        svb, svh, svn, svd, svsb, svsh, svsn,
         srkb, srkh, srkn, srkd, srvb, srvh, srvn, srvd,
         spb, sph, spn,
-        keys, q_heads, kv_heads, splits, column, residual_start, window, scale,
+        keys, q_heads, kv_heads, splits, COLUMN, RESIDUAL_START, window, scale,
         HAS_WINDOW: tl.constexpr, WITH_MASS: tl.constexpr, POSITION_HEADS: tl.constexpr,
         DIM: tl.constexpr, GROUP: tl.constexpr, GM: tl.constexpr, CHUNK: tl.constexpr,
-        BN: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr, VALUE_GROUP: tl.constexpr,
+        BN: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
     ):  # fmt: skip
         split, batch_head = tl.program_id(0), tl.program_id(1)
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
         position_head = kv_head if POSITION_HEADS > 1 else 0
+        column, residual_start = tl.load(COLUMN), tl.load(RESIDUAL_START)  # read, so a graph replays them
         in_group, rows, dims, q, best, total, acc = _group_query(
             Q, sqb, sqh, sqd, batch, kv_head, q_heads, GROUP, GM, DIM
         )
@@ -133,43 +131,43 @@ if triton is not None:
             if HAS_WINDOW:
                 seen = seen & (positions > column - window)
             seen = seen | (inside & (positions == column))
-            waiting = positions >= residual_start  # in the residual window, unquantized
-            coded, fresh = seen & ~waiting, seen & waiting
-            # only the slots seen are read, each from the residual window or from its codes
+            waiting = (positions >= residual_start)[:, None]  # in the residual window, unquantized
+            fresh, coded = seen[:, None] & waiting, seen[:, None] & ~waiting
+            # only the slots seen are read, each from the residual window or from its codes; the
+            # values only after the scores, so that fewer blocks are live at once
             fresh_rows = (positions - residual_start)[:, None]
             k = tl.load(RK + batch * srkb + kv_head * srkh + fresh_rows * srkn + dims[None, :] * srkd,
-                        mask=fresh[:, None], other=0.0)  # fmt: skip
-            v = tl.load(RV + batch * srvb + kv_head * srvh + fresh_rows * srvn + dims[None, :] * srvd,
-                        mask=fresh[:, None], other=0.0)  # fmt: skip
+                        mask=fresh, other=0.0)  # fmt: skip
             if BITS == 16:
                 k_coded = tl.load(K + batch * skb + kv_head * skh + cols[:, None] * skn + dims[None, :] * skd,
-                                  mask=coded[:, None], other=0.0)  # fmt: skip
-                v_coded = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
-                                  mask=coded[:, None], other=0.0)  # fmt: skip
+                                  mask=coded, other=0.0)  # fmt: skip
             else:
-                # a coded slot that is seen holds a token, quantized into one of its head's key groups;
-                # every operand is a [slots, 1] column (Triton 3.6 on sm_90 failed to lay out this
-                # lookup as 1-D tensors feeding both the key and the value reads)
-                seen_coded = coded[:, None]
-                group = tl.load(
-                    KG + batch * sgb + kv_head * sgh + cols[:, None] * sgn, mask=seen_coded, other=0
-                )
-                k_coded = _decoded(
-                    K, KS, KZ, batch * skb + kv_head * skh + cols[:, None] * skn,
-                    batch * sksb + kv_head * sksh + group * sksg, skd, sksd, dims, seen_coded, BITS, 1,
-                ).to(k.dtype)  # fmt: skip
-                v_coded = _decoded(
-                    V, VS, VZ, batch * svb + kv_head * svh + cols[:, None] * svn,
-                    batch * svsb + kv_head * svsh + cols[:, None] * svsn, svd, svsd, dims, seen_coded, BITS,
-                    VALUE_GROUP,
-                ).to(v.dtype)  # fmt: skip
-            k = tl.where(waiting[:, None], k, k_coded)  # codes rounded to the model's dtype, as the transient
-            v = tl.where(waiting[:, None], v, v_coded)
+                # a coded slot that is seen holds a token, quantized into one of its head's key groups
+                # (every operand a [BN, 1] column: Triton 3.6 on sm_90 failed to lay out 1-D ones)
+                group = tl.load(KG + batch * sgb + kv_head * sgh + cols[:, None] * sgn, mask=coded, other=0)
+                table = batch * sksb + kv_head * sksh + group * sksg + dims[None, :]
+                k_coded = _codes(K, batch * skb + kv_head * skh + cols[:, None] * skn, coded, BITS, DIM)
+                k_coded = k_coded * tl.load(KS + table, mask=coded, other=0.0).to(tl.float32)
+                k_coded += tl.load(KZ + table, mask=coded, other=0.0).to(tl.float32)
+            k = tl.where(waiting, k, k_coded.to(k.dtype))  # rounded to the model's dtype, as the transient
             scores = dot(q, tl.trans(k), IEEE) * scale
             scores = tl.where(seen[None, :], scores, float("-inf"))
             if WITH_MASS:
                 tl.store(SCORES + rows[:, None] * keys + cols[None, :], scores,
                          mask=in_group[:, None] & inside[None, :])  # fmt: skip
+            v = tl.load(RV + batch * srvb + kv_head * srvh + fresh_rows * srvn + dims[None, :] * srvd,
+                        mask=fresh, other=0.0)  # fmt: skip
+            if BITS == 16:
+                v_coded = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
+                                  mask=coded, other=0.0)  # fmt: skip
+            else:
+                # a value's scale and zero are per group of channels, read by each of them
+                groups = dims[None, :] // (DIM // VALUE_GROUPS) + batch * svsb + kv_head * svsh
+                groups += cols[:, None] * svsn
+                v_coded = _codes(V, batch * svb + kv_head * svh + cols[:, None] * svn, coded, BITS, DIM)
+                v_coded = v_coded * tl.load(VS + groups, mask=coded, other=0.0).to(tl.float32)
+                v_coded += tl.load(VZ + groups, mask=coded, other=0.0).to(tl.float32)
+            v = tl.where(waiting, v, v_coded.to(v.dtype))
             best, total, acc = _softmax_step(scores, v, best, total, acc, IEEE)
         _store_partials(
             PART_MAX, PART_SUM, PART_ACC, rows * splits + split, best, total, acc, in_group, dims, DIM
@@ -181,10 +179,10 @@ def quantized_decode_attention(
     codes: PackedCodes,
     residual_keys: torch.Tensor,
     residual_values: torch.Tensor,
-    residual_start: int,
+    residual_start: int | torch.Tensor,
     positions: torch.Tensor,
     valid: torch.Tensor,
-    column: int,
+    column: int | torch.Tensor,
     sliding_window: int | None,
     scaling: float,
     with_mass: bool,
@@ -219,10 +217,10 @@ def quantized_decode_attention_torch(
     codes: PackedCodes,
     residual_keys: torch.Tensor,
     residual_values: torch.Tensor,
-    residual_start: int,
+    residual_start: int | torch.Tensor,
     positions: torch.Tensor,
     valid: torch.Tensor,
-    column: int,
+    column: int | torch.Tensor,
     sliding_window: int | None,
     scaling: float,
     with_mass: bool,
@@ -247,10 +245,10 @@ def quantized_decode_attention_triton(
     codes: PackedCodes,
     residual_keys: torch.Tensor,
     residual_values: torch.Tensor,
-    residual_start: int,
+    residual_start: int | torch.Tensor,
     positions: torch.Tensor,
     valid: torch.Tensor,
-    column: int,
+    column: int | torch.Tensor,
     sliding_window: int | None,
     scaling: float,
     with_mass: bool,
@@ -260,6 +258,13 @@ def quantized_decode_attention_triton(
     then :mod:`~squeezekv.ops.decode`'s combine."""
     batch, q_heads, _, dim = query.shape
     kv_heads, keys = codes.key_codes.shape[1], codes.key_codes.shape[2]
+    if codes.bits != 16:  # the kernel reads each slot's bytes, scales and zeros as contiguous runs
+        packed = (codes.key_codes, codes.value_codes, codes.key_scale, codes.value_scale)
+        if any(part.stride(-1) != 1 for part in packed) or (
+            codes.key_zero.stride() != codes.key_scale.stride()
+            or codes.value_zero.stride() != codes.value_scale.stride()
+        ):
+            raise ValueError("packed codes and scales must be contiguous in their last dimension")
     group = q_heads // kv_heads
     partials = DecodePartials.for_query(query, kv_heads, keys, with_mass, add_mass_to)
     splits, scores, part_max, part_sum, part_acc = partials[:5]
@@ -267,19 +272,22 @@ def quantized_decode_attention_triton(
     key_group = codes.key_group if codes.key_group is not None else positions  # no group: never read
     if residual_keys.shape[2] == 0:  # no column waits: any tensor of the dtype and rank (never read)
         residual_keys = residual_values = query
+    column, residual_start = (
+        torch.as_tensor(value, device=query.device).view(1) for value in (column, residual_start)
+    )
     _quantized_decode_chunk[(splits, batch * kv_heads)](
         query, codes.key_codes, codes.key_scale, codes.key_zero, key_group, codes.value_codes,
         codes.value_scale, codes.value_zero, residual_keys, residual_values, positions, valid, scores,
         part_max, part_sum, part_acc,
         query.stride(0), query.stride(1), query.stride(3),
-        *codes.key_codes.stride(), *codes.key_scale.stride(), *key_group.stride(),
-        *codes.value_codes.stride(), *codes.value_scale.stride(),
+        *codes.key_codes.stride(), *codes.key_scale.stride()[:3], *key_group.stride(),
+        *codes.value_codes.stride(), *codes.value_scale.stride()[:3],
         *residual_keys.stride(), *residual_values.stride(), *positions.stride(),
         keys, q_heads, kv_heads, splits, column, residual_start,
         sliding_window or 0, scaling,
         HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
         DIM=dim, GROUP=group, GM=max(16, triton.next_power_of_2(group)), CHUNK=DECODE_CHUNK,
-        BN=DECODE_BLOCK, IEEE=query.dtype == torch.float32, BITS=codes.bits,
-        VALUE_GROUP=dim // codes.value_scale.shape[-1], num_warps=DECODE_WARPS,
+        BN=PACKED_BLOCK, IEEE=query.dtype == torch.float32, BITS=codes.bits,
+        VALUE_GROUPS=codes.value_scale.shape[-1], num_warps=DECODE_WARPS,
     )  # fmt: skip
     return partials.combine(kv_heads, keys, add_mass_to)
