@@ -150,12 +150,16 @@ def test_a_follow_up_after_compression_is_the_same_on_both_paths(policy):
     model = tiny_model("llama")
     ids, mask = left_pad(prompts([40, 25, 33], seed=8))
     later, later_mask = left_pad(prompts([5, 3, 7], seed=9))
-    config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=4))
-    simple, _ = stepwise_generate(model, config, ids, mask, None, (later, later_mask), NEW_TOKENS, pad_id=0)
-    fast = FastGenerator(model, config).generate(
-        ids, mask, NEW_TOKENS, followup_ids=later, followup_mask=later_mask
-    )
-    assert torch.equal(fast.sequences[:, ids.shape[1] :], simple[:, ids.shape[1] :])
+    for bits in (16, 4):  # packed: the follow-up waits in the residual window the decode then fills
+        config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=4), kv_bits=bits)
+        new_tokens = NEW_TOKENS if bits == 16 else KEY_GROUP_TOKENS
+        simple, _ = stepwise_generate(
+            model, config, ids, mask, None, (later, later_mask), new_tokens, pad_id=0
+        )
+        fast = FastGenerator(model, config).generate(
+            ids, mask, new_tokens, followup_ids=later, followup_mask=later_mask
+        )
+        assert torch.equal(fast.sequences[:, ids.shape[1] :], simple[:, ids.shape[1] :]), bits
 
 
 def test_decoding_stops_once_every_sequence_has_the_stop_token():

@@ -56,6 +56,16 @@ def compiled_parts(
             setattr(namespace, name, function)
 
 
+def check_fast_engine(config: SqueezeConfig) -> None:
+    """Refuses, naming it, what the fast engine cannot run: bits planned per sequence."""
+    if isinstance(config.allocator, PrecisionAllocator):
+        raise ValueError(
+            f"the fast engine stores every sequence of a layer at one precision: allocator "
+            f"{config.allocator.name!r} plans bits per sequence and runs on the simple path only "
+            "(squeezekv.generate, --engine simple); a fixed kv_bits runs on both"
+        )
+
+
 class FastGenerator:
     """Greedy generation with squeezekv: micro-batched prefill, then static decode steps
     (one CUDA graph per step on the GPU).
@@ -68,12 +78,7 @@ class FastGenerator:
     def __init__(
         self, model: nn.Module, config: SqueezeConfig, cuda_graphs: bool = True, compile_layers: bool = True
     ) -> None:
-        if isinstance(config.allocator, PrecisionAllocator):
-            raise ValueError(
-                f"the fast engine stores every sequence of a layer at one precision: allocator "
-                f"{config.allocator.name!r} plans bits per sequence and runs on the simple path only "
-                "(squeezekv.generate, --engine simple); a fixed kv_bits runs on both"
-            )
+        check_fast_engine(config)
         self.model, self.config = model, config
         self.architecture = architecture_of(model)
         self.devices = model_devices(model)

@@ -2,6 +2,7 @@ import pytest
 
 from squeezekv.evaluation.decoding import QuantizedFullCache
 from squeezekv.evaluation.grid import FULL, Cell, EvalConfig, to_json
+from squeezekv.evaluation.tasks import TaskOptions
 
 
 def grid(**fields) -> EvalConfig:
@@ -40,6 +41,13 @@ def test_a_16_bit_grid_records_and_keys_as_before():
 def test_bad_kv_bits_in_a_grid_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match="kv_bits=6 is not supported"):
         grid(kv_bits=(16, 6))
+
+
+def test_the_fast_engine_takes_fixed_bits_and_refuses_bits_planned_per_sequence_before_anything_runs():
+    fast = TaskOptions(engine="fast")
+    EvalConfig("ppl", "m", (0.2,), ("h2o",), ("uniform",), options=fast, kv_bits=(16, 8, 4))
+    with pytest.raises(ValueError, match="fast engine.*'squeeze-bits' plans bits per sequence"):
+        grid(options=fast)
 
 
 def test_transformers_quantized_cache_cells_come_after_the_full_cache_at_every_budget():

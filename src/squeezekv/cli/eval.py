@@ -48,7 +48,7 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--kv-bits",
         default="16",
-        help="comma-separated key-value precisions, a grid axis: 16 (default), 8, 4 (the simple engine only)",
+        help="comma-separated key-value precisions, a grid axis: 16 (default), 8, 4",
     )
     parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
     parser.add_argument(

@@ -10,6 +10,7 @@ from typing import ClassVar
 from squeezekv import SqueezeConfig
 from squeezekv.allocators import resolve_allocator
 from squeezekv.allocators.precision import PrecisionAllocator
+from squeezekv.engine import check_fast_engine
 from squeezekv.evaluation.decoding import QuantizedFullCache
 from squeezekv.evaluation.tasks import TaskOptions
 
@@ -97,7 +98,9 @@ class EvalConfig:
             raise ValueError("--budgets, --policies, --allocators and --kv-bits each need at least one value")
         for cell in self.cells():  # every own and quantized cell's settings checked before anything runs
             if cell.method in (OWN, QUANTIZED):
-                self.cache_setting(cell)
+                setting = self.cache_setting(cell)
+                if self.options.engine == "fast" and isinstance(setting, SqueezeConfig):
+                    check_fast_engine(setting)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
         if self.batch_size < 1:
