@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from paths import assert_same_tokens_kept, simple_and_fast
 
 import squeezekv
 from squeezekv import SqueezeConfig
@@ -18,31 +19,16 @@ NEW_TOKENS = 12
 UNIFORM_HEADS = sorted(n for n, c in squeezekv.POLICIES.items() if not c().spreads_over_heads)
 
 
-def kept_positions(layer, row, head):
-    return sorted(
-        layer.positions[row, min(head, layer.positions.shape[1] - 1)][
-            layer.valid[row, min(head, layer.valid.shape[1] - 1)]
-        ].tolist()
-    )
-
-
 @pytest.mark.parametrize("family", ["llama", "mistral", "falcon", "gemma3", "gpt_neox", "opt"])
 @pytest.mark.parametrize("policy", UNIFORM_HEADS)
 def test_fast_engine_equals_simple_path(family, policy):
     model = tiny_model(family)
     ids, mask = left_pad(prompts([40, 25, 33], seed=1))
     config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=4), allocator="squeeze")
-    with squeezekv.compress(model, config, max_new_tokens=NEW_TOKENS) as session:
-        simple = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
-        simple_cache = session.cache
-    generator = FastGenerator(model, config)
-    fast = generator.generate(ids, mask, max_new_tokens=NEW_TOKENS, prefill_batch=2)
+    simple, simple_cache, generator, fast = simple_and_fast(model, config, ids, mask, NEW_TOKENS)
     assert torch.equal(simple, fast.sequences)
     for dynamic, static in zip(simple_cache.layers, generator.cache.layers, strict=True):
-        heads = static.keys.shape[1]
-        for row in range(3):
-            for head in range(heads):
-                assert kept_positions(dynamic, row, head) == kept_positions(static, row, head)
+        assert_same_tokens_kept(dynamic, static, rows=3, heads=static.keys.shape[1])
         assert static.keys.shape[2] == int(static.budget.max()) + 1  # the budget plus one free slot
     assert fast.stats.kv_bytes_kept == generator.cache.kv_bytes_kept() < fast.stats.kv_bytes_full
 
@@ -188,17 +174,11 @@ def test_fast_engine_with_packed_keys_and_values_equals_simple_path(policy, bits
     ids, mask = left_pad(prompts([100, 85, 93], seed=1))
     config = SqueezeConfig(0.5, short_policy(policy, window=4), "squeeze", kv_bits=bits)
     new_tokens = 2 * KEY_GROUP_TOKENS + 12
-    with squeezekv.compress(model, config, max_new_tokens=new_tokens) as session:
-        simple = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-        simple_cache = session.cache
-    generator = FastGenerator(model, config)
-    fast = generator.generate(ids, mask, max_new_tokens=new_tokens, prefill_batch=2)
+    simple, simple_cache, generator, fast = simple_and_fast(model, config, ids, mask, new_tokens)
     assert torch.equal(simple, fast.sequences)
     for dynamic, static in zip(simple_cache.layers, generator.cache.layers, strict=True):
         assert static.keys is None and static.packed.bits == bits
-        for row in range(3):
-            for head in range(static.packed.heads):
-                assert kept_positions(dynamic, row, head) == kept_positions(static, row, head)
+        assert_same_tokens_kept(dynamic, static, rows=3, heads=static.packed.heads)
         assert static.packed.start == dynamic.packed.residual_start == 100 + 2 * KEY_GROUP_TOKENS
     assert fast.stats.kv_bytes_kept == generator.cache.kv_bytes_kept()
 

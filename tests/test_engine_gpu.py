@@ -12,23 +12,36 @@ from models import left_pad, prompts, short_policy, tiny_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("policy", sorted(squeezekv.POLICIES))
-def test_graphed_decode_equals_simple_path_on_the_gpu(policy):
-    model = tiny_model("llama", "eager").to("cuda")  # float64: slot order cannot flip a greedy tie
+# every policy unquantized; packed codes in float64 (eager attention: the kernel's torch twin) and in
+# float32 (the Triton kernel), past two residual windows quantized on the host between graph replays
+CASES = [(policy, 16, torch.float64) for policy in sorted(squeezekv.POLICIES)] + [
+    (policy, bits, dtype)
+    for policy, bits in (("h2o", 8), ("window", 4), ("snapkv", 4))
+    for dtype in (torch.float64, torch.float32)
+]
+
+
+@pytest.mark.parametrize(("policy", "bits", "dtype"), CASES)
+def test_graphed_decode_equals_simple_path_on_the_gpu(policy, bits, dtype):
+    """float64 where slot order must not flip a greedy tie between the paths."""
+    model = tiny_model("llama", "eager" if dtype == torch.float64 else "sdpa").to("cuda", dtype)
     ids, mask = left_pad(prompts([60, 41, 52], seed=7))
     ids, mask = ids.cuda(), mask.cuda()
-    config = SqueezeConfig(budget=0.3, policy=short_policy(policy, window=8), allocator="squeeze")
+    budget, new_tokens = (0.3, 24) if bits == 16 else (0.5, 150)
+    config = SqueezeConfig(budget, short_policy(policy, window=8), "squeeze", kv_bits=bits)
     try:
         simple = squeezekv.generate(
-            model, ids, config, attention_mask=mask, max_new_tokens=24, do_sample=False
+            model, ids, config, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False
         )
         generator = FastGenerator(model, config)
-        fast = generator.generate(ids, mask, max_new_tokens=24, prefill_batch=2)
+        fast = generator.generate(ids, mask, max_new_tokens=new_tokens, prefill_batch=2)
     finally:
-        model.to("cpu")
+        model.to("cpu", torch.float64)
     assert torch.equal(simple.sequences, fast.sequences)
     assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
     assert generator.steady_step_seconds is not None
+    if bits < 16:
+        assert generator.cache.layers[0].packed.start == 60 + 2 * 64
 
 
 def test_h2o_decode_equals_simple_path_with_three_query_heads_per_key_head():
@@ -50,25 +63,3 @@ def test_h2o_decode_equals_simple_path_with_three_query_heads_per_key_head():
     fast = FastGenerator(model, config).generate(ids, mask, max_new_tokens=24)
     assert torch.equal(simple.sequences, fast.sequences)
     assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
-
-
-@pytest.mark.parametrize(("bits", "policy"), [(8, "h2o"), (4, "window"), (4, "snapkv")])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_graphed_decode_over_packed_codes_equals_simple_path_on_the_gpu(bits, policy, dtype):
-    """Residual windows quantized on the host between graph replays; in float32 both paths read the
-    codes through the Triton kernel, in float64 (eager attention) through its torch twin."""
-    model = tiny_model("llama", "eager" if dtype == torch.float64 else "sdpa").to("cuda", dtype)
-    ids, mask = left_pad(prompts([60, 41, 52], seed=7))
-    ids, mask = ids.cuda(), mask.cuda()
-    config = SqueezeConfig(0.5, short_policy(policy, window=8), "squeeze", kv_bits=bits)
-    try:
-        simple = squeezekv.generate(
-            model, ids, config, attention_mask=mask, max_new_tokens=150, do_sample=False
-        )
-        generator = FastGenerator(model, config)
-        fast = generator.generate(ids, mask, max_new_tokens=150, prefill_batch=2)
-    finally:
-        model.to("cpu", torch.float64)
-    assert torch.equal(simple.sequences, fast.sequences)
-    assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
-    assert generator.cache.layers[0].packed.start == 60 + 2 * 64

@@ -3,6 +3,7 @@ the sum of the heads' budgets, and the fast engine keeps exactly what the simple
 
 import pytest
 import torch
+from paths import assert_same_tokens_kept, kept_positions, simple_and_fast
 
 import squeezekv
 from squeezekv import SqueezeConfig
@@ -13,17 +14,6 @@ from models import left_pad, prompts, tiny_model
 
 NEW_TOKENS = 10
 CONFIG = SqueezeConfig(budget=0.3, policy="adakv:window=4", allocator="squeeze")
-
-
-def kept_positions(layer, row, head):
-    """The positions one head of one sequence holds, whatever the layer's storage."""
-    if isinstance(layer, RaggedStaticLayer):
-        start, length = int(layer.segments.offsets[row, head]), int(layer.segments.lengths[row, head])
-        positions, valid = layer.positions[start : start + length], layer.valid[start : start + length]
-    else:  # a dense layer (one head for all, or one per head) or a packed one's padded view
-        head = min(head, layer.positions.shape[1] - 1)
-        positions, valid = layer.positions[row, head], layer.valid[row, head]
-    return sorted(positions[valid].tolist())
 
 
 def test_heads_hold_their_own_budgets_while_decoding():
@@ -75,17 +65,11 @@ def test_fast_engine_keeps_what_the_simple_path_keeps_per_head(family):
     model = tiny_model(family)
     heads = 2 if family != "gpt_neox" else 4
     ids, mask = left_pad(prompts([40, 25, 33], seed=1))
-    with squeezekv.compress(model, CONFIG, max_new_tokens=NEW_TOKENS) as session:
-        simple = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
-        simple_cache = session.cache
-    generator = FastGenerator(model, CONFIG)
-    fast = generator.generate(ids, mask, max_new_tokens=NEW_TOKENS, prefill_batch=2)
+    simple, simple_cache, generator, fast = simple_and_fast(model, CONFIG, ids, mask, NEW_TOKENS)
     assert torch.equal(simple, fast.sequences)
     assert any(isinstance(layer, RaggedStaticLayer) for layer in generator.cache.layers)
     for dynamic, static in zip(simple_cache.layers, generator.cache.layers, strict=True):
-        for row in range(3):
-            for head in range(heads):
-                assert kept_positions(dynamic, row, head) == kept_positions(static, row, head)
+        assert_same_tokens_kept(dynamic, static, rows=3, heads=heads)
         if isinstance(static, RaggedStaticLayer):  # each head: its budget plus one free slot, packed
             slots = int((static.head_budgets + 1).sum())
             assert static.keys.shape == static.values.shape == (slots, 16)

@@ -103,6 +103,12 @@ if triton is not None:
         return ((packed >> (channels % 2) * 4) & 15).to(tl.float32)
 
     @triton.jit
+    def _states(STATES, base, slots, ssn, ssd, dims, mask):
+        """``[BN, dims]`` states in the model's dtype of the ``slots`` (a ``[BN, 1]`` column) at
+        ``base``, 0 where not ``mask``."""
+        return tl.load(STATES + base + slots * ssn + dims[None, :] * ssd, mask=mask, other=0.0)
+
+    @triton.jit
     def _quantized_decode_chunk(
         Q, K, KS, KZ, KG, V, VS, VZ, RK, RV, P, A, SCORES, PART_MAX, PART_SUM, PART_ACC,
         sqb, sqh, sqd,
@@ -136,11 +142,9 @@ if triton is not None:
             # only the slots seen are read, each from the residual window or from its codes; the
             # values only after the scores, so that fewer blocks are live at once
             fresh_rows = (positions - residual_start)[:, None]
-            k = tl.load(RK + batch * srkb + kv_head * srkh + fresh_rows * srkn + dims[None, :] * srkd,
-                        mask=fresh, other=0.0)  # fmt: skip
+            k = _states(RK, batch * srkb + kv_head * srkh, fresh_rows, srkn, srkd, dims, fresh)
             if BITS == 16:
-                k_coded = tl.load(K + batch * skb + kv_head * skh + cols[:, None] * skn + dims[None, :] * skd,
-                                  mask=coded, other=0.0)  # fmt: skip
+                k_coded = _states(K, batch * skb + kv_head * skh, cols[:, None], skn, skd, dims, coded)
             else:
                 # a coded slot that is seen holds a token, quantized into one of its head's key groups
                 # (every operand a [BN, 1] column: Triton 3.6 on sm_90 failed to lay out 1-D ones)
@@ -155,11 +159,9 @@ if triton is not None:
             if WITH_MASS:
                 tl.store(SCORES + rows[:, None] * keys + cols[None, :], scores,
                          mask=in_group[:, None] & inside[None, :])  # fmt: skip
-            v = tl.load(RV + batch * srvb + kv_head * srvh + fresh_rows * srvn + dims[None, :] * srvd,
-                        mask=fresh, other=0.0)  # fmt: skip
+            v = _states(RV, batch * srvb + kv_head * srvh, fresh_rows, srvn, srvd, dims, fresh)
             if BITS == 16:
-                v_coded = tl.load(V + batch * svb + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
-                                  mask=coded, other=0.0)  # fmt: skip
+                v_coded = _states(V, batch * svb + kv_head * svh, cols[:, None], svn, svd, dims, coded)
             else:
                 # a value's scale and zero are per group of channels, read by each of them
                 groups = dims[None, :] // (DIM // VALUE_GROUPS) + batch * svsb + kv_head * svsh
