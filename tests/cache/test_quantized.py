@@ -172,14 +172,16 @@ def own_storage(obj) -> dict[str, bool]:
     }
 
 
+@pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("new_tokens", [1, KEY_GROUP_TOKENS + 5])
-def test_a_packed_layer_keeps_no_full_precision_storage_alive(new_tokens):
-    """Its bytes are the packed bytes: an empty residual window sliced from the prompt's keys once
-    kept the whole full-precision layer allocated behind the codes."""
+def test_a_compressed_layer_keeps_no_other_storage_alive(bits, new_tokens):
+    """Its bytes are the bytes it reports: an empty residual window sliced from the prompt's keys
+    once kept the whole full-precision layer allocated behind the codes."""
     model = tiny_model("llama")
-    config = SqueezeConfig(0.3, "h2o", kv_bits=8)
+    config = SqueezeConfig(0.3, "h2o", kv_bits=bits)
     with squeezekv.compress(model, config, max_new_tokens=new_tokens) as session:
         model.generate(prompts([120])[0][None], max_new_tokens=new_tokens, do_sample=False)
     for layer in session.cache.layers:
-        for holder in (layer.packed, *layer.packed.parts):
+        holders = (layer,) if bits == 16 else (layer.packed, *layer.packed.parts)
+        for holder in holders:
             assert all(own_storage(holder).values()), own_storage(holder)
