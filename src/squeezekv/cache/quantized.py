@@ -290,6 +290,17 @@ class PackedStates:
         return unquantized_bytes(batch, self.heads, seen, self.dims, self.dtype)
 
 
+def table_groups(prefilled_groups: int, new_columns: int) -> int:
+    """Entries of a :class:`StaticPackedStates` key-group table: the prefilled groups, then one per
+    residual window ``new_columns`` columns can flush (and one for a window already part full)."""
+    return prefilled_groups + -(-new_columns // KEY_GROUP_TOKENS) + 1
+
+
+def group_index_dtype(groups: int) -> torch.dtype:
+    """The smallest integer type that numbers ``groups`` key groups (each slot stores its group)."""
+    return torch.int16 if groups <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def packed_bytes_per_head(
     bits: int, dims: tuple[int, int], slots: int, prefilled_tokens: int, new_columns: int, element: int
 ) -> int:
@@ -297,8 +308,8 @@ def packed_bytes_per_head(
     ``prefilled_tokens`` were quantized at once (their groups of ``KEY_GROUP_TOKENS``), for a
     decode of ``new_columns`` columns, with model states of ``element`` bytes."""
     scale = SCALE_DTYPE.itemsize
-    groups = -(-prefilled_tokens // KEY_GROUP_TOKENS) + -(-new_columns // KEY_GROUP_TOKENS) + 1
-    group_index = 2 if groups <= torch.iinfo(torch.int16).max else 4
+    groups = table_groups(-(-prefilled_tokens // KEY_GROUP_TOKENS), new_columns)
+    group_index = group_index_dtype(groups).itemsize
     slot = sum(dims) * bits // 8 + 2 * scale * (dims[1] // value_group(dims[1])) + group_index
     return slots * slot + groups * 2 * scale * dims[0] + KEY_GROUP_TOKENS * sum(dims) * element
 
@@ -338,17 +349,18 @@ class StaticPackedStates:
         batch = sum(part.parts[0].rows.numel() for part in parts)
         prefilled = max(part.parts[0].group_start.shape[-1] for part in parts)
         self.next_group = prefilled
-        groups = prefilled + -(-new_columns // KEY_GROUP_TOKENS) + 1
-        rows = PackedRows(torch.arange(batch, device=device), self.bits, self.heads, self.dims,
-                          first.residual_keys)  # fmt: skip
-        self.key_codes, self.value_codes = rows.slots(self.dims[0], slots), rows.slots(self.dims[1], slots)
+        groups = table_groups(prefilled, new_columns)
+        self.key_codes, self.value_codes = (
+            torch.zeros(batch, self.heads, slots, dim * self.bits // 8, dtype=torch.uint8, device=device)
+            for dim in self.dims
+        )
         value_groups = self.dims[1] // value_group(self.dims[1])
         scale = dict(dtype=SCALE_DTYPE, device=device)
         self.value_scale = torch.zeros(batch, self.heads, slots, value_groups, **scale)
         self.value_zero = torch.zeros_like(self.value_scale)
         self.key_scale = torch.zeros(batch, self.heads, groups, self.dims[0], **scale)
         self.key_zero = torch.zeros_like(self.key_scale)
-        group_dtype = torch.int16 if groups <= torch.iinfo(torch.int16).max else torch.int32
+        group_dtype = group_index_dtype(groups)
         self.key_group = torch.zeros(batch, self.heads, slots, dtype=group_dtype, device=device)
         window = (batch, self.heads, KEY_GROUP_TOKENS)
         self.residual_keys = first.residual_keys.new_zeros(*window, self.dims[0])

@@ -179,6 +179,7 @@ class StaticCache(CompressedCache):
         first_column = torch.cat([c.prompt_columns - c.prompt_tokens for c in caches])
         devices = {layer.positions.device for layer in layers}  # several under a device_map
         self.seen = columns_seen  # on the host, for after_step
+        self.packed_layers = [layer for layer in layers if layer.packed is not None]
         self.columns = {device: torch.tensor([columns_seen], device=device) for device in devices}
         self.first_columns = {device: first_column.to(device) for device in devices}
         questions = [cache.question_start for cache in caches]
@@ -245,9 +246,8 @@ class StaticCache(CompressedCache):
     def after_step(self) -> None:
         """On the host, after each decode step (its :meth:`advance` included)."""
         self.seen += 1
-        for layer in self.layers:
-            if layer.packed is not None:
-                layer.packed.settle(layer.positions, layer.valid, self.seen)
+        for layer in self.packed_layers:
+            layer.packed.settle(layer.positions, layer.valid, self.seen)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.columns[self.layers[layer_idx].positions.device])
