@@ -93,6 +93,11 @@ EOF_PY
 )
 ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv,chunkkv:chunk=20 \
     --allocators "uniform,squeeze,pyramid,squeeze:p=0.7,squeeze-lowest,squeeze-random,blend,$new_allocator"
+#    then grown by the sensitivity-calibrated allocator, whose file the CPU perplexity run wrote
+#    (smollm2-ppl-cpu/, docs/results/README.md) before any RULER-style run
+sensitivity=$out/smollm2-ppl-cpu/sensitivity.json
+ruler --out "$out/smollm2-ruler4k" --budgets 0.1,0.2 --policies h2o,snapkv,chunkkv:chunk=20 \
+    --allocators "uniform,squeeze,pyramid,squeeze:p=0.7,squeeze-lowest,squeeze-random,blend,$new_allocator,oracle:profile=$sensitivity"
 # 7. the allocators at budget 0.5, in a run of their own
 ruler --out "$out/smollm2-ruler4k-b05" --budgets 0.5 --policies h2o,snapkv,chunkkv:chunk=20 \
     --allocators uniform,squeeze,pyramid,squeeze:p=0.7

@@ -68,7 +68,8 @@ def policy_budget_table(title: str, config: EvalConfig, cell) -> list[str]:
     return lines
 
 
-BASELINE = "uniform"
+BASELINES = ("uniform", "pyramid")  # every other allocator is measured against each; pyramid against uniform
+BASELINE = BASELINES[0]
 
 
 def headline_terms(task: Task, results: list[dict]):
@@ -231,11 +232,14 @@ def markdown(
         lines += share_of_full(config, task, summaries, samples, records)
     lines += ["### KV tokens held per layer (mean, end of run)", ""]
     lines += [*table(config, summaries, lambda s, _: f"{s.kv_tokens:.1f}"), ""]
+    baselines = [base for base in BASELINES if base in config.allocators]
+    for rank, base in enumerate(baselines):
+        for allocator in config.allocators:
+            if allocator not in baselines[: rank + 1]:
+                ours = (allocator, allocator, 16)
+                lines += versus(config, task, samples, records, ours, (base, base, 16))
     if BASELINE in config.allocators:
         uniform = (BASELINE, BASELINE, 16)
-        for allocator in config.allocators:
-            if allocator != BASELINE:
-                lines += versus(config, task, samples, records, (allocator, allocator, 16), uniform)
         if config.equal_bytes:  # fewer bits and more tokens against 16 bits, at equal bytes
             for bits in config.kv_bits:
                 if bits != 16:
