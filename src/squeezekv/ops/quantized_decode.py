@@ -163,12 +163,15 @@ if triton is not None:
             if BITS == 16:
                 v_coded = _states(V, batch * svb + kv_head * svh, cols[:, None], svn, svd, dims, coded)
             else:
-                # a value's scale and zero are per group of channels, read by each of them
-                groups = dims[None, :] // (DIM // VALUE_GROUPS) + batch * svsb + kv_head * svsh
-                groups += cols[:, None] * svsn
+                # a value's scale and zero are per group of channels: read once a slot and spread over the
+                # group's channels (reading them for every channel took twice as long on an H200)
+                groups = batch * svsb + kv_head * svsh + cols[:, None] * svsn
+                groups += tl.arange(0, VALUE_GROUPS)[None, :]
+                v_scale = tl.load(VS + groups, mask=coded, other=0.0).to(tl.float32)[:, :, None]
+                v_zero = tl.load(VZ + groups, mask=coded, other=0.0).to(tl.float32)[:, :, None]
                 v_coded = _codes(V, batch * svb + kv_head * svh + cols[:, None] * svn, coded, BITS, DIM)
-                v_coded = v_coded * tl.load(VS + groups, mask=coded, other=0.0).to(tl.float32)
-                v_coded += tl.load(VZ + groups, mask=coded, other=0.0).to(tl.float32)
+                v_coded = tl.reshape(v_coded, (BN, VALUE_GROUPS, DIM // VALUE_GROUPS)) * v_scale + v_zero
+                v_coded = tl.reshape(v_coded, (BN, DIM))
             v = tl.where(waiting, v, v_coded.to(v.dtype))
             best, total, acc = _softmax_step(scores, v, best, total, acc, IEEE)
         _store_partials(
