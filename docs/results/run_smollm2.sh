@@ -114,3 +114,13 @@ bits() {
 }
 bits --samples-file "$tune_samples" --limit 110 --out "$out/smollm2-ruler4k-tuning-bits"
 bits --samples-file "$samples" --out "$out/smollm2-ruler4k-bits"
+# 10. the 8k subset: samples written as in the header with --ruler-lengths 8192 (--seed 1, 100 per
+#     subtask) and shuffled with random.Random(0) into SAMPLES_8K; grown in steps so that a cut run
+#     holds every cell on one subset (the published run completed 384 samples)
+samples_8k=${SAMPLES_8K:-ruler8k-seed1-shuffled.jsonl}
+for limit in 330 660 1100; do
+    python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --task ruler --no-progress \
+        --samples-file "$samples_8k" --engine fast --batch-size 128 --out "$out/smollm2-ruler8k" \
+        --budgets 0.1,0.2 --policies h2o,snapkv --allocators "uniform,squeeze,pyramid,oracle:profile=$sensitivity" \
+        --limit "$limit" >/dev/null
+done
