@@ -1,6 +1,6 @@
 from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig
 from squeezekv.evaluation.summary import markdown, summarize, versus
-from squeezekv.evaluation.tasks import TASKS, TaskOptions, task_named
+from squeezekv.evaluation.tasks import TaskOptions, task_named
 
 
 def records_for(scores: dict[str, list[float]]) -> dict:
@@ -20,7 +20,7 @@ def comparison(scores: dict[str, list[float]]) -> str:
     samples = [f"s{i}" for i in range(len(scores["uniform"]))]
     lines = versus(
         config,
-        TASKS["passkey"],
+        task_named("passkey", TaskOptions()),
         samples,
         records_for(scores),
         ("squeeze", "squeeze", 16),

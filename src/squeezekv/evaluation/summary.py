@@ -238,13 +238,10 @@ def markdown(
             if allocator not in baselines[: rank + 1]:
                 ours = (allocator, allocator, 16)
                 lines += versus(config, task, samples, records, ours, (base, base, 16))
-    if BASELINE in config.allocators:
-        uniform = (BASELINE, BASELINE, 16)
-        if config.equal_bytes:  # fewer bits and more tokens against 16 bits, at equal bytes
-            for bits in config.kv_bits:
-                if bits != 16:
-                    quantized = (f"{bits}-bit {BASELINE}", BASELINE, bits)
-                    lines += versus(
-                        config, task, samples, records, quantized, ("16-bit " + BASELINE, *uniform[1:])
-                    )
+    if config.equal_bytes and BASELINE in config.allocators:  # fewer bits, more tokens, against 16 bits
+        full_precision = (f"16-bit {BASELINE}", BASELINE, 16)
+        for bits in config.kv_bits:
+            if bits != 16:
+                quantized = (f"{bits}-bit {BASELINE}", BASELINE, bits)
+                lines += versus(config, task, samples, records, quantized, full_precision)
     return "\n".join(lines)
