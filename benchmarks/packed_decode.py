@@ -8,9 +8,8 @@ twin, with key groups laid out as a prefill leaves them (slot // 64, 8 % of slot
 flushes do) and at random. docs/quantization.md's kernel table comes from this script.
 """
 
-import statistics
-
 import torch
+from prefill_profile import event_median_ms  # run as a script, benchmarks/ is on the path
 
 from squeezekv.ops.decode import decode_attention_triton
 from squeezekv.ops.quantized_decode import (
@@ -21,20 +20,7 @@ from squeezekv.ops.quantized_decode import (
 
 BATCH, HEADS, SLOTS, DIM = 70, 32, 1639, 128
 KEY_GROUPS = 29
-
-
-def median_ms(fn, reps: int = 15) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+ROUNDS = 15
 
 
 def packed_codes(bits: int, key_group: torch.Tensor, generator: torch.Generator) -> PackedCodes:
@@ -64,7 +50,7 @@ def time_packed(query, codes: PackedCodes, positions, valid, column, mass) -> tu
     want = quantized_decode_attention_torch(*args)
     got = quantized_decode_attention_triton(*args)
     error = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want, strict=True))
-    return median_ms(lambda: quantized_decode_attention_triton(*args, mass)), error
+    return event_median_ms(lambda: quantized_decode_attention_triton(*args, mass), ROUNDS), error
 
 
 def time_bf16(query, positions, valid, column, mass, generator) -> tuple[float, float]:
@@ -72,7 +58,7 @@ def time_bf16(query, positions, valid, column, mass, generator) -> tuple[float, 
     keys = torch.randn(*query.shape[:2], SLOTS, DIM, device="cuda", dtype=query.dtype, generator=generator)
     values = torch.randn_like(keys)
     args = (query, keys, values, positions, valid, column, None, 0.088, True, mass)
-    ms = median_ms(lambda: decode_attention_triton(*args))
+    ms = event_median_ms(lambda: decode_attention_triton(*args), ROUNDS)
     return ms, 2 * keys.nbytes / ms / 1e6
 
 
