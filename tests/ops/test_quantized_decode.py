@@ -31,8 +31,9 @@ needs_gpu = pytest.mark.skipif(
 
 
 def quantized_layer(
-    bits: list[int], group: int, per_head: bool, seed: int, prompt: int = 150, dtype=torch.float32
-):
+    bits: list[int], group: int, per_head: bool, seed: int, prompt: int = 150, dtype=torch.float32,
+    dim: int = DIM,
+):  # fmt: skip
     """A layer of ``len(bits)`` rows quantized after a ``prompt`` of which about 70 % is kept (each
     head its own columns when ``per_head``: heads get different numbers of key groups), then 6
     decode tokens waiting in the residual window (one of them evicted); a query at the last column.
@@ -41,7 +42,7 @@ def quantized_layer(
     batch, heads, new = len(bits), KV_HEADS if per_head else 1, 6
 
     def states(columns: int, spread: torch.Tensor | float = 1.0) -> torch.Tensor:
-        drawn = torch.randn(batch, KV_HEADS, columns, DIM, generator=generator) * spread
+        drawn = torch.randn(batch, KV_HEADS, columns, dim, generator=generator) * spread
         return drawn.to(DEVICE, dtype)
 
     positions = torch.arange(prompt + new).repeat(batch, heads, 1).to(DEVICE)  # valid's layout
@@ -51,10 +52,10 @@ def quantized_layer(
     valid[:, :, prompt + 1] = False  # evicted from the residual window
     valid = valid.to(DEVICE)
     prompt_positions, prompt_valid = positions[..., :prompt], valid[..., :prompt]
-    keys = states(prompt, torch.linspace(0.5, 4, DIM))  # channels of different ranges
+    keys = states(prompt, torch.linspace(0.5, 4, dim))  # channels of different ranges
     packed = PackedStates(keys, states(prompt), prompt_positions, prompt_valid, prompt, torch.tensor(bits))
     packed.store(states(new), states(new))
-    query = torch.randn(batch, KV_HEADS * group, 1, DIM, generator=generator).to(DEVICE, dtype)
+    query = torch.randn(batch, KV_HEADS * group, 1, dim, generator=generator).to(DEVICE, dtype)
     return query, packed, positions, valid, prompt + new - 1
 
 
@@ -66,35 +67,41 @@ def arguments(packed: PackedStates, positions: torch.Tensor) -> tuple:
 
 @needs_triton
 @pytest.mark.parametrize(
-    ("bits", "group", "per_head", "window", "mass", "dtype"),
+    ("bits", "group", "per_head", "window", "mass", "dtype", "dim"),
     [
-        (8, 1, False, None, "none", torch.float32),
-        (4, 3, True, None, "returned", torch.float32),
-        (8, 3, True, 40, "added", torch.float32),
-        (4, 1, False, 40, "returned", torch.float32),
-        (16, 3, True, 40, "returned", torch.float32),
-        pytest.param(4, 3, True, 40, "returned", torch.bfloat16, marks=needs_gpu),
-        pytest.param(8, 1, False, None, "added", torch.bfloat16, marks=needs_gpu),
+        (8, 1, False, None, "none", torch.float32, DIM),
+        (4, 3, True, None, "returned", torch.float32, DIM),
+        (8, 3, True, 40, "added", torch.float32, DIM),
+        (4, 1, False, 40, "returned", torch.float32, DIM),
+        (4, 3, True, 40, "added", torch.float32, 64),  # even and odd channels as two halves
+        (16, 3, True, 40, "returned", torch.float32, DIM),
+        pytest.param(4, 3, True, 40, "returned", torch.bfloat16, DIM, marks=needs_gpu),
+        pytest.param(4, 1, False, None, "returned", torch.bfloat16, 64, marks=needs_gpu),
+        pytest.param(8, 1, False, None, "added", torch.bfloat16, DIM, marks=needs_gpu),
     ],
 )
-def test_quantized_decode_triton_matches_its_torch_twin(bits, group, per_head, window, mass, dtype):
-    """Within float32 rounding (bf16: within bf16's, the twin's products being bf16). The 4-bit
-    layers hold more slots than one program's chunk, so their first pass is split."""
+def test_quantized_decode_triton_matches_its_torch_twin(bits, group, per_head, window, mass, dtype, dim):
+    """Within float32 rounding; in bf16 within bf16's of the twin in float32 over the same codes (the
+    kernel computes in float16, more exactly than the twin's bf16 products). The 4-bit layers hold
+    more slots than one program's chunk, so their first pass is split; a head of 64 channels reads
+    4-bit codes as two halves, a smaller one a byte a channel."""
     prompt = quantized_decode.DECODE_CHUNK + 40 if bits == 4 else 150
     query, packed, positions, valid, column = quantized_layer(
-        [bits, bits], group, per_head, seed=bits + group, prompt=prompt, dtype=dtype
+        [bits, bits], group, per_head, seed=bits + group, prompt=prompt, dtype=dtype, dim=dim
     )
+    codes, residual_keys, residual_values, start = arguments(packed, positions)
     running = torch.rand(2, KV_HEADS, positions.shape[-1], device=DEVICE)
     results = []
-    for side in (
-        quantized_decode.quantized_decode_attention_torch,
-        quantized_decode.quantized_decode_attention_triton,
+    for side, states in (
+        (quantized_decode.quantized_decode_attention_torch, torch.float32),
+        (quantized_decode.quantized_decode_attention_triton, dtype),
     ):
         added = running.clone() if mass == "added" else None
         output, returned = side(
-            query, *arguments(packed, positions), positions, valid, column, window, 0.3, mass != "none", added
-        )
-        results.append((output, returned, added))
+            query.to(states), codes, residual_keys.to(states), residual_values.to(states), start, positions,
+            valid, column, window, 0.3, mass != "none", added,
+        )  # fmt: skip
+        results.append((output.float(), returned, added))
     (want, want_mass, want_added), (got, got_mass, got_added) = results
     close = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got, want, **close)

@@ -119,15 +119,20 @@ if triton is not None:
         )
 
     @triton.jit
-    def _softmax_step(scores, v, best, total, acc, IEEE: tl.constexpr):
-        """One block of keys folded into the running softmax state (max, sum, weighted values)."""
+    def _softmax_weights(scores, best, total):
+        """One block of scores against the running softmax state: the new max and sum, the block's
+        weights, and the factor that rescales what was weighted before."""
         new_best = tl.maximum(best, tl.max(scores, 1))
         safe = tl.where(new_best == float("-inf"), 0.0, new_best)
         p = tl.exp(scores - safe[:, None])
         rescale = tl.exp(best - safe)
-        total = total * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
-        return new_best, total, acc
+        return new_best, total * rescale + tl.sum(p, 1), p, rescale
+
+    @triton.jit
+    def _softmax_step(scores, v, best, total, acc, IEEE: tl.constexpr):
+        """One block of keys folded into the running softmax state (max, sum, weighted values)."""
+        best, total, p, rescale = _softmax_weights(scores, best, total)
+        return best, total, acc * rescale[:, None] + dot(p.to(v.dtype), v, IEEE)
 
     @triton.jit
     def _store_partials(

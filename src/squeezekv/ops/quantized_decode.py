@@ -5,10 +5,12 @@ A layer's rows at one precision hold, per slot, packed key and value codes (:mod
 keys per channel over a group of slots, values per token over groups of channels); its newest
 columns wait unquantized in a residual window instead. The Triton first pass is
 :mod:`~squeezekv.ops.decode`'s with each block of keys and values decoded in registers
-(``code * scale + zero`` in float32, rounded to the query's dtype as the transient is) or, for a
-slot in the residual window, read from it; the second pass, which turns the partial softmax states
-into the output and the mass, is shared as it is. The torch twin dequantizes the layer as the
-transient does and attends over it.
+(``code * scale + zero``) or, for a slot in the residual window, read from it; the second pass,
+which turns the partial softmax states into the output and the mass, is shared as it is. The torch
+twin dequantizes the layer as the transient does (in float32, rounded to the query's dtype) and
+attends over it. The kernel computes in float16 for 16-bit queries (its scales are float16 already,
+and a conversion to float32 per code bounded it: an H200 ran its 8-bit call 1.5x faster so), in float32
+for float32 ones, which it matches within float32 rounding.
 
 A slot is seen when it holds a token (inside the sliding window, if any) or is the query's own
 column, as :func:`~squeezekv.ops.layer_mask` has it. On an H200 (Triton 3.6) the kernel matches its
@@ -23,15 +25,15 @@ import torch
 
 from squeezekv.ops.attention import fused
 from squeezekv.ops.common import dot, tl, triton
-from squeezekv.ops.decode import (
-    DECODE_CHUNK,
-    DECODE_WARPS,
-    DecodePartials,
-    decode_attention_torch,
-)
+from squeezekv.ops.decode import DECODE_CHUNK, DecodePartials, decode_attention_torch
 from squeezekv.ops.quantize import dequantize_keys, dequantize_values
 
-PACKED_BLOCK = 16  # slots per step of a program's loop: on an H200 16 beat 32 and 64 (more registers a slot)
+# slots per step of a program's loop, warps and pipeline stages: on an H200 (Triton 3.6) 16 slots, 2 warps
+# and 1 stage beat 32 and 64 slots, 1 and 4 warps and Triton's default 3 stages (more registers a
+# program, fewer programs at once)
+PACKED_BLOCK = 16
+PACKED_WARPS = 2
+PACKED_STAGES = 1
 
 
 class PackedCodes(NamedTuple):
@@ -84,29 +86,48 @@ def with_residual(
 
 
 if triton is not None:
-    from squeezekv.ops.decode import (  # the contiguous pass's own steps
-        _group_query,
-        _softmax_step,
-        _store_partials,
-    )
+    from squeezekv.ops.decode import _softmax_weights, _store_partials  # the contiguous pass's own steps
 
     @triton.jit
-    def _codes(CODES, base, seen, BITS: tl.constexpr, DIM: tl.constexpr):
-        """``[slots, DIM]`` float32 codes of the slots whose packed bytes start at ``base`` (a
-        ``[slots, 1]`` column), 0 where not ``seen``. At 8 bits one contiguous load per slot (vectorized);
-        at 4 bits each channel reads its byte, the even channel's code in the low nibble (a join and
-        reshape of the two nibbles instead gave wrong bfloat16 products on an H200, Triton 3.6)."""
-        channels = tl.arange(0, DIM)[None, :]
-        if BITS == 8:
-            return tl.load(CODES + base + channels, mask=seen, other=0).to(tl.float32)
-        packed = tl.load(CODES + base + channels // 2, mask=seen, other=0).to(tl.int32)
-        return ((packed >> (channels % 2) * 4) & 15).to(tl.float32)
+    def _in_math(x, BITS: tl.constexpr, IEEE: tl.constexpr):
+        """``x`` in the type the kernel computes in: the model's own at 16 bits, else float16 (float32
+        for float32 queries, so that they stay exact)."""
+        if BITS == 16:
+            converted = x
+        elif IEEE:
+            converted = x.to(tl.float32)
+        else:
+            converted = x.to(tl.float16)
+        return converted
 
     @triton.jit
-    def _states(STATES, base, slots, ssn, ssd, dims, mask):
-        """``[BN, dims]`` states in the model's dtype of the ``slots`` (a ``[BN, 1]`` column) at
-        ``base``, 0 where not ``mask``."""
-        return tl.load(STATES + base + slots * ssn + dims[None, :] * ssd, mask=mask, other=0.0)
+    def _read(at, mask, BITS: tl.constexpr, IEEE: tl.constexpr):
+        """What lies at the pointers ``at`` where ``mask`` (else 0), in the kernel's math."""
+        return _in_math(tl.load(at, mask=mask, other=0.0), BITS, IEEE)
+
+    @triton.jit
+    def _exact(codes, IEEE: tl.constexpr):
+        """Integer codes (below 256) as exact floats of the kernel's math; to float16 without a
+        conversion instruction, which bounded the kernel (``0x6400 | c`` is the float16 ``1024 + c``)."""
+        if IEEE:
+            exact = codes.to(tl.float32)
+        else:
+            exact = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        return exact
+
+    @triton.jit
+    def _key_half(codes, KS, KZ, table, mask, BITS: tl.constexpr, IEEE: tl.constexpr):
+        """``code * scale + zero`` of ``[slots, channels]`` key codes, each slot's scales and zeros
+        read from its key group's ``table`` row."""
+        return _exact(codes, IEEE) * _read(KS + table, mask, BITS, IEEE) + _read(KZ + table, mask, BITS, IEEE)
+
+    @triton.jit
+    def _value_half(codes, value_scale, value_zero, IEEE: tl.constexpr, BN: tl.constexpr,
+                    VALUE_GROUPS: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
+        """``code * scale + zero`` of ``[BN, WIDTH]`` value codes, a slot's scales and zeros
+        (``[BN, VALUE_GROUPS]``) spread over each group's channels."""
+        grouped = tl.reshape(_exact(codes, IEEE), (BN, VALUE_GROUPS, WIDTH // VALUE_GROUPS))
+        return tl.reshape(grouped * value_scale[:, :, None] + value_zero[:, :, None], (BN, WIDTH))
 
     @triton.jit
     def _quantized_decode_chunk(
@@ -121,62 +142,104 @@ if triton is not None:
         DIM: tl.constexpr, GROUP: tl.constexpr, GM: tl.constexpr, CHUNK: tl.constexpr,
         BN: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
     ):  # fmt: skip
+        # a 4-bit byte holds an even channel (low nibble) and the odd one after it: the head is then
+        # two halves, the even channels and the odd ones, each with its half of the query and output
+        # (a half must give a matrix product 16 channels; a smaller head reads a byte per channel)
+        SPLIT: tl.constexpr = BITS == 4 and DIM >= 32
+        PER_CHANNEL: tl.constexpr = BITS == 4 and not SPLIT
+        WIDTH: tl.constexpr = DIM // 2 if SPLIT else DIM
+        STRIDE: tl.constexpr = 2 if SPLIT else 1
         split, batch_head = tl.program_id(0), tl.program_id(1)
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
         position_head = kv_head if POSITION_HEADS > 1 else 0
         column, residual_start = tl.load(COLUMN), tl.load(RESIDUAL_START)  # read, so a graph replays them
-        in_group, rows, dims, q, best, total, acc = _group_query(
-            Q, sqb, sqh, sqd, batch, kv_head, q_heads, GROUP, GM, DIM
-        )
+        members = tl.arange(0, GM)  # the query heads sharing kv_head, padded to a matrix product's rows
+        in_group = members < GROUP
+        rows = batch * q_heads + kv_head * GROUP + members
+        best = tl.full([GM], float("-inf"), tl.float32)
+        total = tl.zeros([GM], tl.float32)
+        channels = tl.arange(0, WIDTH)
+        even, odd = channels[None, :] * STRIDE, channels[None, :] * 2 + 1  # odd: the second half at 4 bits
+        query = Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh
+        q_even = _read(query + even * sqd, in_group[:, None], BITS, IEEE)
+        acc_even = tl.zeros([GM, WIDTH], tl.float32)
+        if SPLIT:
+            q_odd = _read(query + odd * sqd, in_group[:, None], BITS, IEEE)
+            acc_odd = tl.zeros([GM, WIDTH], tl.float32)
         for offset in range(0, tl.minimum(CHUNK, keys - split * CHUNK), BN):  # blocks past the keys add 0
             cols = split * CHUNK + offset + tl.arange(0, BN)
             inside = cols < keys
+            slots, filled = cols[:, None], inside[:, None]
+            # every load whose address is arithmetic first, so that they are in flight together (masked by
+            # what a slot holds, they waited for the positions: twice as slow on an H200)
             base = batch * spb + position_head * sph + cols * spn
             positions = tl.load(P + base, mask=inside, other=-1)
-            seen = tl.load(A + base, mask=inside, other=0) != 0
+            held = tl.load(A + base, mask=inside, other=0)
+            keys_at = K + batch * skb + kv_head * skh + slots * skn
+            values_at = V + batch * svb + kv_head * svh + slots * svn
+            if BITS == 16:
+                k_even = tl.load(keys_at + channels[None, :] * skd, mask=filled, other=0.0)
+                v_even = tl.load(values_at + channels[None, :] * svd, mask=filled, other=0.0)
+            else:
+                group = tl.load(KG + batch * sgb + kv_head * sgh + slots * sgn, mask=filled, other=0)
+                table = batch * sksb + kv_head * sksh + group * sksg + even
+                code_bytes = channels[None, :] // 2 if PER_CHANNEL else channels[None, :]
+                key_codes = tl.load(keys_at + code_bytes, mask=filled, other=0)
+                value_codes = tl.load(values_at + code_bytes, mask=filled, other=0)
+                if PER_CHANNEL:
+                    nibble = (channels[None, :] % 2) * 4
+                    key_codes, value_codes = (key_codes >> nibble) & 15, (value_codes >> nibble) & 15
+                value_groups = batch * svsb + kv_head * svsh + slots * svsn
+                value_groups += tl.arange(0, VALUE_GROUPS)[None, :]
+                value_scale = _read(VS + value_groups, filled, BITS, IEEE)
+                value_zero = _read(VZ + value_groups, filled, BITS, IEEE)
+                if SPLIT:
+                    k_even = _key_half(key_codes & 15, KS, KZ, table, filled, BITS, IEEE)
+                    k_odd = _key_half(key_codes >> 4, KS, KZ, table + 1, filled, BITS, IEEE)
+                else:
+                    k_even = _key_half(key_codes, KS, KZ, table, filled, BITS, IEEE)
+            seen = held != 0
             if HAS_WINDOW:
                 seen = seen & (positions > column - window)
             seen = seen | (inside & (positions == column))
-            waiting = (positions >= residual_start)[:, None]  # in the residual window, unquantized
-            fresh, coded = seen[:, None] & waiting, seen[:, None] & ~waiting
-            # only the slots seen are read, each from the residual window or from its codes; the
-            # values only after the scores, so that fewer blocks are live at once
-            fresh_rows = (positions - residual_start)[:, None]
-            k = _states(RK, batch * srkb + kv_head * srkh, fresh_rows, srkn, srkd, dims, fresh)
-            if BITS == 16:
-                k_coded = _states(K, batch * skb + kv_head * skh, cols[:, None], skn, skd, dims, coded)
-            else:
-                # a coded slot that is seen holds a token, quantized into one of its head's key groups
-                # (every operand a [BN, 1] column: Triton 3.6 on sm_90 failed to lay out 1-D ones)
-                group = tl.load(KG + batch * sgb + kv_head * sgh + cols[:, None] * sgn, mask=coded, other=0)
-                table = batch * sksb + kv_head * sksh + group * sksg + dims[None, :]
-                k_coded = _codes(K, batch * skb + kv_head * skh + cols[:, None] * skn, coded, BITS, DIM)
-                k_coded = k_coded * tl.load(KS + table, mask=coded, other=0.0).to(tl.float32)
-                k_coded += tl.load(KZ + table, mask=coded, other=0.0).to(tl.float32)
-            k = tl.where(waiting, k, k_coded.to(k.dtype))  # rounded to the model's dtype, as the transient
-            scores = dot(q, tl.trans(k), IEEE) * scale
-            scores = tl.where(seen[None, :], scores, float("-inf"))
+            # a slot of the newest columns reads its key and value from the residual window, unquantized;
+            # few blocks hold one, so the others skip those loads
+            waiting = (positions >= residual_start)[:, None]
+            fresh = seen[:, None] & waiting
+            any_fresh = tl.max(fresh.to(tl.int32)) > 0
+            window_rows = (positions - residual_start)[:, None]
+            window_keys = RK + batch * srkb + kv_head * srkh + window_rows * srkn
+            window_values = RV + batch * srvb + kv_head * srvh + window_rows * srvn
+            if any_fresh:
+                k_even = tl.where(waiting, _read(window_keys + even * srkd, fresh, BITS, IEEE), k_even)
+                if SPLIT:
+                    k_odd = tl.where(waiting, _read(window_keys + odd * srkd, fresh, BITS, IEEE), k_odd)
+            scores = dot(q_even, tl.trans(k_even), IEEE)
+            if SPLIT:
+                scores += dot(q_odd, tl.trans(k_odd), IEEE)
+            scores = tl.where(seen[None, :], scores * scale, float("-inf"))
             if WITH_MASS:
                 tl.store(SCORES + rows[:, None] * keys + cols[None, :], scores,
                          mask=in_group[:, None] & inside[None, :])  # fmt: skip
-            v = _states(RV, batch * srvb + kv_head * srvh, fresh_rows, srvn, srvd, dims, fresh)
-            if BITS == 16:
-                v_coded = _states(V, batch * svb + kv_head * svh, cols[:, None], svn, svd, dims, coded)
-            else:
-                # a value's scale and zero are per group of channels: read once a slot and spread over the
-                # group's channels (reading them for every channel took twice as long on an H200)
-                groups = batch * svsb + kv_head * svsh + cols[:, None] * svsn
-                groups += tl.arange(0, VALUE_GROUPS)[None, :]
-                v_scale = tl.load(VS + groups, mask=coded, other=0.0).to(tl.float32)[:, :, None]
-                v_zero = tl.load(VZ + groups, mask=coded, other=0.0).to(tl.float32)[:, :, None]
-                v_coded = _codes(V, batch * svb + kv_head * svh + cols[:, None] * svn, coded, BITS, DIM)
-                v_coded = tl.reshape(v_coded, (BN, VALUE_GROUPS, DIM // VALUE_GROUPS)) * v_scale + v_zero
-                v_coded = tl.reshape(v_coded, (BN, DIM))
-            v = tl.where(waiting, v, v_coded.to(v.dtype))
-            best, total, acc = _softmax_step(scores, v, best, total, acc, IEEE)
-        _store_partials(
-            PART_MAX, PART_SUM, PART_ACC, rows * splits + split, best, total, acc, in_group, dims, DIM
-        )
+            best, total, p, rescale = _softmax_weights(scores, best, total)
+            # the values only after the scores, so that fewer blocks are live at once
+            if SPLIT:
+                v_even = _value_half(value_codes & 15, value_scale, value_zero, IEEE, BN, VALUE_GROUPS, WIDTH)
+                v_odd = _value_half(value_codes >> 4, value_scale, value_zero, IEEE, BN, VALUE_GROUPS, WIDTH)
+            elif BITS != 16:
+                v_even = _value_half(value_codes, value_scale, value_zero, IEEE, BN, VALUE_GROUPS, WIDTH)
+            if any_fresh:
+                v_even = tl.where(waiting, _read(window_values + even * srvd, fresh, BITS, IEEE), v_even)
+                if SPLIT:
+                    v_odd = tl.where(waiting, _read(window_values + odd * srvd, fresh, BITS, IEEE), v_odd)
+            # a weight is 0 where a slot is not seen, and every decoded value is finite (float16 scales)
+            acc_even = acc_even * rescale[:, None] + dot(p.to(v_even.dtype), v_even, IEEE)
+            if SPLIT:
+                acc_odd = acc_odd * rescale[:, None] + dot(p.to(v_odd.dtype), v_odd, IEEE)
+        part, stored = rows * splits + split, channels * STRIDE
+        _store_partials(PART_MAX, PART_SUM, PART_ACC, part, best, total, acc_even, in_group, stored, DIM)
+        if SPLIT:
+            tl.store(PART_ACC + part[:, None] * DIM + odd, acc_odd, mask=in_group[:, None])
 
 
 def quantized_decode_attention(
@@ -293,6 +356,6 @@ def quantized_decode_attention_triton(
         HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
         DIM=dim, GROUP=group, GM=max(16, triton.next_power_of_2(group)), CHUNK=DECODE_CHUNK,
         BN=PACKED_BLOCK, IEEE=query.dtype == torch.float32, BITS=codes.bits,
-        VALUE_GROUPS=codes.value_scale.shape[-1], num_warps=DECODE_WARPS,
+        VALUE_GROUPS=codes.value_scale.shape[-1], num_warps=PACKED_WARPS, num_stages=PACKED_STAGES,
     )  # fmt: skip
     return partials.combine(kv_heads, keys, add_mass_to)
