@@ -106,28 +106,40 @@ if triton is not None:
         return _in_math(tl.load(at, mask=mask, other=0.0), BITS, IEEE)
 
     @triton.jit
-    def _exact(codes, IEEE: tl.constexpr):
-        """Integer codes (below 256) as exact floats of the kernel's math; to float16 without a
-        conversion instruction, which bounded the kernel (``0x6400 | c`` is the float16 ``1024 + c``)."""
+    def _exact(codes, IEEE: tl.constexpr, ASM: tl.constexpr):
+        """uint8 codes as exact floats of the kernel's math; to float16 without a conversion
+        instruction, which bounded the kernel: ``0x6400 | c`` is the float16 ``1024 + c``. On a GPU
+        (``ASM``) one byte permute makes two such halves of a register's four codes; Triton's
+        interpreter has no assembly, and the same bits made element by element cost four times the
+        instructions."""
         if IEEE:
             exact = codes.to(tl.float32)
+        elif ASM:
+            halves = tl.inline_asm_elementwise(
+                "prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
+                "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4,
+            )  # fmt: skip
+            exact = halves - 1024.0
         else:
             exact = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
         return exact
 
     @triton.jit
-    def _key_half(codes, KS, KZ, table, mask, BITS: tl.constexpr, IEEE: tl.constexpr):
+    def _key_half(codes, KS, KZ, table, BITS: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr):
         """``code * scale + zero`` of ``[slots, channels]`` key codes, each slot's scales and zeros
         read from its key group's ``table`` row."""
-        return _exact(codes, IEEE) * _read(KS + table, mask, BITS, IEEE) + _read(KZ + table, mask, BITS, IEEE)
+        key_scale = _in_math(tl.load(KS + table), BITS, IEEE)
+        return _exact(codes, IEEE, ASM) * key_scale + _in_math(tl.load(KZ + table), BITS, IEEE)
 
     @triton.jit
-    def _value_half(codes, value_scale, value_zero, IEEE: tl.constexpr, BN: tl.constexpr,
-                    VALUE_GROUPS: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
-        """``code * scale + zero`` of ``[BN, WIDTH]`` value codes, a slot's scales and zeros
-        (``[BN, VALUE_GROUPS]``) spread over each group's channels."""
-        grouped = tl.reshape(_exact(codes, IEEE), (BN, VALUE_GROUPS, WIDTH // VALUE_GROUPS))
-        return tl.reshape(grouped * value_scale[:, :, None] + value_zero[:, :, None], (BN, WIDTH))
+    def _value_half(codes, value_scale, value_zero, VALUE_GROUPS: tl.constexpr, IEEE: tl.constexpr,
+                    ASM: tl.constexpr):  # fmt: skip
+        """``code * scale + zero`` of ``[slots, channels]`` value codes, a slot's scales and zeros
+        (``[slots, VALUE_GROUPS]``) spread over each group's channels."""
+        SLOTS: tl.constexpr = codes.shape[0]
+        CHANNELS: tl.constexpr = codes.shape[1]
+        grouped = tl.reshape(_exact(codes, IEEE, ASM), (SLOTS, VALUE_GROUPS, CHANNELS // VALUE_GROUPS))
+        return tl.reshape(grouped * value_scale[:, :, None] + value_zero[:, :, None], (SLOTS, CHANNELS))
 
     @triton.jit
     def _quantized_decode_chunk(
@@ -141,12 +153,16 @@ if triton is not None:
         HAS_WINDOW: tl.constexpr, WITH_MASS: tl.constexpr, POSITION_HEADS: tl.constexpr,
         DIM: tl.constexpr, GROUP: tl.constexpr, GM: tl.constexpr, CHUNK: tl.constexpr,
         BN: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
+        ASM: tl.constexpr,
     ):  # fmt: skip
         # a 4-bit byte holds an even channel (low nibble) and the odd one after it: the head is then
         # two halves, the even channels and the odd ones, each with its half of the query and output
         # (a half must give a matrix product 16 channels; a smaller head reads a byte per channel)
         SPLIT: tl.constexpr = BITS == 4 and DIM >= 32
         PER_CHANNEL: tl.constexpr = BITS == 4 and not SPLIT
+        # the byte permute pays at 8 bits; on 4-bit halves Triton 3.6 moved the codes through shared
+        # memory for it (2.06 against 1.61 ms a call on an H200), and on a byte per channel failed to compile
+        PERMUTE: tl.constexpr = ASM and BITS == 8
         WIDTH: tl.constexpr = DIM // 2 if SPLIT else DIM
         STRIDE: tl.constexpr = 2 if SPLIT else 1
         split, batch_head = tl.program_id(0), tl.program_id(1)
@@ -169,36 +185,38 @@ if triton is not None:
         for offset in range(0, tl.minimum(CHUNK, keys - split * CHUNK), BN):  # blocks past the keys add 0
             cols = split * CHUNK + offset + tl.arange(0, BN)
             inside = cols < keys
-            slots, filled = cols[:, None], inside[:, None]
-            # every load whose address is arithmetic first, so that they are in flight together (masked by
-            # what a slot holds, they waited for the positions: twice as slow on an H200)
-            base = batch * spb + position_head * sph + cols * spn
-            positions = tl.load(P + base, mask=inside, other=-1)
-            held = tl.load(A + base, mask=inside, other=0)
+            # a column past the keys reads the last slot again, unseen, so that no load needs a mask;
+            # every load whose address is arithmetic comes first, so that they are in flight together
+            # (masked by what a slot holds, they waited for the positions: twice as slow on an H200)
+            kept = tl.minimum(cols, keys - 1)
+            slots = kept[:, None]
+            base = batch * spb + position_head * sph + kept * spn
+            positions = tl.load(P + base)
+            held = tl.load(A + base)
             keys_at = K + batch * skb + kv_head * skh + slots * skn
             values_at = V + batch * svb + kv_head * svh + slots * svn
             if BITS == 16:
-                k_even = tl.load(keys_at + channels[None, :] * skd, mask=filled, other=0.0)
-                v_even = tl.load(values_at + channels[None, :] * svd, mask=filled, other=0.0)
+                k_even = tl.load(keys_at + channels[None, :] * skd)
+                v_even = tl.load(values_at + channels[None, :] * svd)
             else:
-                group = tl.load(KG + batch * sgb + kv_head * sgh + slots * sgn, mask=filled, other=0)
+                group = tl.load(KG + batch * sgb + kv_head * sgh + slots * sgn)
                 table = batch * sksb + kv_head * sksh + group * sksg + even
                 code_bytes = channels[None, :] // 2 if PER_CHANNEL else channels[None, :]
-                key_codes = tl.load(keys_at + code_bytes, mask=filled, other=0)
-                value_codes = tl.load(values_at + code_bytes, mask=filled, other=0)
+                key_codes = tl.load(keys_at + code_bytes)
+                value_codes = tl.load(values_at + code_bytes)
                 if PER_CHANNEL:
                     nibble = (channels[None, :] % 2) * 4
                     key_codes, value_codes = (key_codes >> nibble) & 15, (value_codes >> nibble) & 15
                 value_groups = batch * svsb + kv_head * svsh + slots * svsn
                 value_groups += tl.arange(0, VALUE_GROUPS)[None, :]
-                value_scale = _read(VS + value_groups, filled, BITS, IEEE)
-                value_zero = _read(VZ + value_groups, filled, BITS, IEEE)
+                value_scale = _in_math(tl.load(VS + value_groups), BITS, IEEE)
+                value_zero = _in_math(tl.load(VZ + value_groups), BITS, IEEE)
                 if SPLIT:
-                    k_even = _key_half(key_codes & 15, KS, KZ, table, filled, BITS, IEEE)
-                    k_odd = _key_half(key_codes >> 4, KS, KZ, table + 1, filled, BITS, IEEE)
+                    k_even = _key_half(key_codes & 15, KS, KZ, table, BITS, IEEE, PERMUTE)
+                    k_odd = _key_half(key_codes >> 4, KS, KZ, table + 1, BITS, IEEE, PERMUTE)
                 else:
-                    k_even = _key_half(key_codes, KS, KZ, table, filled, BITS, IEEE)
-            seen = held != 0
+                    k_even = _key_half(key_codes, KS, KZ, table, BITS, IEEE, PERMUTE)
+            seen = (held != 0) & inside
             if HAS_WINDOW:
                 seen = seen & (positions > column - window)
             seen = seen | (inside & (positions == column))
@@ -224,10 +242,10 @@ if triton is not None:
             best, total, p, rescale = _softmax_weights(scores, best, total)
             # the values only after the scores, so that fewer blocks are live at once
             if SPLIT:
-                v_even = _value_half(value_codes & 15, value_scale, value_zero, IEEE, BN, VALUE_GROUPS, WIDTH)
-                v_odd = _value_half(value_codes >> 4, value_scale, value_zero, IEEE, BN, VALUE_GROUPS, WIDTH)
+                v_even = _value_half(value_codes & 15, value_scale, value_zero, VALUE_GROUPS, IEEE, PERMUTE)
+                v_odd = _value_half(value_codes >> 4, value_scale, value_zero, VALUE_GROUPS, IEEE, PERMUTE)
             elif BITS != 16:
-                v_even = _value_half(value_codes, value_scale, value_zero, IEEE, BN, VALUE_GROUPS, WIDTH)
+                v_even = _value_half(value_codes, value_scale, value_zero, VALUE_GROUPS, IEEE, PERMUTE)
             if any_fresh:
                 v_even = tl.where(waiting, _read(window_values + even * srvd, fresh, BITS, IEEE), v_even)
                 if SPLIT:
@@ -356,6 +374,7 @@ def quantized_decode_attention_triton(
         HAS_WINDOW=sliding_window is not None, WITH_MASS=with_mass, POSITION_HEADS=positions.shape[1],
         DIM=dim, GROUP=group, GM=max(16, triton.next_power_of_2(group)), CHUNK=DECODE_CHUNK,
         BN=PACKED_BLOCK, IEEE=query.dtype == torch.float32, BITS=codes.bits,
-        VALUE_GROUPS=codes.value_scale.shape[-1], num_warps=PACKED_WARPS, num_stages=PACKED_STAGES,
+        VALUE_GROUPS=codes.value_scale.shape[-1], ASM=query.is_cuda, num_warps=PACKED_WARPS,
+        num_stages=PACKED_STAGES,
     )  # fmt: skip
     return partials.combine(kv_heads, keys, add_mass_to)
