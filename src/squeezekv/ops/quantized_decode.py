@@ -8,9 +8,9 @@ columns wait unquantized in a residual window instead. The Triton first pass is
 (``code * scale + zero``) or, for a slot in the residual window, read from it; the second pass,
 which turns the partial softmax states into the output and the mass, is shared as it is. The torch
 twin dequantizes the layer as the transient does (in float32, rounded to the query's dtype) and
-attends over it. The kernel computes in float16 for 16-bit queries (its scales are float16 already,
-and a conversion to float32 per code bounded it: an H200 ran its 8-bit call 1.5x faster so), in float32
-for float32 ones, which it matches within float32 rounding.
+attends over it. The kernel computes in float16 for bf16 and float16 queries (its scales are float16
+already, and a conversion to float32 per code bounded it: an H200 ran its 8-bit call 1.5x faster so),
+in float32 for float32 ones, which it matches within float32 rounding.
 
 A slot is seen when it holds a token (inside the sliding window, if any) or is the query's own
 column, as :func:`~squeezekv.ops.layer_mask` has it. On an H200 (Triton 3.6) the kernel matches its
