@@ -75,16 +75,18 @@ def arguments(packed: PackedStates, positions: torch.Tensor) -> tuple:
         (4, 1, False, 40, "returned", torch.float32, DIM),
         (4, 3, True, 40, "added", torch.float32, 64),  # even and odd channels as two halves
         (16, 3, True, 40, "returned", torch.float32, DIM),
+        (8, 3, True, 40, "returned", torch.float16, DIM),  # float16 math and codes made by bits
+        (4, 1, False, None, "added", torch.float16, 64),
         pytest.param(4, 3, True, 40, "returned", torch.bfloat16, DIM, marks=needs_gpu),
         pytest.param(4, 1, False, None, "returned", torch.bfloat16, 64, marks=needs_gpu),
         pytest.param(8, 1, False, None, "added", torch.bfloat16, DIM, marks=needs_gpu),
     ],
 )
 def test_quantized_decode_triton_matches_its_torch_twin(bits, group, per_head, window, mass, dtype, dim):
-    """Within float32 rounding; in bf16 within bf16's of the twin in float32 over the same codes (the
-    kernel computes in float16, more exactly than the twin's bf16 products). The 4-bit layers hold
-    more slots than one program's chunk, so their first pass is split; a head of 64 channels reads
-    4-bit codes as two halves, a smaller one a byte a channel."""
+    """Within float32 rounding; in bf16 and float16 within their rounding of the twin in float32 over
+    the same codes (the kernel computes in float16, more exactly than the twin's bf16 products). The
+    4-bit layers hold more slots than one program's chunk, so their first pass is split; a head of 64
+    channels reads 4-bit codes as two halves, a smaller one a byte a channel."""
     prompt = quantized_decode.DECODE_CHUNK + 40 if bits == 4 else 150
     query, packed, positions, valid, column = quantized_layer(
         [bits, bits], group, per_head, seed=bits + group, prompt=prompt, dtype=dtype, dim=dim
