@@ -54,21 +54,28 @@ class Segments(NamedTuple):
 if triton is not None:
 
     @triton.jit
-    def _group_query(
-        Q, sqb, sqh, sqd, batch, kv_head, q_heads, GROUP: tl.constexpr, GM: tl.constexpr, DIM: tl.constexpr
-    ):
-        """The query heads sharing ``kv_head`` as the rows of a matrix product (padded to ``GM``),
-        with their row indices and an empty softmax state: how every decode first pass starts."""
+    def _group_rows(Q, sqb, sqh, batch, kv_head, q_heads, GROUP: tl.constexpr, GM: tl.constexpr):
+        """The query heads sharing ``kv_head`` as the rows of a matrix product (padded to ``GM``):
+        which are real, their row indices, a ``[GM, 1]`` column of pointers to their queries, and an
+        empty softmax state."""
         members = tl.arange(0, GM)
         in_group = members < GROUP
         rows = batch * q_heads + kv_head * GROUP + members
-        dims = tl.arange(0, DIM)
-        q = tl.load(Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh + dims[None, :] * sqd,
-                    mask=in_group[:, None], other=0.0)  # fmt: skip
+        queries = Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh
         best = tl.full([GM], float("-inf"), tl.float32)
         total = tl.zeros([GM], tl.float32)
-        acc = tl.zeros([GM, DIM], tl.float32)
-        return in_group, rows, dims, q, best, total, acc
+        return in_group, rows, queries, best, total
+
+    @triton.jit
+    def _group_query(
+        Q, sqb, sqh, sqd, batch, kv_head, q_heads, GROUP: tl.constexpr, GM: tl.constexpr, DIM: tl.constexpr
+    ):
+        """:func:`_group_rows` with their queries loaded and an empty output: how every decode first
+        pass over full-precision states starts."""
+        in_group, rows, queries, best, total = _group_rows(Q, sqb, sqh, batch, kv_head, q_heads, GROUP, GM)
+        dims = tl.arange(0, DIM)
+        q = tl.load(queries + dims[None, :] * sqd, mask=in_group[:, None], other=0.0)
+        return in_group, rows, dims, q, best, total, tl.zeros([GM, DIM], tl.float32)
 
     @triton.jit
     def _decode_chunk(

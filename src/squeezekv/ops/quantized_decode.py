@@ -86,7 +86,11 @@ def with_residual(
 
 
 if triton is not None:
-    from squeezekv.ops.decode import _softmax_weights, _store_partials  # the contiguous pass's own steps
+    from squeezekv.ops.decode import (  # the contiguous pass's own steps
+        _group_rows,
+        _softmax_weights,
+        _store_partials,
+    )
 
     @triton.jit
     def _in_math(x, BITS: tl.constexpr, IEEE: tl.constexpr):
@@ -169,14 +173,9 @@ if triton is not None:
         batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
         position_head = kv_head if POSITION_HEADS > 1 else 0
         column, residual_start = tl.load(COLUMN), tl.load(RESIDUAL_START)  # read, so a graph replays them
-        members = tl.arange(0, GM)  # the query heads sharing kv_head, padded to a matrix product's rows
-        in_group = members < GROUP
-        rows = batch * q_heads + kv_head * GROUP + members
-        best = tl.full([GM], float("-inf"), tl.float32)
-        total = tl.zeros([GM], tl.float32)
+        in_group, rows, query, best, total = _group_rows(Q, sqb, sqh, batch, kv_head, q_heads, GROUP, GM)
         channels = tl.arange(0, WIDTH)
         even, odd = channels[None, :] * STRIDE, channels[None, :] * 2 + 1  # odd: the second half at 4 bits
-        query = Q + batch * sqb + (kv_head * GROUP + members[:, None]) * sqh
         q_even = _read(query + even * sqd, in_group[:, None], BITS, IEEE)
         acc_even = tl.zeros([GM, WIDTH], tl.float32)
         if SPLIT:
@@ -226,9 +225,8 @@ if triton is not None:
             fresh = seen[:, None] & waiting
             any_fresh = tl.max(fresh.to(tl.int32)) > 0
             window_rows = (positions - residual_start)[:, None]
-            window_keys = RK + batch * srkb + kv_head * srkh + window_rows * srkn
-            window_values = RV + batch * srvb + kv_head * srvh + window_rows * srvn
             if any_fresh:
+                window_keys = RK + batch * srkb + kv_head * srkh + window_rows * srkn
                 k_even = tl.where(waiting, _read(window_keys + even * srkd, fresh, BITS, IEEE), k_even)
                 if SPLIT:
                     k_odd = tl.where(waiting, _read(window_keys + odd * srkd, fresh, BITS, IEEE), k_odd)
@@ -247,6 +245,7 @@ if triton is not None:
             elif BITS != 16:
                 v_even = _value_half(value_codes, value_scale, value_zero, VALUE_GROUPS, IEEE, PERMUTE)
             if any_fresh:
+                window_values = RV + batch * srvb + kv_head * srvh + window_rows * srvn
                 v_even = tl.where(waiting, _read(window_values + even * srvd, fresh, BITS, IEEE), v_even)
                 if SPLIT:
                     v_odd = tl.where(waiting, _read(window_values + odd * srvd, fresh, BITS, IEEE), v_odd)
