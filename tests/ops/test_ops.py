@@ -85,6 +85,22 @@ def prefill_cases():
     args = (query, key, value, positions, valid, first_column, None, 0.125, 300, query_valid)
     real = query_valid[:, None, :, None].expand_as(query)
     yield "bf16", Case(args, dict(atol=5e-2, rtol=2e-2), gpu=True, rows=real)
+    for kv_heads, group in ((2, 1), (1, 4)):  # a fresh prompt: cuDNN's forward, then the mass
+        query, key, value = plainly_causal_case(kv_heads, group)
+        positions = torch.arange(300).view(1, 1, 300)
+        valid = torch.ones(1, 1, 300, dtype=torch.bool)
+        args = (query, key, value, positions, valid, 0, None, 128**-0.5, 300, valid[:, 0])
+        close = dict(atol=5e-2, rtol=2e-2)
+        yield (
+            f"bf16-plainly-causal-group={group}",
+            Case(args, close, gpu=True, keywords={"plainly_causal": True}),
+        )
+
+
+def plainly_causal_case(kv_heads: int, group: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(group)
+    shapes = ((1, kv_heads * group, 300, 128), (1, kv_heads, 300, 128), (1, kv_heads, 300, 128))
+    return tuple(torch.randn(shape, generator=generator).bfloat16() for shape in shapes)
 
 
 def decode_cases():
@@ -236,6 +252,20 @@ def test_the_dispatch_rule_is_a_gpu_tensor_with_triton_installed():
     assert not common.use_triton(torch.zeros(1))
     if GPU:
         assert common.use_triton(torch.zeros(1, device="cuda")) == (common.triton is not None)
+
+
+@pytest.mark.skipif(not GPU or common.triton is None, reason="needs a CUDA device and Triton")
+@pytest.mark.parametrize("group", [1, 4])
+def test_a_plainly_causal_prefill_takes_cudnns_forward_with_the_same_result(group):
+    query, key, value = (tensor.cuda() for tensor in plainly_causal_case(2, group))
+    assert prefill.cudnn_causal(query, key, value, 128**-0.5) is not None
+    positions = torch.arange(300, device="cuda").view(1, 1, 300)
+    valid = torch.ones(1, 1, 300, dtype=torch.bool, device="cuda")
+    args = (query, key, value, positions, valid, 0, None, 128**-0.5, 300, valid[:, 0])
+    ours = prefill.prefill_attention_triton(*args)
+    cudnn = prefill.prefill_attention_triton(*args, plainly_causal=True)
+    torch.testing.assert_close(cudnn[0], ours[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(cudnn[1], ours[1], atol=1e-3, rtol=1e-3)
 
 
 def test_prefill_tiles_shrink_to_fit_shared_memory():
