@@ -17,6 +17,20 @@ EVICT_BLOCK = 1024
 if triton is not None:
 
     @triton.jit
+    def _lower(priority, position, slot, held, empty, other_priority, other_position, other_slot,
+               other_held, other_empty):  # fmt: skip
+        """Combines two partial answers: the lower (priority, position), the valid slots held, the
+        first empty slot."""
+        other = (other_priority < priority) | ((other_priority == priority) & (other_position < position))
+        return (
+            tl.where(other, other_priority, priority),
+            tl.where(other, other_position, position),
+            tl.where(other, other_slot, slot),
+            held + other_held,
+            tl.minimum(empty, other_empty),
+        )
+
+    @triton.jit
     def _evict_lowest(
         PRIORITY, VALID, POSITIONS, BUDGET, FREE, COLUMN, NEWEST, OFFSETS, LENGTHS, slots, heads,
         spb, sph, sps, svb, svh, svs, sqb, sqh, sqs,
@@ -38,7 +52,7 @@ if triton is not None:
         lowest = tl.full((), float("inf"), tl.float32)
         oldest = tl.full((), none, tl.int64)
         victim = tl.full((), 0, tl.int64)
-        held = tl.zeros((), tl.int64)
+        held = tl.zeros((), tl.int32)
         first_empty = tl.full((), none, tl.int64)
         for block in range(0, BLOCKS):
             cols = (block * BS + tl.arange(0, BS)).to(tl.int64)
@@ -52,16 +66,11 @@ if triton is not None:
             priority = priority.to(tl.float32)
             if HAS_NEWEST:
                 priority = tl.where(positions > kept_after, float("inf"), priority)
-            block_lowest = tl.min(priority, 0)
-            tied = valid & (priority == block_lowest)
-            block_oldest = tl.min(tl.where(tied, positions, none), 0)
-            block_victim = tl.min(tl.where(tied & (positions == block_oldest), cols, none), 0)
-            better = (block_lowest < lowest) | ((block_lowest == lowest) & (block_oldest < oldest))
-            lowest = tl.where(better, block_lowest, lowest)
-            oldest = tl.where(better, block_oldest, oldest)
-            victim = tl.where(better, block_victim, victim)
-            held += tl.sum(valid.to(tl.int64), 0)
-            first_empty = tl.minimum(first_empty, tl.min(tl.where(inside & ~valid, cols, none), 0))
+            empty = tl.where(inside & ~valid, cols, none)
+            block_answer = tl.reduce((priority, positions, cols, valid.to(tl.int32), empty), 0, _lower)
+            lowest, oldest, victim, held, first_empty = _lower(
+                lowest, oldest, victim, held, first_empty, *block_answer
+            )
         if held > budget:
             tl.store(VALID + batch * svb + head * svh + victim * svs, 0)
             first_empty = tl.minimum(first_empty, victim)
