@@ -24,7 +24,10 @@ class Architecture:
     fast engine compiles for its captured decode step: norms and dense MLPs, chains of small
     pointwise kernels that compile into a few (a mixture of experts routes by data, so it stays out);
     ``compiled_functions`` names functions of the family's modeling module that its attention calls
-    (the rotary embedding), compiled likewise.
+    (the rotary embedding), compiled likewise. ``projections`` names the attention's linear layers
+    that read its input (query, key, value), and ``gated_mlp`` says that the layer's ``mlp``
+    computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: the fast engine runs each as one
+    matrix product (:mod:`squeezekv.fusion`).
     """
 
     layers: str
@@ -33,6 +36,8 @@ class Architecture:
     attention_forward: Callable | None = None
     compiled: tuple[str, ...] = ()
     compiled_functions: tuple[str, ...] = ()
+    projections: tuple[str, ...] = ()
+    gated_mlp: bool = False
 
 
 def falcon_attention_forward(
@@ -65,20 +70,33 @@ def falcon_attention_forward(
 
 _NORMS = ("input_layernorm", "post_attention_layernorm")
 _ROTARY = ("apply_rotary_pos_emb",)
-_DECODER = Architecture(layers="model.layers", compiled=(*_NORMS, "mlp"), compiled_functions=_ROTARY)
+_QKV = ("q_proj", "k_proj", "v_proj")
+_DECODER = Architecture(
+    layers="model.layers",
+    compiled=(*_NORMS, "mlp"),
+    compiled_functions=_ROTARY,
+    projections=_QKV,
+    gated_mlp=True,
+)
 _GEMMA = Architecture(
     layers="model.layers",
     attention_output="post_attention_layernorm",
     compiled=(*_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp"),
     compiled_functions=_ROTARY,
+    projections=_QKV,
+    gated_mlp=True,
 )
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _DECODER,
     "mistral": _DECODER,
-    "mixtral": Architecture(layers="model.layers", compiled=_NORMS, compiled_functions=_ROTARY),
+    "mixtral": Architecture(
+        layers="model.layers", compiled=_NORMS, compiled_functions=_ROTARY, projections=_QKV
+    ),
     "qwen2": _DECODER,
     "qwen3": _DECODER,
-    "phi3": _DECODER,
+    "phi3": Architecture(  # its checkpoints hold query, key, value and gate, up as one weight each
+        layers="model.layers", compiled=(*_NORMS, "mlp"), compiled_functions=_ROTARY
+    ),
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
     "gpt_neox": Architecture(layers="gpt_neox.layers", attention="attention", compiled_functions=_ROTARY),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from squeezekv.cache import StaticCache
 from squeezekv.cache.quantized import packed_bytes_per_head
 from squeezekv.config import SqueezeConfig
 from squeezekv.distributed import model_devices, synchronized, tensor_parallel_size
+from squeezekv.fusion import fused_projections, replaced_forward
 from squeezekv.generation import GenerationResult, GenerationStats, check_prompt
 from squeezekv.session import compress, routed_attention
 
@@ -43,17 +44,14 @@ def compiled_parts(
     modules = [getattr(layer, name) for layer in layers for name in architecture.compiled]
     namespace = sys.modules[type(getattr(layers[0], architecture.attention)).__module__]
     functions = {name: getattr(namespace, name) for name in architecture.compiled_functions}
-    for module in modules:
-        module.forward = torch.compile(module.forward, backend=backend, fullgraph=True)
-    for name, function in functions.items():
-        setattr(namespace, name, torch.compile(function, backend=backend, fullgraph=True))
-    try:
-        yield
-    finally:
+    with ExitStack() as stack:
         for module in modules:
-            module.__dict__.pop("forward", None)
+            compiled = torch.compile(module.forward, backend=backend, fullgraph=True)
+            stack.enter_context(replaced_forward(module, compiled))
         for name, function in functions.items():
-            setattr(namespace, name, function)
+            setattr(namespace, name, torch.compile(function, backend=backend, fullgraph=True))
+            stack.callback(setattr, namespace, name, function)
+        yield
 
 
 def check_fast_engine(config: SqueezeConfig) -> None:
@@ -72,7 +70,9 @@ class FastGenerator:
 
     With ``compile_layers``, the captured step runs the layers' norms, dense MLPs and rotary
     embeddings compiled (:func:`compiled_parts`), so that their chains of small kernels become a
-    few; not under tensor parallelism, whose communication hooks sit on the projections.
+    few, and every decode step runs each layer's query, key and value projections, and a gated
+    MLP's gate and up projections, as one matrix product (:func:`~squeezekv.fusion.fused_projections`);
+    not under tensor parallelism, whose communication hooks sit on the projections.
     """
 
     def __init__(
@@ -133,7 +133,8 @@ class FastGenerator:
         positions = attention_mask.sum(-1, keepdim=True)
         started = time.perf_counter()
         steps = max_new_tokens - 1
-        with routed_attention(self.model, self.architecture, self):
+        fused = fused_projections if self.compile_layers else lambda *_: nullcontext()
+        with routed_attention(self.model, self.architecture, self), fused(self.model, self.architecture):
             step = self.decode_steps(new_tokens[:, :1], positions, max_new_tokens - 1)
             for index in range(1, max_new_tokens):
                 if index == WARM_STEPS + 1:

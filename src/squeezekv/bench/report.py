@@ -40,7 +40,7 @@ def markdown(report: dict) -> str:
         spread = f", device_map={config['device_map']!r} (memory summed over GPUs)"
     decode = "CUDA graphs" if config.get("cuda_graphs", True) else "eager"
     if config.get("cuda_graphs", True) and config.get("compile_layers", False):
-        decode += ", norms, MLPs and rotary embeddings compiled"
+        decode += ", norms, MLPs and rotary embeddings compiled, projections joined"
     against = f"`{strongest['path']}`, the fastest transformers path here" if strongest else "none ran"
     lines = [
         f"{config['shape']}, prompt {config['prompt_tokens']} tokens, {config['new_tokens']} new tokens, "
