@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 from prefill_profile import totals
 
-from squeezekv.bench import build_model
+from squeezekv.bench.shapes import build_model
 from squeezekv.config import SqueezeConfig
 from squeezekv.engine import FastGenerator, compiled_parts
 from squeezekv.session import routed_attention
