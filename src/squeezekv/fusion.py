@@ -4,7 +4,8 @@ A decode step's matrix products read every weight once for a few dozen rows, so 
 fast they stream weights. On the H200, Mistral-7B's key and value projections (8 MB each) streamed
 at 1.0 TB/s against 3.1 TB/s for the three projections as one product, and the gated MLP's gate and
 up projections at 3.7 against 4.0 TB/s as one: the 32 layers' products took 4.63 ms a step
-separately and 4.01 ms fused (batch 36, CUDA graphs; Llama-2-7B 4.46 against 3.87 ms).
+separately and 4.01 ms fused (batch 36, CUDA graphs; Llama-2-7B 4.46 against 3.87 ms;
+``benchmarks/projections.py``).
 
 :func:`fused_projections` concatenates each group's weights into one tensor and makes the members'
 parameters views of it, so the model holds no second copy; on exit every parameter gets storage of
