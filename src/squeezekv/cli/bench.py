@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-compile-layers",
         dest="compile_layers",
         action="store_false",
-        help="keep the layers' norms and MLPs uncompiled in the captured decode step",
+        help="keep the layers' norms and MLPs uncompiled and their projections separate in the decode step",
     )
     parser.add_argument(
         "--out", default=".", help="folder for the JSON and markdown results (default: the current folder)"
