@@ -34,7 +34,6 @@ class SharedProduct:
     """
 
     def __init__(self, members: list[nn.Linear]) -> None:
-        self.members = members
         self.sizes = [member.out_features for member in members]
         self.weight = _concatenated(members, "weight")
         self.bias = _concatenated(members, "bias")
@@ -73,8 +72,8 @@ def fused_projections(model: nn.Module, architecture: Architecture) -> Iterator[
             attention = getattr(layer, architecture.attention)
             members = [getattr(attention, name) for name in architecture.projections]
             if members and fusible(members):
+                stack.callback(_separate, members)  # registered first: whatever was joined comes apart
                 shared = SharedProduct(members)
-                stack.callback(_separate, members)
                 for index, member in enumerate(members):
                     stack.enter_context(replaced_forward(member, _member_forward(shared, index)))
             mlp = getattr(layer, "mlp", None) if architecture.gated_mlp else None
@@ -92,13 +91,14 @@ def _fused_gated_mlp(mlp: nn.Module) -> Iterator[None]:
     """The MLP's gate and up weights joined into non-persistent buffers of the MLP, read by a
     forward method, so that every layer's MLP compiles to one graph (buffers are graph inputs)."""
     members = [mlp.gate_proj, mlp.up_proj]
-    mlp.register_buffer("gate_up_weight", _concatenated(members, "weight"), persistent=False)
-    mlp.register_buffer("gate_up_bias", _concatenated(members, "bias"), persistent=False)
     try:
+        mlp.register_buffer("gate_up_weight", _concatenated(members, "weight"), persistent=False)
+        mlp.register_buffer("gate_up_bias", _concatenated(members, "bias"), persistent=False)
         with replaced_forward(mlp, types.MethodType(gated_mlp_forward, mlp)):
             yield
     finally:
-        del mlp.gate_up_weight, mlp.gate_up_bias
+        mlp._buffers.pop("gate_up_weight", None)
+        mlp._buffers.pop("gate_up_bias", None)
         _separate(members)
 
 

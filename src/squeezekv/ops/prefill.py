@@ -7,7 +7,7 @@ key's mass needs every scoring row's final log-sum-exp, so the scores are comput
 
 1. a flash-attention forward (a program per block of rows) writes the output and each row's
    log-sum-exp; a plainly causal layer (a fresh prompt without padding) takes cuDNN's forward
-   instead, SDPA's own prefill kernel on Hopper, which returns the log-sum-exp too;
+   instead, which returns the log-sum-exp too (:func:`cudnn_causal`);
 2. a program per block of keys recomputes the scored rows' scores against them (the keys stay in
    registers while blocks of rows stream past), normalises them with the stored log-sum-exp and
    sums them over rows and over the query heads sharing the key head: no atomics, no reduction
@@ -279,10 +279,10 @@ def fitting(configs: tuple, rows_resident: bool, dim: int, element_size: int) ->
 def cudnn_causal(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """cuDNN's causal attention, the kernel SDPA runs for a plain prefill on Hopper, with each row's
-    log-sum-exp (``[batch, q_heads, queries]``, log2 units); ``None`` where cuDNN cannot serve the
-    layer. On the H200 (Llama-2-7B layer, 8k queries, bf16) it took 0.91 ms against 1.47 ms for
-    ``_rows``."""
+    """cuDNN's causal attention with each row's log-sum-exp (``[batch, q_heads, queries]``, log2
+    units); ``None`` where cuDNN cannot serve the layer. On the H200 (Llama-2-7B layer, 8k queries,
+    bf16) it took 0.91 ms against 1.47 ms for ``_rows``, 0.97 ms for SDPA's causal forward (which
+    picks it there) and 1.75 ms for the flash kernel."""
     group = query.shape[1] != key.shape[1]
     params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, True, group)
     if not (query.is_cuda and torch.backends.cuda.can_use_cudnn_attention(params)):
