@@ -48,12 +48,13 @@ class SharedProduct:
 
 
 def fusible(members: list[nn.Module]) -> bool:
-    """Whether ``members`` are plain linear layers (no subclass, no hooks) over one input width, in
-    one dtype on one device, all with biases or none."""
+    """Whether ``members`` are plain linear layers (no subclass, no hooks of torch's or accelerate's)
+    over one input width, in one dtype on one device that holds their weights, all with biases or none."""
     first = members[0]
     return all(
         type(member) is nn.Linear
-        and not (member._forward_hooks or member._forward_pre_hooks)
+        and not (member._forward_hooks or member._forward_pre_hooks or hasattr(member, "_hf_hook"))
+        and member.weight.device.type != "meta"
         and member.in_features == first.in_features
         and member.weight.dtype == first.weight.dtype
         and member.weight.device == first.weight.device
