@@ -133,8 +133,8 @@ class FastGenerator:
         positions = attention_mask.sum(-1, keepdim=True)
         started = time.perf_counter()
         steps = max_new_tokens - 1
-        fused = fused_projections if self.compile_layers else lambda *_: nullcontext()
-        with routed_attention(self.model, self.architecture, self), fused(self.model, self.architecture):
+        joined = fused_projections(self.model, self.architecture) if self.compile_layers else nullcontext()
+        with routed_attention(self.model, self.architecture, self), joined:
             step = self.decode_steps(new_tokens[:, :1], positions, max_new_tokens - 1)
             for index in range(1, max_new_tokens):
                 if index == WARM_STEPS + 1:
