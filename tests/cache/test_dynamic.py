@@ -150,7 +150,29 @@ def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, al
     assert len(selections) == groups < len(shared.layers)
     monkeypatch.setattr(squeezekv.POLICIES[policy], "ranks_by_position", False)
     alone = compressed_forward(model, ids, config, mask).cache
-    assert len(selections) == groups + len(alone.layers)
+    ranked_rows = sum(
+        args[0].shape[0] for args in selections[groups:]
+    )  # layers ranked together count as rows
+    assert ranked_rows == len(alone.layers) * ids.shape[0]
     for a, b in zip(shared.layers, alone.layers, strict=True):
         for name in ("positions", "valid", "keys", "values"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "streaming"])
+@pytest.mark.parametrize("allocator", ["uniform", "squeeze"])
+def test_layers_ranked_together_keep_what_each_keeps_ranked_alone(policy, allocator, monkeypatch):
+    """Layers that rank their own tokens are ranked up to JOINT_LAYERS at a time as one batch's
+    rows; one layer at a time must keep the very same slots."""
+    from squeezekv.cache import dynamic as cache_module
+
+    model = tiny_model("llama")
+    ids, mask = left_pad(prompts([40, 29]))
+    config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator=allocator)
+    monkeypatch.setattr(squeezekv.POLICIES[policy], "ranks_by_position", False)
+    together = compressed_forward(model, ids, config, mask).cache
+    monkeypatch.setattr(cache_module, "JOINT_LAYERS", 1)
+    alone = compressed_forward(model, ids, config, mask).cache
+    for a, b in zip(together.layers, alone.layers, strict=True):
+        for name in ("positions", "valid", "scores", "keys", "values"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -19,6 +19,8 @@ from squeezekv.config import SqueezeConfig
 from squeezekv.ops import prefill_attention
 from squeezekv.policies import LayerView, Policy, select
 
+JOINT_LAYERS = 8  # layers ranked as one batch at an eviction: a few launches, a bounded transient
+
 
 class SqueezeLayer(CacheLayerMixin):
     """One layer's compressed cache: tensors are ``[batch, heads, slots, ...]``.
@@ -125,12 +127,14 @@ class SqueezeLayer(CacheLayerMixin):
 
     @staticmethod
     def eviction_need(visible: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-        """``[2]``: whether anything must go (a row over its budget, or a slot to drop) and the
-        widest row that stays, so that the planning of every layer costs one host sync in all."""
+        """``[layers, 2]`` for layers stacked as ``visible`` (``[layers, batch, heads, slots]``) and
+        ``budget`` (``[layers, batch]``): whether anything must go (a row over its budget, or a slot
+        to drop) and the widest row that stays, so that the planning of every layer costs one host
+        sync in all."""
         held = visible.sum(-1)
-        budget = budget.to(held.device).view(-1, 1)
-        fits = (held <= budget).all() & visible.all()
-        return torch.stack([(~fits).long(), torch.minimum(budget, held).max()])
+        budget = budget.to(held.device).unsqueeze(-1)
+        fits = (held <= budget).flatten(1).all(-1) & visible.flatten(1).all(-1)
+        return torch.stack([(~fits).long(), torch.minimum(budget, held).flatten(1).amax(-1)], -1)
 
     def evict(
         self,
@@ -149,14 +153,10 @@ class SqueezeLayer(CacheLayerMixin):
         """
         visible = view.valid
         if selection is None:
-            priority = policy.ranking(view, budget)
-            heads = max(priority.shape[1], self.scores.shape[1])
-            keep = self.head_budgets = policy.head_budgets(view, budget)
-            if keep is None:
-                keep = budget
-            else:
-                width = int(torch.minimum(keep, visible.expand(-1, heads, -1).sum(-1)).max())
-            selection = select(priority.expand(-1, heads, -1), visible.expand(-1, heads, -1), keep, width)
+            self.head_budgets = policy.head_budgets(view, budget)
+            if self.head_budgets is not None:
+                width = int(torch.minimum(self.head_budgets, visible.sum(-1)).max())
+            selection = ranked_selection(view, budget, width, policy, self.scores.shape[1], self.head_budgets)
         chosen, kept = (part.to(visible.device) for part in selection)
         heads = chosen.shape[1]
         self.positions = self.positions.expand(-1, heads, -1).gather(-1, chosen)
@@ -223,6 +223,23 @@ def score_dispersion(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     entropy = -torch.special.xlogy(share, share).sum(-1)
     spread = entropy.exp() / valid.sum(-1).clamp(min=1)
     return torch.where(total.squeeze(-1) > 0, spread, 0.0).mean(-1)
+
+
+def ranked_selection(
+    view: LayerView,
+    budget: torch.Tensor,
+    width: int,
+    policy: Policy,
+    score_heads: int,
+    head_budgets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~squeezekv.policies.select` over the policy's ranking for ``budget`` (``[batch]``),
+    keeping ``head_budgets`` per head where given, on as many heads as the ranking or the scores
+    (``score_heads``) have."""
+    priority = policy.ranking(view, budget)
+    heads = max(priority.shape[1], score_heads)
+    keep = budget if head_budgets is None else head_budgets
+    return select(priority.expand(-1, heads, -1), view.valid.expand(-1, heads, -1), keep, width)
 
 
 def gather_slots(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -400,18 +417,81 @@ class SqueezeCache(CompressedCache):
             key = ("shared", *limits[:, index].tolist()) if shared else ("own", index)
             groups.setdefault(key, []).append(index)
         leaders = [members[0] for members in groups.values()]
-        needs = [self.layers[i].eviction_need(visible[i], budgets[i]).to(home) for i in leaders]
-        plan = torch.stack(needs).tolist()
+        plan = self.eviction_plan(leaders, visible, budgets)
+        joint = self.joint_selections(groups, plan, visible, budgets)
         for members, (needed, width) in zip(groups.values(), plan, strict=True):
             selection = None
             for index in members if needed else ():
                 layer = self.layers[index]
                 view = self.view(layer, visible[index])
+                selection = joint.get(index, selection)
                 selection = layer.evict(budgets[index], width, view, self.config.policy, selection)
                 if isinstance(layer, SqueezeLayer) and layer.head_budgets is not None:  # heads differ: packed
                     self.layers[index] = RaggedLayer(layer, layer.head_budgets)
         for index, layer in enumerate(self.layers if self.layer_bits is not None else ()):
             layer.settle(self.layer_bits[:, index])
+
+    def eviction_plan(
+        self, leaders: list[int], visible: list[torch.Tensor], budgets: list[torch.Tensor]
+    ) -> list[list[int]]:
+        """Each leader's ``[needed, width]`` (:meth:`SqueezeLayer.eviction_need`), layers of one kind
+        and shape worked out as one stack, all read back in one host sync."""
+        alike: dict[tuple, list[int]] = {}
+        for index in leaders:
+            key = (type(self.layers[index]), visible[index].shape, visible[index].device)
+            alike.setdefault(key, []).append(index)
+        home, needs = visible[0].device, {}
+        for (kind, *_), part in alike.items():
+            stacked = torch.stack([visible[index] for index in part])
+            need = kind.eviction_need(stacked, torch.stack([budgets[index] for index in part]))
+            needs.update(zip(part, need.to(home), strict=True))
+        return torch.stack([needs[index] for index in leaders]).tolist()
+
+    def joint_selections(
+        self,
+        groups: dict[tuple, list[int]],
+        plan: list[list[int]],
+        visible: list[torch.Tensor],
+        budgets: list[torch.Tensor],
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Selections for layers that rank their own tokens, ranked up to ``JOINT_LAYERS`` at a time
+        as the rows of one batch: the ranking and selection launch a few dozen small kernels, which
+        the host, not the GPU, paces when every layer launches its own."""
+        policy = self.config.policy
+        alike: dict[tuple, list[int]] = {}
+        for key, (needed, width) in zip(groups, plan, strict=True):
+            index = groups[key][0]
+            layer = self.layers[index]
+            if (
+                key[0] == "own"
+                and needed
+                and isinstance(layer, SqueezeLayer)
+                and not policy.spreads_over_heads
+            ):
+                shapes = (layer.positions.shape, layer.scores.shape, visible[index].shape)
+                alike.setdefault((width, visible[index].device, *shapes), []).append(index)
+        selections = {}
+        for (width, *_), indices in alike.items():
+            for start in range(0, len(indices), JOINT_LAYERS):
+                part = indices[start : start + JOINT_LAYERS]
+                layers = [self.layers[index] for index in part]
+                repeat = None if self.first_column is None else self.first_column.repeat(len(part))
+                questions = None if self.question_start is None else self.question_start.repeat(len(part))
+                view = LayerView(
+                    torch.cat([layer.positions for layer in layers]),
+                    torch.cat([visible[index] for index in part]),
+                    torch.cat([layer.scores for layer in layers]),
+                    self.phase,
+                    self.prompt_columns,
+                    repeat,
+                    questions,
+                )
+                budget = torch.cat([budgets[index] for index in part])
+                chosen, kept = ranked_selection(view, budget, width, policy, layers[0].scores.shape[1])
+                for place, index in enumerate(part):
+                    rows = slice(place * len(budgets[index]), (place + 1) * len(budgets[index]))
+                    selections[index] = chosen[rows], kept[rows]
+        return selections
 
     def score_dispersion(self) -> torch.Tensor:
         """``[batch, layers]`` (float64, on the host): how widely each layer's scores spread over the

@@ -135,8 +135,9 @@ class RaggedLayer(CacheLayerMixin):
 
     @staticmethod
     def eviction_need(visible: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-        """Always evicts (which also repacks); the width is worked out per head in :meth:`evict`."""
-        return torch.ones(2, dtype=torch.int64, device=visible.device)
+        """Always evicts (which also repacks); the width is worked out per head in :meth:`evict`.
+        Stacked as :meth:`SqueezeLayer.eviction_need`'s: ``[layers, 2]``."""
+        return torch.ones(visible.shape[0], 2, dtype=torch.int64, device=visible.device)
 
     def evict(
         self,

@@ -12,7 +12,7 @@ import torch
 from squeezekv.ops.common import tl, triton, use_triton
 from squeezekv.ops.decode import Segments
 
-EVICT_BLOCK = 1024
+EVICT_BLOCK = 2048  # the most slots one program ranks at once (the H200 sweep's best: one block, 8 warps)
 
 if triton is not None:
 
@@ -58,12 +58,12 @@ if triton is not None:
             cols = (block * BS + tl.arange(0, BS)).to(tl.int64)
             inside = cols < length
             cols += first
+            # three independent loads (none masked by another's result), so they are in flight together
             valid = tl.load(VALID + batch * svb + head * svh + cols * svs, mask=inside, other=0) != 0
-            priority = tl.load(
-                PRIORITY + batch * spb + head * sph + cols * sps, mask=valid, other=float("inf")
-            )
-            positions = tl.load(POSITIONS + batch * sqb + head * sqh + cols * sqs, mask=valid, other=none)
-            priority = priority.to(tl.float32)
+            priority = tl.load(PRIORITY + batch * spb + head * sph + cols * sps, mask=inside, other=0)
+            positions = tl.load(POSITIONS + batch * sqb + head * sqh + cols * sqs, mask=inside, other=0)
+            priority = tl.where(valid, priority.to(tl.float32), float("inf"))
+            positions = tl.where(valid, positions, none)
             if HAS_NEWEST:
                 priority = tl.where(positions > kept_after, float("inf"), priority)
             empty = tl.where(inside & ~valid, cols, none)
@@ -182,8 +182,9 @@ def evict_lowest_triton(
         (batch, heads), slots = segments.offsets.shape, segments.width
         strides = (0, 0, priority.stride(0), 0, 0, flags.stride(0), 0, 0, positions.stride(0))
         offsets, lengths = segments.offsets, segments.lengths
+    block = min(EVICT_BLOCK, max(128, triton.next_power_of_2(slots)))
     _evict_lowest[(batch * heads,)](
         priority, flags, positions, budget, free, column, newest, offsets, lengths, slots, heads, *strides,
-        BS=EVICT_BLOCK, BLOCKS=triton.next_power_of_2(math.ceil(slots / EVICT_BLOCK)),
-        HAS_NEWEST=newest is not None, PACKED=segments is not None,
+        BS=block, BLOCKS=triton.next_power_of_2(math.ceil(slots / block)), HAS_NEWEST=newest is not None,
+        PACKED=segments is not None, num_warps=max(1, min(8, block // 256)),
     )  # fmt: skip

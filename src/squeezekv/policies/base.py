@@ -106,8 +106,10 @@ class Policy(Component):
     def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
         """Higher keeps; ``KEEP`` always keeps (within the budget). ``budget`` is ``[batch]``.
 
-        Priorities are float32: token positions stay exact up to 2**24."""
-        return view.positions.to(torch.float32)
+        Any real dtype: priorities are ranked as float32 (token positions stay exact up to 2**24),
+        so the base hands over the positions themselves, and the fast engine's eviction kernel
+        casts them as it reads instead of a copy per layer and step."""
+        return view.positions
 
     def newest_kept(self, budget: torch.Tensor) -> torch.Tensor | None:
         """How many newest tokens each sequence always keeps on top of ``priority`` (``[batch]``,
