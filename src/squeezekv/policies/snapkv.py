@@ -64,7 +64,7 @@ class SnapKV(Policy):
         window_start = self.window_start(view)
         if view.phase == "prefill":
             return torch.where(view.positions >= window_start, KEEP, view.scores)
-        return torch.where(view.positions < window_start, KEEP, view.positions.to(torch.float32))
+        return torch.where(view.positions < window_start, KEEP, view.positions)  # float32, as KEEP is
 
 
 def pooled(mass: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -21,5 +21,4 @@ class Streaming(Policy):
         return self.sinks + 1
 
     def priority(self, view: LayerView, budget: torch.Tensor) -> torch.Tensor:
-        recency = view.positions.to(torch.float32)
-        return torch.where(view.age_rank() < self.sinks, KEEP, recency)
+        return torch.where(view.age_rank() < self.sinks, KEEP, view.positions)  # float32, as KEEP is
