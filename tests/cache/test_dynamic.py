@@ -150,10 +150,8 @@ def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, al
     assert len(selections) == groups < len(shared.layers)
     monkeypatch.setattr(squeezekv.POLICIES[policy], "ranks_by_position", False)
     alone = compressed_forward(model, ids, config, mask).cache
-    ranked_rows = sum(
-        args[0].shape[0] for args in selections[groups:]
-    )  # layers ranked together count as rows
-    assert ranked_rows == len(alone.layers) * ids.shape[0]
+    # every layer ranked its own tokens: alone, or as rows of a batch ranked together
+    assert sum(args[0].shape[0] for args in selections[groups:]) == len(alone.layers) * ids.shape[0]
     for a, b in zip(shared.layers, alone.layers, strict=True):
         for name in ("positions", "valid", "keys", "values"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -170,9 +168,19 @@ def test_layers_ranked_together_keep_what_each_keeps_ranked_alone(policy, alloca
     ids, mask = left_pad(prompts([40, 29]))
     config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator=allocator)
     monkeypatch.setattr(squeezekv.POLICIES[policy], "ranks_by_position", False)
+    ranked_rows, real_ranking = [], cache_module.ranked_selection
+
+    def counting_ranking(view, *args):
+        ranked_rows.append(view.valid.shape[0])
+        return real_ranking(view, *args)
+
+    monkeypatch.setattr(cache_module, "ranked_selection", counting_ranking)
     together = compressed_forward(model, ids, config, mask).cache
+    assert max(ranked_rows) > ids.shape[0]  # some layers were ranked as one batch
     monkeypatch.setattr(cache_module, "JOINT_LAYERS", 1)
+    ranked_rows.clear()
     alone = compressed_forward(model, ids, config, mask).cache
+    assert max(ranked_rows) == ids.shape[0]
     for a, b in zip(together.layers, alone.layers, strict=True):
         for name in ("positions", "valid", "scores", "keys", "values"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
