@@ -399,7 +399,8 @@ class SqueezeCache(CompressedCache):
 
         Layers that never evicted and see every column hold the same tokens, so under a policy
         that ranks by position alone those with the same budgets share one plan and one selection
-        (at a whole-prompt prefill: one per budget group instead of one per layer). A
+        (at a whole-prompt prefill: one per budget group instead of one per layer); layers that
+        rank their own tokens are ranked several at a time (:meth:`joint_selections`). A
         keep-everything budget limits a layer to every column seen: only what a sliding window no
         longer sees leaves.
         """
@@ -474,23 +475,14 @@ class SqueezeCache(CompressedCache):
         for (width, *_), indices in alike.items():
             for start in range(0, len(indices), JOINT_LAYERS):
                 part = indices[start : start + JOINT_LAYERS]
-                layers = [self.layers[index] for index in part]
-                repeat = None if self.first_column is None else self.first_column.repeat(len(part))
-                questions = None if self.question_start is None else self.question_start.repeat(len(part))
-                view = LayerView(
-                    torch.cat([layer.positions for layer in layers]),
-                    torch.cat([visible[index] for index in part]),
-                    torch.cat([layer.scores for layer in layers]),
-                    self.phase,
-                    self.prompt_columns,
-                    repeat,
-                    questions,
-                )
+                view = LayerView.stacked([self.view(self.layers[index], visible[index]) for index in part])
                 budget = torch.cat([budgets[index] for index in part])
-                chosen, kept = ranked_selection(view, budget, width, policy, layers[0].scores.shape[1])
-                for place, index in enumerate(part):
-                    rows = slice(place * len(budgets[index]), (place + 1) * len(budgets[index]))
-                    selections[index] = chosen[rows], kept[rows]
+                score_heads = self.layers[part[0]].scores.shape[1]
+                chosen, kept = ranked_selection(view, budget, width, policy, score_heads)
+                rows = len(budgets[part[0]])
+                selections.update(
+                    zip(part, zip(chosen.split(rows), kept.split(rows), strict=True), strict=True)
+                )
         return selections
 
     def score_dispersion(self) -> torch.Tensor:

@@ -30,6 +30,26 @@ class LayerView:
     first_column: torch.Tensor
     question_start: torch.Tensor | None = None
 
+    @classmethod
+    def stacked(cls, views: list[LayerView]) -> LayerView:
+        """``views`` of one phase and prompt as the rows of one batch, in order (so that several
+        layers are ranked by one call)."""
+        first = views[0]
+
+        def rows(name: str) -> torch.Tensor | None:
+            parts = [getattr(view, name) for view in views]
+            return None if parts[0] is None else torch.cat(parts)
+
+        return cls(
+            rows("positions"),
+            rows("valid"),
+            rows("scores"),
+            first.phase,
+            first.prompt_columns,
+            rows("first_column"),
+            rows("question_start"),
+        )
+
     def question_columns(self) -> torch.Tensor:
         """``[batch, 1, 1]``: the first column of each prompt's question (an error if unknown)."""
         if self.question_start is None:
