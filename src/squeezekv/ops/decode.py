@@ -28,8 +28,11 @@ from squeezekv.ops.common import dot, tl, triton
 DECODE_CHUNK = 512  # slots per decode program
 DECODE_BLOCK = 64  # slots per step of a decode program's loop
 DECODE_WARPS = 4
-DECODE_MASS_BLOCK = 256  # slots per program of the decode combine's attention-mass part
-DECODE_MASS_WARPS = 1  # measured on an H100: more warps per program slowed the mass down
+# The decode combine's attention-mass part: a program takes DECODE_MASS_BLOCK slots on one warp where
+# one query head uses each key head, twice the slots on a warp per query head (up to 8) for a group.
+# H200 sweep (docs/performance.md, "2026-12-02"): Llama-2-7B's best stays 256
+# slots on 1 warp (18.2 µs a layer); Mistral-7B (groups of 4) 6.9 -> 4.9 µs, Qwen2.5-7B (7) 5.1 -> 3.1 µs.
+DECODE_MASS_BLOCK = 256
 
 
 class Segments(NamedTuple):
@@ -352,14 +355,16 @@ class DecodePartials(NamedTuple):
         batch, q_heads, _, dim = output.shape
         group = q_heads // kv_heads
         with_mass = mass is not None
-        blocks = math.ceil(keys / DECODE_MASS_BLOCK) if with_mass else 1
+        members = triton.next_power_of_2(group)
+        block = DECODE_MASS_BLOCK if members == 1 else 2 * DECODE_MASS_BLOCK
+        blocks = math.ceil(keys / block) if with_mass else 1
         _decode_combine[(blocks, batch * kv_heads)](
             self.scores, self.part_max, self.part_sum, self.part_acc, output,
             mass if with_mass else self.part_max, output.stride(0), output.stride(1), output.stride(3),
             *(mass.stride() if with_mass else (0, 0, 0)),
             keys, q_heads, kv_heads, self.splits,
             WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group,
-            GP=triton.next_power_of_2(group), SP=triton.next_power_of_2(self.splits), BN=DECODE_MASS_BLOCK,
-            num_warps=DECODE_MASS_WARPS if with_mass else 4,
+            GP=members, SP=triton.next_power_of_2(self.splits), BN=block,
+            num_warps=min(8, members) if with_mass else 4,
         )  # fmt: skip
         return output, (mass if add_mass_to is None else None)
