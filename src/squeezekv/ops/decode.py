@@ -29,9 +29,9 @@ DECODE_CHUNK = 512  # slots per decode program
 DECODE_BLOCK = 64  # slots per step of a decode program's loop
 DECODE_WARPS = 4
 # The decode combine's attention-mass part: a program takes DECODE_MASS_BLOCK slots on one warp where
-# one query head uses each key head, twice the slots on a warp per query head (up to 8) for a group.
-# H200 sweep (docs/performance.md, "2026-12-02"): Llama-2-7B's best stays 256
-# slots on 1 warp (18.2 µs a layer); Mistral-7B (groups of 4) 6.9 -> 4.9 µs, Qwen2.5-7B (7) 5.1 -> 3.1 µs.
+# each key head serves one query head, and twice that on a warp per query head (up to 8) where it
+# serves a group (H200 sweep, docs/performance.md "2026-12-02 (issue 14)": Llama-2-7B's best stays
+# 256 slots on 1 warp; Mistral-7B went from 6.9 to 4.9 µs a layer, Qwen2.5-7B from 5.1 to 3.1).
 DECODE_MASS_BLOCK = 256
 
 
