@@ -3,6 +3,7 @@ import torch
 
 import squeezekv
 from squeezekv import SqueezeConfig
+from squeezekv.cache import dynamic as cache_module
 
 from models import MQA, left_pad, prompts, short_policy, tiny_model
 
@@ -133,8 +134,6 @@ def test_multi_token_continuation_on_a_padded_compressed_batch():
 def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, allocator, monkeypatch):
     """Position-ranked policies plan once per budget group at prefill; ranking every layer on its
     own (as score-ranked policies do) must keep the very same slots."""
-    from squeezekv.cache import dynamic as cache_module
-
     selections, real_select = [], cache_module.select
 
     def counting_select(*args):
@@ -162,8 +161,6 @@ def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, al
 def test_layers_ranked_together_keep_what_each_keeps_ranked_alone(policy, allocator, monkeypatch):
     """Layers that rank their own tokens are ranked up to JOINT_LAYERS at a time as one batch's
     rows; one layer at a time must keep the very same slots."""
-    from squeezekv.cache import dynamic as cache_module
-
     model = tiny_model("llama")
     ids, mask = left_pad(prompts([40, 29]))
     config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator=allocator)
