@@ -28,11 +28,14 @@ from squeezekv.ops.common import dot, tl, triton
 DECODE_CHUNK = 512  # slots per decode program
 DECODE_BLOCK = 64  # slots per step of a decode program's loop
 DECODE_WARPS = 4
-# The decode combine's attention-mass part: a program takes DECODE_MASS_BLOCK slots on one warp where
-# each key head serves one query head, and twice that on a warp per query head (up to 8) where it
-# serves a group (H200 sweep, docs/performance.md "2026-12-02 (issue 14)": Llama-2-7B's best stays
-# 256 slots on 1 warp; Mistral-7B went from 6.9 to 4.9 µs a layer, Qwen2.5-7B from 5.1 to 3.1).
+# The decode combine's attention-mass part: a program takes DECODE_MASS_BLOCK slots of
+# DECODE_MASS_ROWS query heads where each key head serves one, and twice the slots of one group
+# where it serves several, on a warp per row (up to 8). H200 sweeps, docs/performance.md "2026-12-02
+# (issue 14)" and "Later on 2026-12-02": Mistral-7B went from 6.9 to 4.9 µs a layer, Qwen2.5-7B from
+# 5.1 to 3.1; Llama-2-7B's from 13.8 to 7.2 with four rows instead of one and the mass loads issued
+# before the normaliser's.
 DECODE_MASS_BLOCK = 256
+DECODE_MASS_ROWS = 4
 
 
 class Segments(NamedTuple):
@@ -157,46 +160,59 @@ if triton is not None:
     def _decode_combine(
         SCORES, PART_MAX, PART_SUM, PART_ACC, OUT, MASS,
         sob, soh, sod, smb, smh, sms,
-        keys, q_heads, kv_heads, splits,
+        keys, q_rows, q_heads, kv_heads, splits,
         WITH_MASS: tl.constexpr, ADD_MASS: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr,
-        GP: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr,
+        OWNED: tl.constexpr, ROWS: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        block, batch_head = tl.program_id(0), tl.program_id(1)
-        batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
-        members = tl.arange(0, GP)
-        in_group = members < GROUP
-        rows = batch * q_heads + kv_head * GROUP + members
+        """A program owns ``OWNED`` query rows (``ROWS`` >= that, a power of 2): a key head's group,
+        whose probabilities it sums, or with one query head per key head, several heads apart."""
+        block = tl.program_id(0)
+        members = tl.arange(0, ROWS)
+        rows = tl.program_id(1) * OWNED + members
+        in_rows = (members < OWNED) & (rows < q_rows)
+        if WITH_MASS:  # every load that needs no normaliser goes out first, so all are in flight together
+            cols = block * BN + tl.arange(0, BN)
+            inside = cols < keys
+            scores = tl.load(SCORES + rows[:, None] * keys + cols[None, :],
+                             mask=in_rows[:, None] & inside[None, :], other=float("-inf"))  # fmt: skip
+            if GROUP == 1:  # each row its own key head
+                row_base = rows // kv_heads * smb + rows % kv_heads * smh
+                target = MASS + row_base[:, None] + cols[None, :] * sms
+                writes = in_rows[:, None] & inside[None, :]
+            else:
+                kv_row = tl.program_id(1)
+                target = MASS + kv_row // kv_heads * smb + kv_row % kv_heads * smh + cols * sms
+                writes = inside
+            if ADD_MASS:
+                before = tl.load(target, mask=writes, other=0.0)
         chunks = tl.arange(0, SP)
         parts = rows[:, None] * splits + chunks[None, :]
-        in_parts = in_group[:, None] & (chunks[None, :] < splits)
+        in_parts = in_rows[:, None] & (chunks[None, :] < splits)
         chunk_best = tl.load(PART_MAX + parts, mask=in_parts, other=float("-inf"))
         best = tl.max(chunk_best, 1)
         safe = tl.where(best == float("-inf"), 0.0, best)
         weights = tl.exp(chunk_best - safe[:, None])
         total = tl.sum(tl.load(PART_SUM + parts, mask=in_parts, other=0.0) * weights, 1)
-        total = tl.where(in_group, total, 1.0)  # a padding member (a group not a power of 2): 0 / 1
+        total = tl.where(in_rows, total, 1.0)  # a padding row: 0 / 1
         if block == 0:
             dims = tl.arange(0, DIM)
-            acc = tl.zeros([GP, DIM], tl.float32)
+            acc = tl.zeros([ROWS, DIM], tl.float32)
             for chunk in range(0, SP):
                 part = rows * splits + chunk
-                present = in_group & (members * 0 + chunk < splits)  # Triton 3.9 rejects a Python-bool mask
+                present = in_rows & (members * 0 + chunk < splits)  # Triton 3.9 rejects a Python-bool mask
                 weight = tl.exp(tl.load(PART_MAX + part, mask=present, other=float("-inf")) - safe)
                 acc += weight[:, None] * tl.load(PART_ACC + part[:, None] * DIM + dims[None, :],
                                                  mask=present[:, None], other=0.0)  # fmt: skip
             out = acc / total[:, None]
-            tl.store(OUT + batch * sob + (kv_head * GROUP + members[:, None]) * soh + dims[None, :] * sod,
-                     out.to(OUT.dtype.element_ty), mask=in_group[:, None])  # fmt: skip
+            tl.store(OUT + (rows // q_heads * sob + rows % q_heads * soh)[:, None] + dims[None, :] * sod,
+                     out.to(OUT.dtype.element_ty), mask=in_rows[:, None])  # fmt: skip
         if WITH_MASS:
-            cols = block * BN + tl.arange(0, BN)
-            inside = cols < keys
-            scores = tl.load(SCORES + rows[:, None] * keys + cols[None, :],
-                             mask=in_group[:, None] & inside[None, :], other=float("-inf"))  # fmt: skip
-            mass = tl.sum(tl.exp(scores - safe[:, None]) / total[:, None], 0)
-            target = MASS + batch * smb + kv_head * smh + cols * sms
+            mass = tl.exp(scores - safe[:, None]) / total[:, None]
+            if GROUP > 1:
+                mass = tl.sum(mass, 0)
             if ADD_MASS:
-                mass += tl.load(target, mask=inside, other=0.0)
-            tl.store(target, mass, mask=inside)
+                mass += before
+            tl.store(target, mass, mask=writes)
 
 
 def decode_attention(
@@ -355,16 +371,17 @@ class DecodePartials(NamedTuple):
         batch, q_heads, _, dim = output.shape
         group = q_heads // kv_heads
         with_mass = mass is not None
-        members = triton.next_power_of_2(group)
-        block = DECODE_MASS_BLOCK if members == 1 else 2 * DECODE_MASS_BLOCK
+        owned = DECODE_MASS_ROWS if with_mass and group == 1 else group
+        rows = triton.next_power_of_2(owned)
+        block = DECODE_MASS_BLOCK if group == 1 else 2 * DECODE_MASS_BLOCK
         blocks = math.ceil(keys / block) if with_mass else 1
-        _decode_combine[(blocks, batch * kv_heads)](
+        _decode_combine[(blocks, math.ceil(batch * q_heads / owned))](
             self.scores, self.part_max, self.part_sum, self.part_acc, output,
             mass if with_mass else self.part_max, output.stride(0), output.stride(1), output.stride(3),
             *(mass.stride() if with_mass else (0, 0, 0)),
-            keys, q_heads, kv_heads, self.splits,
+            keys, batch * q_heads, q_heads, kv_heads, self.splits,
             WITH_MASS=with_mass, ADD_MASS=add_mass_to is not None, DIM=dim, GROUP=group,
-            GP=members, SP=triton.next_power_of_2(self.splits), BN=block,
-            num_warps=min(8, members) if with_mass else 4,
+            OWNED=owned, ROWS=rows, SP=triton.next_power_of_2(self.splits), BN=block,
+            num_warps=min(8, rows) if with_mass else 4,
         )  # fmt: skip
         return output, (mass if add_mass_to is None else None)

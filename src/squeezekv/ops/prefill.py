@@ -8,10 +8,12 @@ key's mass needs every scoring row's final log-sum-exp, so the scores are comput
 1. a flash-attention forward (a program per block of rows) writes the output and each row's
    log-sum-exp; a plainly causal layer (a fresh prompt without padding) takes cuDNN's forward
    instead, which returns the log-sum-exp too (:func:`cudnn_causal`);
-2. a program per block of keys recomputes the scored rows' scores against them (the keys stay in
-   registers while blocks of rows stream past), normalises them with the stored log-sum-exp and
-   sums them over rows and over the query heads sharing the key head: no atomics, no reduction
-   across programs.
+2. a program per block of keys and query head recomputes the scored rows' scores against them (the
+   keys stay in registers while blocks of rows stream past), normalises them with the stored
+   log-sum-exp and sums them over rows: no atomics; the query heads sharing a key head are summed
+   afterwards (one small reduction). With a program per key head looping over its query heads
+   instead, a Mistral-7B layer's mass pass took 0.92 ms against 0.70 (Qwen2.5-7B 0.81 against
+   0.66; the H200, 8k queries): fewer, longer programs fill the GPU worse.
 
 On the H200 (Llama-2-7B layer, 8k queries, bf16) this took 2.31 ms against 2.98 ms for the other
 known order (a pass writing only each row's log-sum-exp, then one pass computing the output from
@@ -157,18 +159,20 @@ if triton is not None:
         sqb, sqh, sqm, sqd,
         skb, skh, skn, skd,
         spb, sph, spn,
-        queries, keys, q_heads, kv_heads, group, first_column, first_scored, window, qk_scale,
+        queries, keys, q_heads, group, first_column, first_scored, window, qk_scale,
         HAS_WINDOW: tl.constexpr, POSITION_HEADS: tl.constexpr, DIM: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, PEAK: tl.constexpr,
     ):  # fmt: skip
-        """A block of keys' mass over the scored rows of every query head sharing their key head.
+        """A block of keys' mass over one query head's scored rows (the heads sharing a key head
+        are summed afterwards).
 
         ``SHIFT`` is each row's log-sum-exp minus the log of its weight (``inf`` for a row that is
         not scored), so a weighted probability is one ``exp2``. Off the diagonal every row sees
         every real key, so those blocks mask nothing: a padding key's own sum is dropped at the end.
         """
         block, batch_head = tl.program_id(0), tl.program_id(1)
-        batch, kv_head = batch_head // kv_heads, batch_head % kv_heads
+        batch, head = batch_head // q_heads, batch_head % q_heads
+        kv_head = head // group
         position_head = kv_head if POSITION_HEADS > 1 else 0
         cols = block * BN + tl.arange(0, BN)
         inside = cols < keys
@@ -182,19 +186,17 @@ if triton is not None:
         offset = keys - queries
         first = tl.maximum(first_scored, block * BN - offset) // BM * BM  # earlier rows see none
         causal = tl.maximum(first, (block * BN + BN - offset + BM - 1) // BM * BM)  # later ones see all
-        for g in range(0, group):
-            head = kv_head * group + g
-            q_base, shift_base = batch * sqb + head * sqh, (batch * q_heads + head) * queries
-            for start in range(first, causal, BM):
-                acc = _mass_step(
-                    acc, k, positions, valid, inside, Q, SHIFT, start, q_base, shift_base,
-                    sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, True, DIM, BM, IEEE, PEAK,
-                )  # fmt: skip
-            for start in range(causal, queries, BM):
-                acc = _mass_step(
-                    acc, k, positions, valid, inside, Q, SHIFT, start, q_base, shift_base,
-                    sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, False, DIM, BM, IEEE, PEAK,
-                )  # fmt: skip
+        q_base, shift_base = batch * sqb + head * sqh, batch_head * queries
+        for start in range(first, causal, BM):
+            acc = _mass_step(
+                acc, k, positions, valid, inside, Q, SHIFT, start, q_base, shift_base,
+                sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, True, DIM, BM, IEEE, PEAK,
+            )  # fmt: skip
+        for start in range(causal, queries, BM):
+            acc = _mass_step(
+                acc, k, positions, valid, inside, Q, SHIFT, start, q_base, shift_base,
+                sqm, sqd, queries, first_column, window, qk_scale, HAS_WINDOW, False, DIM, BM, IEEE, PEAK,
+            )  # fmt: skip
         mass = tl.max(acc, 1) if PEAK else tl.sum(acc, 1)
         tl.store(M + batch_head * keys + cols, tl.where(valid != 0, mass, 0.0), mask=inside)
 
@@ -340,12 +342,14 @@ def prefill_attention_triton(
     weight = torch.zeros(batch, queries, dtype=torch.float32, device=query.device)
     weight[:, first_scored:] = query_valid[:, first_scored:].to(weight.device, torch.float32)
     shift = (lse - weight.log2().unsqueeze(1)).contiguous()  # a weighted probability is one exp2
-    mass = torch.empty(batch, kv_heads, keys, dtype=torch.float32, device=query.device)
+    mass = torch.empty(batch, kv_heads, group, keys, dtype=torch.float32, device=query.device)
     mass_config = fitting(MASS_CONFIGS, False, dim, query.element_size())
-    _key_mass[(math.ceil(keys / mass_config["BN"]), batch * kv_heads)](
+    _key_mass[(math.ceil(keys / mass_config["BN"]), batch * q_heads)](
         query, key, positions, valid, shift, mass,
         *query.stride(), *key.stride(), *positions.stride(),
-        queries, keys, q_heads, kv_heads, group, first_column, first_scored, window, qk_scale,
+        queries, keys, q_heads, group, first_column, first_scored, window, qk_scale,
         **shape, **mass_config, PEAK=peak,
     )  # fmt: skip
-    return output, mass
+    if group == 1:
+        return output, mass.squeeze(2)
+    return output, mass.amax(2) if peak else mass.sum(2)
