@@ -50,8 +50,8 @@ class ImportanceRecorder:
         if missing:
             raise RuntimeError(f"no layer similarity was recorded for layers {missing} during prefill")
         device = self.sums[0][0].device  # under a device_map, layers' sums sit on several devices
-        means = [(total / count.clamp(min=1.0)).to(device) for total, count in self.sums]
-        return torch.stack(means, dim=1).cpu()  # one copy to the host, not one per layer
+        totals, counts = (torch.stack([sums[part].to(device) for sums in self.sums], 1) for part in (0, 1))
+        return (totals / counts.clamp(min=1.0)).cpu()  # one division and one copy to the host for all layers
 
     def attach(self, layers: list[nn.Module], output_modules: list[nn.Module]) -> list[RemovableHandle]:
         handles = []

@@ -146,11 +146,12 @@ def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, al
     config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator=allocator)
     shared = compressed_forward(model, ids, config, mask).cache
     groups = len({tuple(budget.tolist()) for budget in shared.budgets.T})
-    assert len(selections) == groups < len(shared.layers)
+    ranked = len(selections)  # groups' leaders ranked alone, or as rows of a batch ranked together
+    assert sum(args[0].shape[0] for args in selections) == groups * ids.shape[0]
+    assert groups < len(shared.layers)
     monkeypatch.setattr(squeezekv.POLICIES[policy], "ranks_by_position", False)
     alone = compressed_forward(model, ids, config, mask).cache
-    # every layer ranked its own tokens: alone, or as rows of a batch ranked together
-    assert sum(args[0].shape[0] for args in selections[groups:]) == len(alone.layers) * ids.shape[0]
+    assert sum(args[0].shape[0] for args in selections[ranked:]) == len(alone.layers) * ids.shape[0]
     for a, b in zip(shared.layers, alone.layers, strict=True):
         for name in ("positions", "valid", "keys", "values"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -159,8 +160,8 @@ def test_layers_sharing_one_selection_keep_what_each_would_keep_alone(policy, al
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "streaming"])
 @pytest.mark.parametrize("allocator", ["uniform", "squeeze"])
 def test_layers_ranked_together_keep_what_each_keeps_ranked_alone(policy, allocator, monkeypatch):
-    """Layers that rank their own tokens are ranked up to JOINT_LAYERS at a time as one batch's
-    rows; one layer at a time must keep the very same slots."""
+    """Layers that rank their own tokens are ranked as one batch's rows, up to JOINT_PRIORITIES
+    priorities at a time; one layer at a time must keep the very same slots."""
     model = tiny_model("llama")
     ids, mask = left_pad(prompts([40, 29]))
     config = SqueezeConfig(budget=0.3, policy=short_policy(policy), allocator=allocator)
@@ -174,7 +175,7 @@ def test_layers_ranked_together_keep_what_each_keeps_ranked_alone(policy, alloca
     monkeypatch.setattr(cache_module, "ranked_selection", counting_ranking)
     together = compressed_forward(model, ids, config, mask).cache
     assert max(ranked_rows) > ids.shape[0]  # some layers were ranked as one batch
-    monkeypatch.setattr(cache_module, "JOINT_LAYERS", 1)
+    monkeypatch.setattr(cache_module, "JOINT_PRIORITIES", 1)
     ranked_rows.clear()
     alone = compressed_forward(model, ids, config, mask).cache
     assert max(ranked_rows) == ids.shape[0]

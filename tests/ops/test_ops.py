@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from squeezekv.ops import common, cosine, decode, eviction, prefill, slots
+from squeezekv.ops import common, cosine, decode, eviction, gather, prefill, slots
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -193,6 +193,25 @@ def slot_cases():
         yield f"heads={heads}", Case(args, check=one_per_row)
 
 
+def gather_cases():
+    """Layers' strided keys (as a model's projections leave them) at slots chosen per head or shared
+    by the heads, several layers' choices as views of one stacked tensor, a head size that is not a
+    power of two, and one layer laid out differently (a launch of its own)."""
+    for dim, selection_heads, dtype in ((40, 1, torch.float32), (64, 3, torch.bfloat16)):
+        generator = torch.Generator().manual_seed(dim)
+        layers, batch, heads, slots_, kept = 4, 2, 3, 100, 70
+        states = torch.randn(layers, batch, slots_, heads, dim, generator=generator).to(dtype)
+        ranked = torch.rand(layers * batch, selection_heads, slots_, generator=generator)
+        chosen = torch.sort(ranked.argsort(-1)[..., :kept]).values
+
+        def args(states=states, chosen=chosen, batch=batch):
+            layer_states = [part.transpose(1, 2) for part in states.to(DEVICE)]
+            layer_states[-1] = layer_states[-1].contiguous()
+            return [layer_states, list(chosen.to(DEVICE).split(batch))]
+
+        yield f"dim={dim}-selection_heads={selection_heads}-{dtype}", Case(args)
+
+
 def cosine_cases():
     for dtype in (torch.float32, torch.bfloat16):
         generator = torch.Generator().manual_seed(3)
@@ -207,6 +226,7 @@ PAIRS = {
     "decode_attention": (decode.decode_attention_triton, decode.decode_attention_torch, decode_cases),
     "evict_lowest": (eviction.evict_lowest_triton, eviction.evict_lowest_torch, eviction_cases),
     "write_slot": (slots.write_slot_triton, slots.write_slot_torch, slot_cases),
+    "gather_slots": (gather.gather_slots_triton, gather.gather_slots_torch, gather_cases),
     "residual_cosine": (cosine.residual_cosine_triton, cosine.residual_cosine_torch, cosine_cases),
 }
 PARAMS = [
@@ -220,8 +240,11 @@ def on_device(value):
     return value.clone().to(DEVICE) if isinstance(value, torch.Tensor) else value
 
 
-def flat(result) -> list[torch.Tensor | None]:
-    return list(result) if isinstance(result, tuple) else [result]
+def flat(result) -> list:
+    """A result or argument list with the tensors of nested lists and tuples laid out in order."""
+    if not isinstance(result, tuple | list):
+        return [result]
+    return [leaf for part in result for leaf in flat(part)]
 
 
 @pytest.mark.skipif(common.triton is None, reason="needs Triton")
@@ -237,7 +260,7 @@ def test_triton_kernel_matches_its_torch_twin(name, case):
     if case.rows is not None:
         rows = case.rows.to(DEVICE)
         expected[0], actual[0] = expected[0][rows], actual[0][rows]
-    for want, got in zip(expected + expected_args, actual + actual_args, strict=True):
+    for want, got in zip(expected + flat(expected_args), actual + flat(actual_args), strict=True):
         if not isinstance(want, torch.Tensor):
             assert got is want or (want is not None and got == want)
         elif case.tolerance:

@@ -8,6 +8,7 @@ share the rest equally, keeping the total at ``L * b``. A model with fewer layer
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from squeezekv.allocators.base import Allocator, Targets, register_allocator
@@ -17,34 +18,31 @@ def kmeans_1d(values: list[float], groups: int) -> list[int]:
     """Optimal 1-D k-means by dynamic programming; cluster labels ordered by centroid (0 = lowest).
 
     With fewer distinct values than ``groups`` there are only as many clusters as distinct values.
+    Each cluster count is one NumPy step over every (start, end) pair: planning runs on the host
+    after the prefill, while the GPU waits.
     """
     order = sorted(range(len(values)), key=lambda i: (values[i], i))
-    xs = [values[i] for i in order]
+    xs = np.array([values[i] for i in order], dtype=np.float64)
     n = len(xs)
-    k = min(groups, len(set(xs)))
-    prefix, prefix_sq = [0.0], [0.0]
-    for x in xs:
-        prefix.append(prefix[-1] + x)
-        prefix_sq.append(prefix_sq[-1] + x * x)
-
-    def cost(i: int, j: int) -> float:  # squared error of xs[i:j] around its mean
-        s = prefix[j] - prefix[i]
-        return prefix_sq[j] - prefix_sq[i] - s * s / (j - i)
-
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    start = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for c in range(1, k + 1):
-        for j in range(c, n + 1):
-            for i in range(c - 1, j):
-                candidate = best[c - 1][i] + cost(i, j)
-                if candidate < best[c][j]:
-                    best[c][j], start[c][j] = candidate, i
+    k = min(groups, len(np.unique(xs)))
+    prefix = np.concatenate([[0.0], np.cumsum(xs)])
+    prefix_sq = np.concatenate([[0.0], np.cumsum(xs * xs)])
+    starts, ends = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):  # start >= end: no cluster, masked below
+        sums = prefix[ends] - prefix[starts]
+        cost = prefix_sq[ends] - prefix_sq[starts] - sums * sums / (ends - starts)
+    cost = np.where(starts < ends, cost, np.inf)  # cost[i, j]: squared error of xs[i:j] around its mean
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    first = []  # per cluster count, the start of the last cluster that ends at each j
+    for _ in range(k):
+        candidates = best[:, None] + cost
+        first.append(candidates.argmin(0))  # the lowest start among equals
+        best = candidates.min(0)
     labels = [0] * n
     j = n
     for c in range(k, 0, -1):
-        i = start[c][j]
+        i = int(first[c - 1][j])
         for position in range(i, j):
             labels[order[position]] = c - 1
         j = i

@@ -9,6 +9,8 @@ positions stay true after eviction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
@@ -16,10 +18,43 @@ from squeezekv.cache.base import CompressedCache
 from squeezekv.cache.quantized import PackedStates
 from squeezekv.cache.ragged import RaggedLayer
 from squeezekv.config import SqueezeConfig
-from squeezekv.ops import prefill_attention
+from squeezekv.ops import gather_slots, prefill_attention
 from squeezekv.policies import LayerView, Policy, select
 
-JOINT_LAYERS = 8  # layers ranked as one batch at an eviction: a few launches, a bounded transient
+JOINT_PRIORITIES = 1 << 22  # most priorities (rows x heads x slots) ranked as one batch at an eviction
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a layer keeps at an eviction: the slots ``chosen`` (``[batch, heads, kept]``, in slot
+    order) and their positions, scores and validity (a surplus slot of a shorter row is invalid)."""
+
+    chosen: torch.Tensor
+    positions: torch.Tensor
+    scores: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def of(cls, view: LayerView, chosen: torch.Tensor, kept: torch.Tensor) -> Selection:
+        """The ``chosen`` slots of ``view``, of which ``kept`` hold a kept token."""
+        heads = chosen.shape[1]
+
+        def at(slots: torch.Tensor) -> torch.Tensor:
+            return slots.expand(-1, heads, -1).gather(-1, chosen)
+
+        return cls(chosen, at(view.positions), at(view.scores), kept & at(view.valid))
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        return self.chosen, self.positions, self.scores, self.valid
+
+    def split(self, rows: int) -> list[Selection]:
+        """Selections made for several layers stacked as rows, ``rows`` a layer."""
+        return [Selection(*layer) for layer in zip(*(part.split(rows) for part in self.parts()), strict=True)]
+
+    def to(self, device: torch.device) -> Selection:
+        if self.chosen.device == device:
+            return self
+        return Selection(*(part.to(device) for part in self.parts()))
 
 
 class SqueezeLayer(CacheLayerMixin):
@@ -90,13 +125,17 @@ class SqueezeLayer(CacheLayerMixin):
             return self.packed.states(self.positions)
         return self.keys, self.values
 
-    def keep(self, chosen: torch.Tensor) -> None:
-        """Keeps the keys and values of the ``chosen`` slots (``[batch, heads or 1, kept]``)."""
+    def keep(self, selection: Selection, states: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Keeps the ``selection``'s slots: their bookkeeping, and their keys and values, given as
+        ``states`` when gathered with other layers' (:func:`~squeezekv.ops.gather_slots`)."""
+        self.positions, self.scores, self.valid = selection.positions, selection.scores, selection.valid
+        self.appended_only = False
         if self.packed is not None:
-            self.packed.keep(chosen)
+            self.packed.keep(selection.chosen)
             return
-        self.keys = gather_slots(self.keys, chosen)
-        self.values = gather_slots(self.values, chosen)
+        if states is None:
+            states = gather_slots([self.keys, self.values], [selection.chosen] * 2)
+        self.keys, self.values = states
 
     def settle(self, bits: torch.Tensor) -> None:
         """After an eviction round, with each row's ``bits`` (``[batch]``): quantizes the layer's
@@ -136,35 +175,15 @@ class SqueezeLayer(CacheLayerMixin):
         fits = (held <= budget).flatten(1).all(-1) & visible.flatten(1).all(-1)
         return torch.stack([(~fits).long(), torch.minimum(budget, held).flatten(1).amax(-1)], -1)
 
-    def evict(
-        self,
-        budget: torch.Tensor,
-        width: int,
-        view: LayerView,
-        policy: Policy,
-        selection: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def evict(self, budget: torch.Tensor, width: int, view: LayerView, policy: Policy) -> None:
         """Shrinks every sequence of this layer to at most its budget (``[batch]`` tokens), in
-        ``width`` slots; ``view.valid`` and ``width`` come from :meth:`visible` and
-        :meth:`eviction_need`.
-
-        Returns the selection (slots kept, and which of them hold a token), which a layer holding
-        the same tokens may reuse as ``selection`` instead of ranking its own.
-        """
-        visible = view.valid
-        if selection is None:
-            self.head_budgets = policy.head_budgets(view, budget)
-            if self.head_budgets is not None:
-                width = int(torch.minimum(self.head_budgets, visible.sum(-1)).max())
-            selection = ranked_selection(view, budget, width, policy, self.scores.shape[1], self.head_budgets)
-        chosen, kept = (part.to(visible.device) for part in selection)
-        heads = chosen.shape[1]
-        self.positions = self.positions.expand(-1, heads, -1).gather(-1, chosen)
-        self.scores = self.scores.expand(-1, heads, -1).gather(-1, chosen)
-        self.valid = kept & visible.expand(-1, heads, -1).gather(-1, chosen)
-        self.keep(chosen)
-        self.appended_only = False
-        return chosen, kept
+        ``width`` slots, ranking its own tokens; ``view.valid`` and ``width`` come from
+        :meth:`visible` and :meth:`eviction_need`."""
+        self.head_budgets = policy.head_budgets(view, budget)
+        if self.head_budgets is not None:
+            width = int(torch.minimum(self.head_budgets, view.valid.sum(-1)).max())
+        chosen, kept = ranked_selection(view, budget, width, policy, self.scores.shape[1], self.head_budgets)
+        self.keep(Selection.of(view, chosen, kept))
 
     def truncate(self, columns: int) -> None:
         """Drops every column from ``columns`` on (a pass whose keys must not stay); only a layer
@@ -240,12 +259,6 @@ def ranked_selection(
     heads = max(priority.shape[1], score_heads)
     keep = budget if head_budgets is None else head_budgets
     return select(priority.expand(-1, heads, -1), view.valid.expand(-1, heads, -1), keep, width)
-
-
-def gather_slots(states: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """``states[b, h, chosen[b, h or 0, k]]``: a new, smaller tensor (the old one can be freed)."""
-    batch, heads, _, dim = states.shape
-    return states.gather(2, chosen.unsqueeze(-1).expand(batch, heads, -1, dim))
 
 
 class SqueezeCache(CompressedCache):
@@ -398,11 +411,11 @@ class SqueezeCache(CompressedCache):
         """Evicts every layer to its budgets, with one host sync for all layers' plans.
 
         Layers that never evicted and see every column hold the same tokens, so under a policy
-        that ranks by position alone those with the same budgets share one plan and one selection
-        (at a whole-prompt prefill: one per budget group instead of one per layer); layers that
-        rank their own tokens are ranked several at a time (:meth:`joint_selections`). A
-        keep-everything budget limits a layer to every column seen: only what a sliding window no
-        longer sees leaves.
+        that ranks by position alone (and scores nothing) those with the same budgets share one
+        plan and one :class:`Selection` (at a whole-prompt prefill: one per budget group instead of
+        one per layer); other layers are ranked several at a time (:meth:`joint_selections`), and
+        the kept keys and values of all of them gathered at once. A keep-everything budget limits a
+        layer to every column seen: only what a sliding window no longer sees leaves.
         """
         limits = self.budgets
         if self.config.keeps_everything:
@@ -411,22 +424,27 @@ class SqueezeCache(CompressedCache):
         home = visible[0].device
         on_home = limits.to(home)  # one copy to the device; budgets are planned on the host
         budgets = [on_home[:, index].to(seen.device) for index, seen in enumerate(visible)]
-        by_position = self.config.policy.ranks_by_position
+        policy = self.config.policy
+        by_position = policy.ranks_by_position and not policy.scores_tokens
         groups: dict[tuple, list[int]] = {}
         for index, layer in enumerate(self.layers):
             shared = by_position and layer.appended_only and layer.sliding_window is None
             key = ("shared", *limits[:, index].tolist()) if shared else ("own", index)
             groups.setdefault(key, []).append(index)
-        leaders = [members[0] for members in groups.values()]
-        plan = self.eviction_plan(leaders, visible, budgets)
-        joint = self.joint_selections(groups, plan, visible, budgets)
+        plan = self.eviction_plan([members[0] for members in groups.values()], visible, budgets)
+        selections = self.joint_selections(groups, plan, visible, budgets)
+        plain = [index for index in selections if self.layers[index].packed is None]
+        chosen = [selections[index].chosen for index in plain]
+        keys = gather_slots([self.layers[index].keys for index in plain], chosen)
+        values = gather_slots([self.layers[index].values for index in plain], chosen)
+        states = dict(zip(plain, zip(keys, values, strict=True), strict=True))
         for members, (needed, width) in zip(groups.values(), plan, strict=True):
-            selection = None
             for index in members if needed else ():
                 layer = self.layers[index]
-                view = self.view(layer, visible[index])
-                selection = joint.get(index, selection)
-                selection = layer.evict(budgets[index], width, view, self.config.policy, selection)
+                if index in selections:
+                    layer.keep(selections[index], states.get(index))
+                    continue
+                layer.evict(budgets[index], width, self.view(layer, visible[index]), policy)
                 if isinstance(layer, SqueezeLayer) and layer.head_budgets is not None:  # heads differ: packed
                     self.layers[index] = RaggedLayer(layer, layer.head_budgets)
         for index, layer in enumerate(self.layers if self.layer_bits is not None else ()):
@@ -454,35 +472,32 @@ class SqueezeCache(CompressedCache):
         plan: list[list[int]],
         visible: list[torch.Tensor],
         budgets: list[torch.Tensor],
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Selections for layers that rank their own tokens, ranked up to ``JOINT_LAYERS`` at a time
-        as the rows of one batch: the ranking and selection launch a few dozen small kernels, which
-        the host, not the GPU, paces when every layer launches its own."""
+    ) -> dict[int, Selection]:
+        """The selections of every layer that must evict and whose heads share its budget, each
+        group's leader ranked for its members, leaders ranked as the rows of one batch as many at a
+        time as ``JOINT_PRIORITIES`` allows (a bounded transient; a whole prompt's 32 layers at once
+        for one 8k-token sequence): the ranking, the selection and the kept slots' positions,
+        scores and validity launch a few dozen small kernels, which the host, not the GPU, paces
+        when every layer launches its own."""
         policy = self.config.policy
-        alike: dict[tuple, list[int]] = {}
-        for key, (needed, width) in zip(groups, plan, strict=True):
-            index = groups[key][0]
-            layer = self.layers[index]
-            if (
-                key[0] == "own"
-                and needed
-                and isinstance(layer, SqueezeLayer)
-                and not policy.spreads_over_heads
-            ):
-                shapes = (layer.positions.shape, layer.scores.shape, visible[index].shape)
-                alike.setdefault((width, visible[index].device, *shapes), []).append(index)
+        alike: dict[tuple, list[list[int]]] = {}
+        for members, (needed, width) in zip(groups.values(), plan, strict=True):
+            layer = self.layers[members[0]]
+            if needed and isinstance(layer, SqueezeLayer) and not policy.spreads_over_heads:
+                shapes = (layer.positions.shape, layer.scores.shape, visible[members[0]].shape)
+                alike.setdefault((width, visible[members[0]].device, *shapes), []).append(members)
         selections = {}
-        for (width, *_), indices in alike.items():
-            for start in range(0, len(indices), JOINT_LAYERS):
-                part = indices[start : start + JOINT_LAYERS]
-                view = LayerView.stacked([self.view(self.layers[index], visible[index]) for index in part])
-                budget = torch.cat([budgets[index] for index in part])
-                score_heads = self.layers[part[0]].scores.shape[1]
-                chosen, kept = ranked_selection(view, budget, width, policy, score_heads)
-                rows = len(budgets[part[0]])
-                selections.update(
-                    zip(part, zip(chosen.split(rows), kept.split(rows), strict=True), strict=True)
-                )
+        for (width, _, (rows, heads, slots), scores, _), parts in alike.items():
+            together = max(1, JOINT_PRIORITIES // (rows * max(heads, scores[1]) * slots))
+            for start in range(0, len(parts), together):
+                leaders = [members[0] for members in parts[start : start + together]]
+                view = LayerView.stacked([self.view(self.layers[index], visible[index]) for index in leaders])
+                budget = torch.cat([budgets[index] for index in leaders])
+                chosen, kept = ranked_selection(view, budget, width, policy, scores[1])
+                for members, selection in zip(
+                    parts[start : start + together], Selection.of(view, chosen, kept).split(rows), strict=True
+                ):
+                    selections.update({index: selection.to(visible[index].device) for index in members})
         return selections
 
     def score_dispersion(self) -> torch.Tensor:

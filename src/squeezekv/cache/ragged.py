@@ -139,18 +139,11 @@ class RaggedLayer(CacheLayerMixin):
         Stacked as :meth:`SqueezeLayer.eviction_need`'s: ``[layers, 2]``."""
         return torch.ones(visible.shape[0], 2, dtype=torch.int64, device=visible.device)
 
-    def evict(
-        self,
-        budget: torch.Tensor,
-        width: int,
-        view: LayerView,
-        policy: Policy,
-        selection: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def evict(self, budget: torch.Tensor, width: int, view: LayerView, policy: Policy) -> None:
         """Shrinks every head to its budget; at a (chunked) prefill the policy spreads ``budget``
-        (``[batch]``) over the heads again, for the prompt seen so far. Same contract as
-        :meth:`SqueezeLayer.evict <squeezekv.cache.SqueezeLayer.evict>` (``width`` and
-        ``selection`` are not used: heads are never shared)."""
+        (``[batch]``) over the heads again, for the prompt seen so far. Called as
+        :meth:`SqueezeLayer.evict <squeezekv.cache.SqueezeLayer.evict>` is (``width`` is not used:
+        each head has its own)."""
         visible = view.valid
         if view.phase == "prefill":
             spread = policy.head_budgets(view, budget)
@@ -167,7 +160,6 @@ class RaggedLayer(CacheLayerMixin):
         self.token_scores = self.token_scores[picked]
         self.lengths = kept.sum(-1)
         self.width = int(self.lengths.max())
-        return chosen, kept
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
