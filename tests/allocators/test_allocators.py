@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from squeezekv import SqueezeConfig
 from squeezekv.allocators import Pyramid, Squeeze, conserve
+from squeezekv.allocators import base as allocators_base
 from squeezekv.allocators.blend import Blend
 from squeezekv.allocators.squeeze import kmeans_1d
 from squeezekv.allocators.squeeze_lowest import SqueezeLowest
@@ -67,6 +68,35 @@ def test_conserve_keeps_bounds_and_total(targets, floor, ceiling, data):
     result = conserve(torch.tensor(targets, dtype=torch.float64), total, lo, hi.double())
     assert (result >= lo).all() and (result <= hi).all()
     assert int(result.sum()) == max(int(lo.sum()), min(total, int(hi.sum())))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 9000.0), min_size=1, max_size=40),
+    st.integers(0, 4),
+    st.sampled_from([None, 50, 3000]),
+    st.floats(0.0, 1.3),
+)
+def test_conserve_from_its_bracket_equals_conserve_over_every_shift(targets, floor, cap, share):
+    """The bracket around the crossing of the piecewise-linear fill only saves sums: bisecting from
+    it ends on the shift, and so the budgets, that bisecting every shift ends on."""
+    targets = torch.tensor(targets, dtype=torch.float64)
+    lo = torch.full_like(targets, float(floor))
+    hi = torch.full_like(targets, 8192.0)
+    if cap is not None:  # layers that cannot hold their share
+        hi = torch.linspace(floor, cap, len(targets), dtype=torch.float64)
+    total = share * float(targets.sum())
+    bracketed = conserve(targets, total, lo, hi)
+    real_bracket = allocators_base.shift_bracket
+
+    def whole_range(targets, lo, hi, total, filled):
+        return float((lo - targets).min()), float((hi - targets).max())
+
+    allocators_base.shift_bracket = whole_range
+    try:
+        assert torch.equal(bracketed, conserve(targets, total, lo, hi))
+    finally:
+        allocators_base.shift_bracket = real_bracket
 
 
 def test_squeeze_gives_the_high_similarity_group_p_times_b_and_keeps_the_total():

@@ -82,7 +82,9 @@ def gather_slots_triton(states: list[torch.Tensor], chosen: list[torch.Tensor]) 
             for group in ([states[i] for i in indices], targets, [chosen[i] for i in indices])
             for tensor in group
         ]
-        table = torch.tensor(addresses, dtype=torch.int64, device=first.device)
+        table = torch.tensor(addresses, dtype=torch.int64)
+        if first.is_cuda:  # from pinned memory: a copy from pageable memory would wait for the GPU
+            table = table.pin_memory().to(first.device, non_blocking=True)
         sources, outputs, picks = table.split(len(indices))
         grid = (len(indices), batch * heads, triton.cdiv(width, GATHER_BLOCK))
         if width:
