@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -114,7 +115,7 @@ def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Te
 
 
 def shift_bracket(
-    targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: float, filled
+    targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: float, filled: Callable[[float], float]
 ) -> tuple[float, float]:
     """Where :func:`conserve`'s bisection starts: a narrow bracket around the shift that fills
     ``total`` (``filled(shift)``, the sum of the clipped targets, is linear between the shifts at

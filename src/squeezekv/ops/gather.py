@@ -46,10 +46,11 @@ GATHER_BLOCK = 64  # kept slots a program copies
 def gather_slots(states: list[torch.Tensor], chosen: list[torch.Tensor]) -> list[torch.Tensor]:
     """``states[i][b, h, chosen[i][b, h or 0, k]]`` for every layer ``i``: each layer's keys or
     values (``[batch, heads, slots, dim]``) at the slots it keeps (``[batch, heads or 1, kept]``),
-    as new contiguous tensors (the old ones can be freed)."""
+    as new contiguous tensors (the old ones can be freed). The kernel serves layers that are all on
+    GPUs; a model spread over a GPU and the CPU takes the twin."""
     if not states:
         return []
-    gather = gather_slots_triton if use_triton(states[0]) else gather_slots_torch
+    gather = gather_slots_triton if all(use_triton(part) for part in states) else gather_slots_torch
     return gather(states, chosen)
 
 
