@@ -89,7 +89,7 @@ def test_conserve_from_its_bracket_equals_conserve_over_every_shift(targets, flo
     bracketed = conserve(targets, total, lo, hi)
     real_bracket = allocators_base.shift_bracket
 
-    def whole_range(targets, lo, hi, total, filled):
+    def whole_range(targets, lo, hi, total):
         return float((lo - targets).min()), float((hi - targets).max())
 
     allocators_base.shift_bracket = whole_range

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -92,13 +91,9 @@ def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Te
     """
     targets, lo, hi = (t.numpy() for t in (targets, lo, hi))
     total = max(float(lo.sum()), min(float(total), float(hi.sum())))
-
-    def filled(shift: float) -> float:
-        return float(np.minimum(np.maximum(targets + shift, lo), hi).sum())
-
-    low, high = shift_bracket(targets, lo, hi, total, filled)
+    low, high = shift_bracket(targets, lo, hi, total)
     while low < (shift := (low + high) / 2) < high:  # bisection, down to adjacent floats
-        if filled(shift) < total:
+        if filled(targets, lo, hi, shift) < total:
             low = shift
         else:
             high = shift
@@ -114,15 +109,18 @@ def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Te
     return torch.from_numpy(whole).to(torch.int64)
 
 
-def shift_bracket(
-    targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: float, filled: Callable[[float], float]
-) -> tuple[float, float]:
+def filled(targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, shift: float) -> float:
+    """What the layers hold in all when every target moves by ``shift`` within its bounds."""
+    return float(np.minimum(np.maximum(targets + shift, lo), hi).sum())
+
+
+def shift_bracket(targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: float) -> tuple[float, float]:
     """Where :func:`conserve`'s bisection starts: a narrow bracket around the shift that fills
-    ``total`` (``filled(shift)``, the sum of the clipped targets, is linear between the shifts at
-    which a layer meets a bound, so the crossing is found exactly there first), or the whole range
-    when the check of that bracket fails. The bisection ends on the same shift from either: the
-    least float whose fill reaches ``total`` (a float sum of terms that never decrease never
-    decreases), after a few dozen sums instead of a hundred."""
+    ``total`` (:func:`filled` is linear between the shifts at which a layer meets a bound, so the
+    crossing is found exactly there first), or the whole range when the check of that bracket
+    fails. The bisection ends on the same shift from either: the least float whose fill reaches
+    ``total`` (a float sum of terms that never decrease never decreases), after a few dozen sums
+    instead of a hundred."""
     low, high = float((lo - targets).min()), float((hi - targets).max())
     bends = np.unique(np.concatenate([lo - targets, hi - targets]))
     fills = np.minimum(np.maximum(targets + bends[:, None], lo), hi).sum(-1)
@@ -133,6 +131,8 @@ def shift_bracket(
     root = before + (total - fills[past - 1]) * (after - before) / (fills[past] - fills[past - 1])
     margin = 1e-12 * max(1.0, abs(root), total)  # well above the sums' rounding
     narrow_low, narrow_high = max(low, root - margin), min(high, root + margin)
-    if filled(narrow_high) >= total and (narrow_low == low or filled(narrow_low) < total):
+    if filled(targets, lo, hi, narrow_high) >= total and (
+        narrow_low == low or filled(targets, lo, hi, narrow_low) < total
+    ):
         return narrow_low, narrow_high
     return low, high

@@ -70,14 +70,18 @@ def gather_slots_triton(states: list[torch.Tensor], chosen: list[torch.Tensor]) 
     layer's values)."""
     kept: list[torch.Tensor | None] = [None] * len(states)
     alike: dict[tuple, list[int]] = {}
-    for index, (layer_states, layer_chosen) in enumerate(zip(states, chosen, strict=True)):
-        key = (layer_states.shape, layer_states.stride(), layer_states.dtype, layer_states.device)
-        alike.setdefault((*key, layer_chosen.shape, layer_chosen.stride()), []).append(index)
+    for index, (part, picked) in enumerate(zip(states, chosen, strict=True)):
+        key = (part.shape, part.stride(), part.dtype, part.device, picked.shape, picked.stride())
+        alike.setdefault(key, []).append(index)
     for indices in alike.values():
         first, first_chosen = states[indices[0]], chosen[indices[0]]
         batch, heads, _, dim = first.shape
         width = first_chosen.shape[-1]
         targets = [first.new_empty(batch, heads, width, dim) for _ in indices]
+        for index, target in zip(indices, targets, strict=True):
+            kept[index] = target
+        if not width:  # nothing kept: nothing to copy
+            continue
         addresses = [
             tensor.data_ptr()
             for group in ([states[i] for i in indices], targets, [chosen[i] for i in indices])
@@ -87,13 +91,9 @@ def gather_slots_triton(states: list[torch.Tensor], chosen: list[torch.Tensor]) 
         if first.is_cuda:  # from pinned memory: a copy from pageable memory would wait for the GPU
             table = table.pin_memory().to(first.device, non_blocking=True)
         sources, outputs, picks = table.split(len(indices))
-        grid = (len(indices), batch * heads, triton.cdiv(width, GATHER_BLOCK))
-        if width:
-            _gather_slots[grid](
-                sources, outputs, picks, first, heads, first_chosen.shape[1], width,
-                *first.stride(), *targets[0].stride()[:3], *first_chosen.stride(),
-                DIM=dim, BLOCK_DIM=triton.next_power_of_2(dim), BLOCK=GATHER_BLOCK,
-            )  # fmt: skip
-        for index, target in zip(indices, targets, strict=True):
-            kept[index] = target
+        _gather_slots[(len(indices), batch * heads, triton.cdiv(width, GATHER_BLOCK))](
+            sources, outputs, picks, first, heads, first_chosen.shape[1], width,
+            *first.stride(), *targets[0].stride()[:3], *first_chosen.stride(),
+            DIM=dim, BLOCK_DIM=triton.next_power_of_2(dim), BLOCK=GATHER_BLOCK,
+        )  # fmt: skip
     return kept
