@@ -106,14 +106,19 @@ python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --
     --context 2048 --batch-size 100 --limit 100 --budgets 0.2 --policies h2o,snapkv,chunkkv:chunk=40 \
     --allocators uniform,squeeze,pyramid --no-progress --out "$out/smollm2-drift-gpu" >/dev/null
 # 9. fewer bits, more tokens at equal bytes (issue 18): the simple path, whose decode step reads the
-#    codes; the published seed-1 run stopped at 64 samples in 12 of the 15 cells (docs/results/README.md)
+#    codes (squeeze-bits plans bits per sequence, which the fast engine refuses); then budget 0.1
+#    without squeeze-bits on the fast engine
 bits() {
     python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --task ruler --engine simple \
         --batch-size 64 --budgets 0.2 --kv-bits 16,8,4 --equal-bytes --policies h2o,chunkkv:chunk=40 \
         --allocators uniform,squeeze,squeeze-bits --no-progress "$@" >/dev/null
 }
 bits --samples-file "$tune_samples" --limit 110 --out "$out/smollm2-ruler4k-tuning-bits"
-bits --samples-file "$samples" --out "$out/smollm2-ruler4k-bits"
+bits --samples-file "$samples" --limit 220 --out "$out/smollm2-ruler4k-bits"
+python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --task ruler --engine fast \
+    --batch-size 256 --budgets 0.1 --kv-bits 16,8,4 --equal-bytes --policies h2o,chunkkv:chunk=40 \
+    --allocators uniform,squeeze --samples-file "$samples" --limit 220 --no-progress \
+    --out "$out/smollm2-ruler4k-bits-b01" >/dev/null
 # 10. the 8k subset: samples written as in the header with --ruler-lengths 8192 (--seed 1, 100 per
 #     subtask) and shuffled with random.Random(0) into SAMPLES_8K; grown in steps so that a cut run
 #     holds every cell on one subset (the published run completed 384 samples)
