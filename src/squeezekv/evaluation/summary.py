@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from squeezekv.allocators import resolve_allocator
+from squeezekv.allocators.precision import PrecisionAllocator
 from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig
 from squeezekv.evaluation.metrics import paired_bootstrap
 from squeezekv.evaluation.tasks import Task
@@ -85,6 +87,43 @@ def headline_terms(task: Task, results: list[dict]):
     return [r["metrics"][task.metric] for r in results], None, None
 
 
+def relative_change(
+    task: Task, samples: list[str], records: dict, ours: str, base: str, base_name: str
+) -> str:
+    """Cell ``ours`` against cell ``base`` (keys) over ``samples``: the relative change of the
+    headline metric in % (positive: ``ours`` better) with its paired 95 % interval, ``*`` where the
+    interval excludes 0.
+
+    The interval comes from 2,000 paired bootstrap resamples of the samples (seed 0); only a change
+    marked ``*`` says one cell beats the other."""
+    sign = 1.0 if task.higher_is_better else -1.0
+    values, weights, transform = headline_terms(task, [records[(s, ours)] for s in samples])
+    base_values, _, _ = headline_terms(task, [records[(s, base)] for s in samples])
+    transform = transform or (lambda x: x)
+
+    def relative(mean_a, mean_b):
+        a, b = transform(mean_a), transform(mean_b)
+        return 100 * sign * (a - b) / np.where(b == 0, np.nan, np.abs(b))
+
+    interval = paired_bootstrap(values, base_values, weights, relative)
+    if np.isnan(interval.difference):
+        return "n/a"
+    if np.isnan(interval.low):  # the base cell's mean is 0 on some resamples: no relative interval
+        return f"{interval.difference:+.2f} [no interval: {base_name} averages 0 on some resamples]"
+    mark = "*" if interval.decided else ""
+    return f"{interval.difference:+.2f}{mark} [{interval.low:+.2f}, {interval.high:+.2f}]"
+
+
+def wins(task: Task, samples: list[str], records: dict, ours: str, base: str) -> int:
+    """On how many of ``samples`` cell ``ours`` scores better than cell ``base`` (keys)."""
+    sign = 1.0 if task.higher_is_better else -1.0
+
+    def value(sample: str, key: str) -> float:
+        return sign * records[(sample, key)]["metrics"][task.metric]
+
+    return sum(value(s, ours) > value(s, base) for s in samples)
+
+
 def versus(
     config: EvalConfig,
     task: Task,
@@ -94,42 +133,19 @@ def versus(
     base: tuple[str, str, int],
 ) -> list[str]:
     """One kind of cell against another at equal memory, per policy and budget: the relative
-    change with its paired 95 % interval, and on how many samples it wins. ``ours`` and ``base``
-    are (what the tables call it, allocator, kv bits).
-
-    The interval comes from 2,000 paired bootstrap resamples of the samples (seed 0); a change whose
-    interval excludes zero is marked with ``*``, and only such a change says one cell beats the other.
-    """
-    sign = 1.0 if task.higher_is_better else -1.0
+    change with its paired 95 % interval (:func:`relative_change`), and on how many samples it wins.
+    ``ours`` and ``base`` are (what the tables call it, allocator, kv bits)."""
     (name, allocator, bits), (base_name, base_allocator, base_bits) = ours, base
 
-    def key(policy: str, budget, allocator: str, bits: int) -> str:
-        return Cell(OWN, policy, allocator, budget, bits).key
+    def keys(policy: str, budget) -> tuple[str, str]:
+        base_key = Cell(OWN, policy, base_allocator, budget, base_bits).key
+        return Cell(OWN, policy, allocator, budget, bits).key, base_key
 
     def change(policy: str, budget) -> str:
-        ours = [records[(s, key(policy, budget, allocator, bits))] for s in samples]
-        theirs = [records[(s, key(policy, budget, base_allocator, base_bits))] for s in samples]
-        values, weights, transform = headline_terms(task, ours)
-        base_values, _, _ = headline_terms(task, theirs)
-        transform = transform or (lambda x: x)
+        return relative_change(task, samples, records, *keys(policy, budget), base_name)
 
-        def relative(mean_a, mean_b):
-            a, b = transform(mean_a), transform(mean_b)
-            return 100 * sign * (a - b) / np.where(b == 0, np.nan, np.abs(b))
-
-        interval = paired_bootstrap(values, base_values, weights, relative)
-        if np.isnan(interval.difference):
-            return "n/a"
-        if np.isnan(interval.low):  # the base cell's mean is 0 on some resamples: no relative interval
-            return f"{interval.difference:+.2f} [no interval: {base_name} averages 0 on some resamples]"
-        mark = "*" if interval.decided else ""
-        return f"{interval.difference:+.2f}{mark} [{interval.low:+.2f}, {interval.high:+.2f}]"
-
-    def wins(policy: str, budget) -> str:
-        def value(sample: str, allocator: str, bits: int) -> float:
-            return sign * records[(sample, key(policy, budget, allocator, bits))]["metrics"][task.metric]
-
-        return str(sum(value(s, allocator, bits) > value(s, base_allocator, base_bits) for s in samples))
+    def won(policy: str, budget) -> str:
+        return str(wins(task, samples, records, *keys(policy, budget)))
 
     title = (
         f"{name} vs {base_name} at equal memory: change of {task.metric} in % (positive: {name} "
@@ -139,9 +155,49 @@ def versus(
     return [
         *policy_budget_table(title, config, change),
         "",
-        *policy_budget_table(counted, config, wins),
+        *policy_budget_table(counted, config, won),
         "",
     ]
+
+
+def plans_bits(allocator: str) -> bool:
+    """Whether ``allocator`` decides each layer's bits itself (its cells sit at kv_bits 16)."""
+    return isinstance(resolve_allocator(allocator), PrecisionAllocator)
+
+
+def cell_name(cell: Cell) -> str:
+    """How the comparisons of precisions call a cell: ``8-bit squeeze``, ``squeeze-bits``."""
+    return cell.allocator if plans_bits(cell.allocator) else f"{cell.kv_bits}-bit {cell.allocator}"
+
+
+def best_mix(
+    config: EvalConfig, task: Task, summaries: list[CellSummary], samples: list[str], records: dict
+) -> list[str]:
+    """Per policy and budget, the best cell that stores fewer than 16 bits (or plans bits) against
+    the best 16-bit cell, at equal bytes: the question of fewer bits for more tokens, asked of each
+    side at its best. Each side's best is chosen by its mean on these same samples, so a win here is
+    one to confirm on samples that did not choose it."""
+    better = max if task.higher_is_better else min
+    own = [s for s in summaries if s.cell.method == OWN]
+
+    def compared(policy: str, budget) -> str:
+        here = [s for s in own if s.cell.policy == policy and s.cell.budget == budget]
+        mixes = [s for s in here if s.cell.kv_bits != 16 or plans_bits(s.cell.allocator)]
+        sixteen = [s for s in here if s.cell.kv_bits == 16 and not plans_bits(s.cell.allocator)]
+        if not mixes or not sixteen:
+            return ""
+        mix, full = (better(side, key=lambda s: s.metrics[task.metric]).cell for side in (mixes, sixteen))
+        change = relative_change(task, samples, records, mix.key, full.key, cell_name(full))
+        won = wins(task, samples, records, mix.key, full.key)
+        lost = wins(task, samples, records, full.key, mix.key)
+        return f"{cell_name(mix)} vs {cell_name(full)}: {change}, {won} / {lost}"
+
+    title = (
+        f"best fewer-bit cell vs best 16-bit cell at equal bytes (each the best mean {task.metric} here): "
+        f"change of {task.metric} in % (positive: fewer bits better), 95 % paired bootstrap interval, "
+        "* the interval excludes 0; samples won / lost"
+    )
+    return [*policy_budget_table(title, config, compared), ""]
 
 
 def share_of_full(
@@ -238,10 +294,15 @@ def markdown(
             if allocator not in baselines[: rank + 1]:
                 ours = (allocator, allocator, 16)
                 lines += versus(config, task, samples, records, ours, (base, base, 16))
-    if config.equal_bytes and BASELINE in config.allocators:  # fewer bits, more tokens, against 16 bits
-        full_precision = (f"16-bit {BASELINE}", BASELINE, 16)
-        for bits in config.kv_bits:
-            if bits != 16:
-                quantized = (f"{bits}-bit {BASELINE}", BASELINE, bits)
-                lines += versus(config, task, samples, records, quantized, full_precision)
+    if config.equal_bytes:  # fewer bits, more tokens, against 16 bits at the same bytes
+        for allocator in config.allocators:
+            if plans_bits(allocator):
+                continue
+            full_precision = (f"16-bit {allocator}", allocator, 16)
+            for bits in config.kv_bits:
+                if bits != 16:
+                    quantized = (f"{bits}-bit {allocator}", allocator, bits)
+                    lines += versus(config, task, samples, records, quantized, full_precision)
+        if len(config.kv_bits) > 1 or any(plans_bits(allocator) for allocator in config.allocators):
+            lines += best_mix(config, task, summaries, samples, records)
     return "\n".join(lines)
