@@ -54,19 +54,28 @@ def test_every_allocator_is_measured_against_uniform_and_pyramid():
     assert "| h2o | +100.00* [+" in text.split("### squeeze vs uniform")[1]
 
 
-def precision_grid(scores: dict[tuple[str, int], list[float]]) -> str:
-    """The summary of an equal-bytes passkey grid whose cells (allocator, kv bits) score ``scores``."""
+HALF, ALL, NONE = [1.0, 0.0] * 20, [1.0] * 40, [0.0] * 40
+PRECISION_SCORES = {
+    ("uniform", 16): HALF, ("uniform", 8): NONE, ("squeeze", 16): NONE, ("squeeze", 8): ALL,
+    ("squeeze-bits", 16): HALF,
+}  # fmt: skip
+
+
+def precision_grid(changed: dict[tuple[str, int], list[float]] | None = None) -> str:
+    """The summary of an equal-bytes passkey grid whose cells (allocator, kv bits) score
+    ``PRECISION_SCORES``, those in ``changed`` as it says."""
     config = EvalConfig(
         "passkey", "m", (0.2,), ("h2o",), ("uniform", "squeeze", "squeeze-bits"), kv_bits=(16, 8),
         equal_bytes=True,
     )  # fmt: skip
+    scores = {**PRECISION_SCORES, **(changed or {})}
     samples = [f"s{i}" for i in range(40)]
     records = {
         (sample, Cell(OWN, "h2o", allocator, 0.2, bits).key if allocator else Cell(FULL).key): {
             "metrics": {"accuracy": values[index]},
             "kv_tokens": 1.0,
         }
-        for (allocator, bits), values in {("", 16): [1.0] * 40, **scores}.items()
+        for (allocator, bits), values in {("", 16): ALL, **scores}.items()
         for index, sample in enumerate(samples)
     }
     task = task_named("passkey", TaskOptions())
@@ -74,14 +83,15 @@ def precision_grid(scores: dict[tuple[str, int], list[float]]) -> str:
     return markdown(config, task, summaries, samples, records, len(samples))
 
 
+def best_mix_row(changed: dict[tuple[str, int], list[float]] | None = None) -> str:
+    text = precision_grid(changed)
+    return text.split("### best fewer-bit cell vs best 16-bit cell")[1].splitlines()[4]
+
+
 def test_each_allocator_at_fewer_bits_is_measured_against_itself_at_16():
     """At equal bytes every allocator's fewer-bit cells meet its own 16-bit cells; an allocator that
     plans bits (squeeze-bits) has no cell at 8 bits and gets no such comparison."""
-    half, all_, none = [1.0, 0.0] * 20, [1.0] * 40, [0.0] * 40
-    text = precision_grid(
-        {("uniform", 16): half, ("uniform", 8): none, ("squeeze", 16): none, ("squeeze", 8): all_,
-         ("squeeze-bits", 16): half}
-    )  # fmt: skip
+    text = precision_grid()
     titles = [line.split(" at equal memory")[0] for line in text.splitlines() if " at equal memory" in line]
     assert "### 8-bit uniform vs 16-bit uniform" in titles and "### 8-bit squeeze vs 16-bit squeeze" in titles
     assert not any("8-bit squeeze-bits" in title for title in titles)
@@ -89,20 +99,11 @@ def test_each_allocator_at_fewer_bits_is_measured_against_itself_at_16():
 
 
 def test_the_best_fewer_bit_cell_meets_the_best_16_bit_cell():
-    """Each side's best cell by its mean: here 8-bit squeeze (every sample) against 16-bit uniform
-    (every other one); squeeze-bits counts as a fewer-bit cell, 8-bit uniform and 16-bit squeeze lose."""
-    half, all_, none = [1.0, 0.0] * 20, [1.0] * 40, [0.0] * 40
-    text = precision_grid(
-        {("uniform", 16): half, ("uniform", 8): none, ("squeeze", 16): none, ("squeeze", 8): all_,
-         ("squeeze-bits", 16): half}
-    )  # fmt: skip
-    row = text.split("### best fewer-bit cell vs best 16-bit cell")[1].splitlines()[4]
+    """Each side's best cell by its mean: 8-bit squeeze (every sample) against 16-bit uniform (every
+    other one); squeeze-bits counts as a fewer-bit cell, and wins the side once 8-bit squeeze fails."""
+    row = best_mix_row()
     assert row.startswith("| h2o | 8-bit squeeze vs 16-bit uniform: +100.00* [+")
     assert row.endswith(", 20 / 0 |")
-    text = precision_grid(
-        {("uniform", 16): all_, ("uniform", 8): none, ("squeeze", 16): none, ("squeeze", 8): none,
-         ("squeeze-bits", 16): half}
-    )  # fmt: skip
-    row = text.split("### best fewer-bit cell vs best 16-bit cell")[1].splitlines()[4]
+    row = best_mix_row({("squeeze", 8): NONE, ("uniform", 16): ALL})
     assert row.startswith("| h2o | squeeze-bits vs 16-bit uniform: -50.00* [")
     assert row.endswith(", 0 / 20 |")
