@@ -6,15 +6,15 @@
 For each shape and width, 8 layers' distinct bf16 tensors (every slot valid) are attended in one
 captured CUDA graph; prints the median of 10 replays divided by 8, in µs a layer, without and with
 the attention mass, and the bandwidth over the keys and values. docs/performance.md's "Fourth round
-on 2026-12-02" table comes from this script.
+on 2026-12-02" tables were timed this way, by an ad hoc predecessor of this script.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from projections import graph_ms  # run as a script, benchmarks/ is on the path
 
 from squeezekv.ops import decode
 
@@ -22,29 +22,6 @@ from squeezekv.ops import decode
 SHAPES = {"llama2-7b": (41, 32, 1), "mistral-7b": (36, 8, 4), "qwen2.5-7b": (41, 4, 7)}
 LAYERS = 8
 DIM = 128
-
-
-def graph_ms(run) -> float:
-    """Median of 10 replays of ``run`` captured in a CUDA graph, after two warm-up calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def report(name: str, width: int, chunks: list[int]) -> None:
@@ -79,7 +56,7 @@ def report(name: str, width: int, chunks: list[int]) -> None:
                         mass if with_mass else None,
                     )  # fmt: skip
 
-            us = 1e3 * graph_ms(run) / LAYERS
+            us = 1e3 * graph_ms(run, replays=10) / LAYERS
             rate = 2 * layers[0][0].nbytes / us / 1e3
             cells.append(f"{chunk}{' mass' if with_mass else ''}: {us:.1f} µs, {rate:.0f} GB/s")
     print(f"{name} {width} slots | " + " | ".join(cells), flush=True)
