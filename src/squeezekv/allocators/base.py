@@ -109,9 +109,10 @@ def conserve(targets: torch.Tensor, total: float, lo: torch.Tensor, hi: torch.Te
     return torch.from_numpy(whole).to(torch.int64)
 
 
-def filled(targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, shift: float) -> float:
-    """What the layers hold in all when every target moves by ``shift`` within its bounds."""
-    return float(np.minimum(np.maximum(targets + shift, lo), hi).sum())
+def filled(targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, shift: float | np.ndarray) -> np.ndarray:
+    """What the layers hold in all when every target moves by ``shift`` within its bounds; for a
+    column of shifts (``[shifts, 1]``), one total each."""
+    return np.minimum(np.maximum(targets + shift, lo), hi).sum(-1)
 
 
 def shift_bracket(targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: float) -> tuple[float, float]:
@@ -123,7 +124,7 @@ def shift_bracket(targets: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: fl
     instead of a hundred."""
     low, high = float((lo - targets).min()), float((hi - targets).max())
     bends = np.unique(np.concatenate([lo - targets, hi - targets]))
-    fills = np.minimum(np.maximum(targets + bends[:, None], lo), hi).sum(-1)
+    fills = filled(targets, lo, hi, bends[:, None])
     past = int(np.searchsorted(fills, total))  # the first bend that fills total
     if past == 0 or past == len(bends):
         return low, high

@@ -487,13 +487,14 @@ class SqueezeCache(CompressedCache):
                 shapes = (layer.positions.shape, layer.scores.shape, visible[members[0]].shape)
                 alike.setdefault((width, visible[members[0]].device, *shapes), []).append(members)
         selections = {}
-        for (width, _, (rows, heads, slots), scores, _), parts in alike.items():
-            together = max(1, JOINT_PRIORITIES // (rows * max(heads, scores[1]) * slots))
+        for (width, _, (rows, heads, slots), score_shape, _), parts in alike.items():
+            score_heads = score_shape[1]
+            together = max(1, JOINT_PRIORITIES // (rows * max(heads, score_heads) * slots))
             for start in range(0, len(parts), together):
                 leaders = [members[0] for members in parts[start : start + together]]
                 view = LayerView.stacked([self.view(self.layers[index], visible[index]) for index in leaders])
                 budget = torch.cat([budgets[index] for index in leaders])
-                chosen, kept = ranked_selection(view, budget, width, policy, scores[1])
+                chosen, kept = ranked_selection(view, budget, width, policy, score_heads)
                 for members, selection in zip(
                     parts[start : start + together], Selection.of(view, chosen, kept).split(rows), strict=True
                 ):

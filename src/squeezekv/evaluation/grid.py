@@ -57,6 +57,11 @@ class Cell:
         return f"{self.method} {self.policy}"
 
 
+def plans_bits(allocator: str) -> bool:
+    """Whether ``allocator`` decides each layer's bits itself: its cells sit at kv_bits 16 only."""
+    return isinstance(resolve_allocator(allocator), PrecisionAllocator)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """A run's configuration, stored as ``config.json``.
@@ -112,7 +117,7 @@ class EvalConfig:
             for bits in self.kv_bits
             for policy in self.policies
             for allocator in self.allocators
-            if bits == 16 or not isinstance(resolve_allocator(allocator), PrecisionAllocator)
+            if bits == 16 or not plans_bits(allocator)
             for budget in self.budgets
         ]
         peers = [Cell(self.peer, press, "", budget) for press in self.peer_presses for budget in self.budgets]

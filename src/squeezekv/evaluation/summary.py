@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from squeezekv.allocators import resolve_allocator
-from squeezekv.allocators.precision import PrecisionAllocator
-from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig
+from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig, plans_bits
 from squeezekv.evaluation.metrics import paired_bootstrap
 from squeezekv.evaluation.tasks import Task
 
@@ -159,11 +157,6 @@ def versus(
         *policy_budget_table(counted, config, won),
         "",
     ]
-
-
-def plans_bits(allocator: str) -> bool:
-    """Whether ``allocator`` decides each layer's bits itself (its cells sit at kv_bits 16)."""
-    return isinstance(resolve_allocator(allocator), PrecisionAllocator)
 
 
 def cell_name(cell: Cell) -> str:
