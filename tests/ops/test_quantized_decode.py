@@ -202,3 +202,50 @@ def test_the_column_and_the_window_start_may_be_device_tensors():
     ]
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA pass needs a GPU")
+@pytest.mark.parametrize(
+    ("dtype", "dim", "per_head", "window", "mass", "prompt"),
+    [
+        (torch.bfloat16, 128, False, None, "added", 150),
+        (torch.bfloat16, 128, True, 40, "returned", quantized_decode.DECODE_CHUNK + 40),
+        (torch.float16, 64, True, None, "returned", quantized_decode.DECODE_CHUNK + 40),
+        (torch.float16, 64, False, 40, "none", 150),
+    ],
+)
+def test_the_cuda_pass_matches_the_triton_pass_and_the_twin(
+    monkeypatch, dtype, dim, per_head, window, mass, prompt
+):
+    """8 bits, one query head a key head: the CUDA first pass serves the call, and gives what the
+    Triton pass and the torch twin (in float32 over the same codes) give, within float16 rounding;
+    split over chunks, with the residual window, a sliding window and the mass."""
+    query, packed, positions, valid, column = quantized_layer(
+        [8, 8], 1, per_head, seed=dim, prompt=prompt, dtype=dtype, dim=dim
+    )
+    codes, residual_keys, residual_values, start = arguments(packed, positions)
+    start_at, column_at = (torch.tensor([value], device=DEVICE) for value in (start, column))
+    serves = quantized_decode.packed8_serves
+    assert serves(query, codes, residual_keys, residual_values, start_at, positions, valid, column_at)
+    running = torch.rand(2, KV_HEADS, positions.shape[-1], device=DEVICE)
+
+    def run(side, states) -> tuple:
+        added = running.clone() if mass == "added" else None
+        output, returned = side(
+            query.to(states), codes, residual_keys.to(states), residual_values.to(states), start, positions,
+            valid, column, window, 0.3, mass != "none", added,
+        )  # fmt: skip
+        return output.float(), returned, added
+
+    cuda = run(quantized_decode.quantized_decode_attention_triton, dtype)
+    want = run(quantized_decode.quantized_decode_attention_torch, torch.float32)
+    monkeypatch.setattr(quantized_decode, "packed8_serves", lambda *unused: False)
+    triton_pass = run(quantized_decode.quantized_decode_attention_triton, dtype)
+    for other in (want, triton_pass):
+        for got_part, want_part in zip(cuda, other, strict=True):
+            if want_part is None:
+                assert got_part is None
+            else:
+                torch.testing.assert_close(got_part, want_part, atol=2e-2, rtol=2e-2)
+    if mass == "returned":
+        assert cuda[1][~valid.expand_as(cuda[1])].abs().max() == 0

@@ -12,6 +12,11 @@ attends over it. The kernel computes in float16 for bf16 and float16 queries (it
 already, and a conversion to float32 per code bounded it: an H200 ran its 8-bit call 1.5x faster so),
 in float32 for float32 ones, which it matches within float32 rounding.
 
+For 8-bit codes and one query head a key head (Llama-2-7B's shape, where the Triton pass pads its
+matrix products from one query row to 16 and spends its time moving operands between layouts), the
+first pass is a CUDA kernel instead (``packed8_decode.cu``, compiled at run time by NVRTC), which
+gives each thread 16 channels of one slot and keeps a running softmax per group of lanes.
+
 A slot is seen when it holds a token (inside the sliding window, if any) or is the query's own
 column, as :func:`~squeezekv.ops.layer_mask` has it. On an H200 (Triton 3.6) the kernel matches its
 torch twin (``tests/ops/test_quantized_decode.py``).
@@ -19,6 +24,8 @@ torch twin (``tests/ops/test_quantized_decode.py``).
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
 from typing import NamedTuple
 
 import torch
@@ -259,6 +266,114 @@ if triton is not None:
             tl.store(PART_ACC + part[:, None] * DIM + odd, acc_odd, mask=in_group[:, None])
 
 
+PACKED8_THREADS = 128  # a block of the CUDA pass (THREADS in packed8_decode.cu)
+_C_TYPES = {torch.int64: "long long", torch.int32: "int", torch.int16: "short"}
+
+
+def packed8_serves(
+    query: torch.Tensor, codes: PackedCodes, residual_keys: torch.Tensor, residual_values: torch.Tensor,
+    residual_start: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, column: torch.Tensor,
+) -> bool:  # fmt: skip
+    """Whether the CUDA first pass serves a call that the Triton pair would: 8-bit codes with key
+    groups, one query head a key head, heads of 64 or 128 channels (value groups of 64), a bf16 or
+    float16 query, every part laid out as the kernel reads it (16-byte runs, slots one after
+    another, 32-bit strides), and a torch that compiles CUDA at run time."""
+    batch, q_heads, _, dim = query.shape
+    if not (
+        codes.bits == 8
+        and codes.key_group is not None
+        and codes.key_scale.shape[2] > 0
+        and q_heads == codes.key_codes.shape[1]
+        and dim in (64, 128)
+        and codes.value_scale.shape[-1] == dim // 64
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and all(part.dtype in _C_TYPES for part in (positions, codes.key_group, column, residual_start))
+        and max(codes.key_codes.stride(0), codes.value_codes.stride(0), codes.key_scale.stride(0)) < 2**31
+        and _compiles_cuda()
+    ):
+        return False
+    runs = (  # (tensor, its stride per slot where that is not its last, strides in whole 16-byte runs)
+        (codes.key_codes, dim, codes.key_codes.stride()[:2]),
+        (codes.value_codes, dim, codes.value_codes.stride()[:2]),
+        (codes.key_scale, None, [2 * s for s in codes.key_scale.stride()[:3]]),
+        (codes.key_zero, None, [2 * s for s in codes.key_zero.stride()[:3]]),
+        (codes.value_scale, dim // 64, ()),
+        (codes.value_zero, dim // 64, ()),
+        (codes.key_group, None, ()),  # its slots are its last dimension
+        (positions, None, ()),
+        (query, None, [2 * s for s in query.stride()[:2]]),
+        (residual_keys, None, [2 * s for s in residual_keys.stride()[:3]]),
+        (residual_values, None, [2 * s for s in residual_values.stride()[:3]]),
+    )
+    laid_out = all(
+        tensor.stride(-1) == 1
+        and (slot_stride is None or tensor.stride(-2) == slot_stride)
+        and tensor.data_ptr() % 16 == 0
+        and all(stride % 16 == 0 for stride in whole)
+        for tensor, slot_stride, whole in runs
+    )
+    return (
+        laid_out
+        and valid.stride() == positions.stride()
+        and codes.key_zero.stride() == codes.key_scale.stride()
+    )
+
+
+@functools.cache
+def _compiles_cuda() -> bool:
+    """Whether this torch compiles CUDA at run time: its NVRTC wrapper (a private API, torch >= 2.8)
+    and the NVRTC library it loads."""
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    try:
+        torch.cuda._utils._get_gpu_rtc_library()
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
+@functools.cache
+def _packed8_kernel(device: int, dim: int, types: tuple[str, ...], bf16: bool, window: bool, mass: bool):
+    """``packed8_decode.cu`` compiled (once per device and variant) with its macros."""
+    names = ("POSITION", "KEY_GROUP", "COLUMN", "RESIDUAL_START")
+    macros = dict(zip(names, types, strict=True), DIM=dim, BF16=int(bf16), HAS_WINDOW=int(window),
+                  WITH_MASS=int(mass))  # fmt: skip
+    source = resources.files("squeezekv.ops").joinpath("packed8_decode.cu").read_text()
+    defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(defines + source, "packed8_decode_chunk")
+
+
+def _packed8_first_pass(
+    query: torch.Tensor, codes: PackedCodes, residual_keys: torch.Tensor, residual_values: torch.Tensor,
+    residual_start: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, column: torch.Tensor,
+    sliding_window: int | None, scaling: float, partials: DecodePartials,
+) -> None:  # fmt: skip
+    """The CUDA first pass (see :func:`packed8_serves`), writing ``partials`` as the Triton one does."""
+    batch, heads, _, dim = query.shape
+    keys = codes.key_codes.shape[2]
+    types = tuple(_C_TYPES[part.dtype] for part in (positions, codes.key_group, column, residual_start))
+    kernel = _packed8_kernel(
+        query.device.index or 0, dim, types, query.dtype == torch.bfloat16, sliding_window is not None,
+        partials.mass is not None,
+    )  # fmt: skip
+    position_heads = positions.stride(1) if positions.shape[1] > 1 else 0
+    kernel(
+        grid=(partials.splits, batch * heads, 1),
+        block=(PACKED8_THREADS, 1, 1),
+        args=[
+            query, codes.key_codes, codes.key_scale, codes.key_zero, codes.key_group, codes.value_codes,
+            codes.value_scale, codes.value_zero, residual_keys, residual_values, positions, valid,
+            partials.scores, partials.part_max, partials.part_sum, partials.part_acc,
+            query.stride(0), query.stride(1), *codes.key_codes.stride()[:2], *codes.key_scale.stride()[:3],
+            *codes.key_group.stride()[:2], *codes.value_codes.stride()[:2], *codes.value_scale.stride()[:2],
+            *residual_keys.stride()[:3], *residual_values.stride()[:3], positions.stride(0), position_heads,
+            keys, heads, partials.splits, DECODE_CHUNK, column, residual_start, sliding_window or 0,
+            float(scaling),
+        ],
+    )  # fmt: skip
+
+
 def quantized_decode_attention(
     query: torch.Tensor,
     codes: PackedCodes,
@@ -339,8 +454,8 @@ def quantized_decode_attention_triton(
     with_mass: bool,
     add_mass_to: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The Triton pair behind :func:`quantized_decode_attention`: the first pass over the codes,
-    then :mod:`~squeezekv.ops.decode`'s combine."""
+    """The Triton pair behind :func:`quantized_decode_attention`: the first pass over the codes
+    (the CUDA one where :func:`packed8_serves`), then :mod:`~squeezekv.ops.decode`'s combine."""
     batch, q_heads, _, dim = query.shape
     kv_heads, keys = codes.key_codes.shape[1], codes.key_codes.shape[2]
     if codes.bits != 16:  # the kernel reads each slot's bytes, scales and zeros as contiguous runs
@@ -360,6 +475,12 @@ def quantized_decode_attention_triton(
     column, residual_start = (
         torch.as_tensor(value, device=query.device).view(1) for value in (column, residual_start)
     )
+    if packed8_serves(query, codes, residual_keys, residual_values, residual_start, positions, valid, column):
+        _packed8_first_pass(
+            query, codes, residual_keys, residual_values, residual_start, positions, valid, column,
+            sliding_window, scaling, partials,
+        )  # fmt: skip
+        return partials.combine(kv_heads, keys, add_mass_to)
     _quantized_decode_chunk[(splits, batch * kv_heads)](
         query, codes.key_codes, codes.key_scale, codes.key_zero, key_group, codes.value_codes,
         codes.value_scale, codes.value_zero, residual_keys, residual_values, positions, valid, scores,
