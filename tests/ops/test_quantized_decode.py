@@ -249,3 +249,31 @@ def test_the_cuda_pass_matches_the_triton_pass_and_the_twin(
                 torch.testing.assert_close(got_part, want_part, atol=2e-2, rtol=2e-2)
     if mass == "returned":
         assert cuda[1][~valid.expand_as(cuda[1])].abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "dim", "dtype", "serves"),
+    [
+        (8, 1, 128, torch.bfloat16, True),
+        (8, 1, 64, torch.float16, True),
+        (4, 1, 128, torch.bfloat16, False),  # 4 bits: the Triton pass
+        (8, 3, 128, torch.bfloat16, False),  # grouped-query heads: the Triton pass
+        (8, 1, DIM, torch.bfloat16, False),  # a head of 16 channels
+        (8, 1, 128, torch.float32, False),  # float32 math
+    ],
+)
+def test_the_cuda_pass_serves_8_bits_with_one_query_head_a_key_head(
+    monkeypatch, bits, group, dim, dtype, serves
+):
+    """The one rule that picks the CUDA first pass (given a torch that compiles CUDA at run time); codes
+    that do not start on 16 bytes take the Triton pass."""
+    monkeypatch.setattr(quantized_decode, "_compiles_cuda", lambda: True)
+    query, packed, positions, valid, column = quantized_layer(
+        [bits, bits], group, False, seed=3, dtype=dtype, dim=dim
+    )
+    codes, residual_keys, residual_values, start = arguments(packed, positions)
+    start_at, column_at = torch.tensor([start]), torch.tensor([column])
+    rest = (residual_keys, residual_values, start_at, positions, valid, column_at)
+    assert quantized_decode.packed8_serves(query, codes, *rest) is serves
+    shifted = torch.empty(codes.key_codes.numel() + 1, dtype=torch.uint8)[1:].view_as(codes.key_codes)
+    assert not quantized_decode.packed8_serves(query, codes._replace(key_codes=shifted), *rest)
