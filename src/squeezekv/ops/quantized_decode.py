@@ -278,7 +278,7 @@ def packed8_serves(
     groups, one query head a key head, heads of 64 or 128 channels (value groups of 64), a bf16 or
     float16 query, every part laid out as the kernel reads it (16-byte runs, slots one after
     another, 32-bit strides), and a torch that compiles CUDA at run time."""
-    batch, q_heads, _, dim = query.shape
+    _, q_heads, _, dim = query.shape
     if not (
         codes.bits == 8
         and codes.key_group is not None
@@ -287,6 +287,7 @@ def packed8_serves(
         and dim in (64, 128)
         and codes.value_scale.shape[-1] == dim // 64
         and query.dtype in (torch.bfloat16, torch.float16)
+        and residual_keys.dtype == residual_values.dtype == query.dtype
         and all(part.dtype in _C_TYPES for part in (positions, codes.key_group, column, residual_start))
         and max(codes.key_codes.stride(0), codes.value_codes.stride(0), codes.key_scale.stride(0)) < 2**31
         and _compiles_cuda()
