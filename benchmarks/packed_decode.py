@@ -3,11 +3,11 @@ shape: 70 sequences x 32 heads x 1,639 slots x 128 channels (Llama-2-7B, 8k prom
 
     python benchmarks/packed_decode.py
 
-Prints the median of 15 timed replays of each call captured as a CUDA graph (as the fast engine runs
-a decode step, so that no launch waits for Python), and the packed kernel's largest difference from its torch
-twin, with key groups laid out as a prefill leaves them (slot // 64, 8 % of slots re-grouped as decode
-flushes do) and at random; at 8 bits both first passes, the CUDA one that serves this shape and the
-Triton one. docs/quantization.md's kernel table comes from this script.
+Prints the median of 15 timed replays of each call captured as a CUDA graph (as the fast engine
+runs a decode step, so that no launch waits for Python), and the packed kernel's largest difference
+from its torch twin, with key groups laid out as a prefill leaves them (slot // 64, 8 % of slots
+re-grouped as decode flushes do) and at random; at 8 bits both first passes, the CUDA one that
+serves this shape and the Triton one. docs/quantization.md's kernel tables come from this script.
 """
 
 import torch
@@ -90,8 +90,7 @@ def main() -> None:
             packed = sum(part.nbytes for part in codes[1:])
             print(
                 f"{layout} key groups, {bits}-bit, {first_pass} first pass: {ms:.3f} ms "
-                f"({packed / ms / 1e6:.0f} "
-                f"GB/s of packed bytes); largest |kernel - torch| {error:.3g}",
+                f"({packed / ms / 1e6:.0f} GB/s of packed bytes); largest |kernel - torch| {error:.3g}",
                 flush=True,
             )
 

@@ -265,9 +265,9 @@ def test_the_cuda_pass_matches_the_triton_pass_and_the_twin(
 def test_the_cuda_pass_serves_8_bits_with_one_query_head_a_key_head(
     monkeypatch, bits, group, dim, dtype, serves
 ):
-    """The one rule that picks the CUDA first pass (given a torch that compiles CUDA at run time); codes
-    that do not start on 16 bytes take the Triton pass."""
-    monkeypatch.setattr(quantized_decode, "_compiles_cuda", lambda: True)
+    """The one rule that picks the CUDA first pass (given a GPU and a torch that compiles CUDA at run
+    time); codes that do not start on 16 bytes take the Triton pass."""
+    monkeypatch.setattr(quantized_decode, "_compiles_cuda", lambda query: True)
     query, packed, positions, valid, column = quantized_layer(
         [bits, bits], group, False, seed=3, dtype=dtype, dim=dim
     )

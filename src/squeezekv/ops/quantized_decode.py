@@ -276,8 +276,8 @@ def packed8_serves(
 ) -> bool:  # fmt: skip
     """Whether the CUDA first pass serves a call that the Triton pair would: 8-bit codes with key
     groups, one query head a key head, heads of 64 or 128 channels (value groups of 64), a bf16 or
-    float16 query, every part laid out as the kernel reads it (16-byte runs, slots one after
-    another, 32-bit strides), and a torch that compiles CUDA at run time."""
+    float16 query on a GPU, every part laid out as the kernel reads it (16-byte runs, slots one
+    after another, 32-bit strides), and a torch that compiles CUDA at run time."""
     _, q_heads, _, dim = query.shape
     if not (
         codes.bits == 8
@@ -290,7 +290,7 @@ def packed8_serves(
         and residual_keys.dtype == residual_values.dtype == query.dtype
         and all(part.dtype in _C_TYPES for part in (positions, codes.key_group, column, residual_start))
         and max(codes.key_codes.stride(0), codes.value_codes.stride(0), codes.key_scale.stride(0)) < 2**31
-        and _compiles_cuda()
+        and _compiles_cuda(query)
     ):
         return False
     runs = (  # (tensor, its stride per slot where that is not its last, strides in whole 16-byte runs)
@@ -320,10 +320,14 @@ def packed8_serves(
     )
 
 
+def _compiles_cuda(query: torch.Tensor) -> bool:
+    """Whether ``query`` is on a GPU and this torch compiles CUDA at run time."""
+    return query.is_cuda and _has_nvrtc()
+
+
 @functools.cache
-def _compiles_cuda() -> bool:
-    """Whether this torch compiles CUDA at run time: its NVRTC wrapper (a private API, torch >= 2.8)
-    and the NVRTC library it loads."""
+def _has_nvrtc() -> bool:
+    """torch's NVRTC wrapper (a private API, torch >= 2.8) and the NVRTC library it loads."""
     if not hasattr(torch.cuda, "_compile_kernel"):
         return False
     try:
