@@ -14,19 +14,19 @@
 // scale + zero) and multiplied by the query in two float16 chains a lane, summed in float32 over the
 // lanes; a value's scale goes into the slot's weight and its zero is summed once, in float32.
 //
-// Compiled at run time by NVRTC with these macros defined: DIM (64 or 128); the C types POSITION,
-// KEY_GROUP, COLUMN and RESIDUAL_START; BF16 (1 when the query and the residual window are
-// bfloat16, 0 for float16); HAS_WINDOW; WITH_MASS.
+// Compiled at run time by NVRTC with these macros defined: THREADS; DIM (64 or 128); the C types
+// POSITION, KEY_GROUP, COLUMN and RESIDUAL_START; BF16 (1 when the query and the residual window
+// are bfloat16, 0 for float16); HAS_WINDOW; WITH_MASS.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
 #define LANES (DIM / 16)
-// 128 threads a block, at most 80 registers a thread so that 6 blocks fit a multiprocessor: on an
-// H200 faster than 64 or 256 threads, than 5, 7 or 8 blocks, and than two slots in flight a row; the
-// loop is not unrolled (unrolled, it spills more registers at this bound)
-#define THREADS 128
+// THREADS a block (128, set by quantized_decode.py, which launches it), at most 80 registers a
+// thread so that 6 blocks fit a multiprocessor: on an H200 faster than 64 or 256 threads, than 5, 7
+// or 8 blocks, and than two slots in flight a row; the loop is not unrolled (unrolled, it spills
+// more registers at this bound)
 #define MIN_BLOCKS 6
 #define ROWS (THREADS / LANES)
 #define LOG2E 1.4426950408889634f
@@ -97,8 +97,8 @@ __device__ __forceinline__ uint4 load16(const void *at) {
     return __ldg(reinterpret_cast<const uint4 *>(at));
 }
 
-// 16 channels of the residual window (the model's dtype) as 8 float16 pairs
-__device__ __forceinline__ void window_pairs(const u16 *at, u32 *pairs) {
+// 16 channels in the model's dtype (the query's, the residual window's) as 8 float16 pairs
+__device__ __forceinline__ void state_pairs(const u16 *at, u32 *pairs) {
     uint4 a = load16(at), b = load16(at + 8);
     u32 words[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
@@ -164,8 +164,8 @@ __device__ __forceinline__ void fold(const Chunk &c, State &s, const u32 *q, con
     for (int i = 0; i < 4; i++) code_pairs(value_words[i], v[2 * i], v[2 * i + 1]);
     if (fresh) {  // the newest columns wait unquantized in the residual window
         const unsigned at = (unsigned)(position - c.residual_start);
-        window_pairs(c.window_keys + at * c.window_key_stride, k);
-        window_pairs(c.window_values + at * c.window_value_stride, v);
+        state_pairs(c.window_keys + at * c.window_key_stride, k);
+        state_pairs(c.window_values + at * c.window_value_stride, v);
     }
     u32 even = 0, odd = 0;  // two float16 chains of products
 #pragma unroll
@@ -240,7 +240,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) packed8_decode
     c.scale = (float)scale;
 
     u32 q[8];  // this lane's 16 query channels as float16 pairs
-    window_pairs(query + batch * sqb + head * sqh + channel, q);
+    state_pairs(query + batch * sqb + head * sqh + channel, q);
 
     State s;
     s.best = NEG_INF;

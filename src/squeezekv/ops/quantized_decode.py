@@ -266,7 +266,7 @@ if triton is not None:
             tl.store(PART_ACC + part[:, None] * DIM + odd, acc_odd, mask=in_group[:, None])
 
 
-PACKED8_THREADS = 128  # a block of the CUDA pass (THREADS in packed8_decode.cu)
+PACKED8_THREADS = 128  # a block of the CUDA pass (its THREADS; packed8_decode.cu says why 128)
 _C_TYPES = {torch.int64: "long long", torch.int32: "int", torch.int16: "short"}
 
 
@@ -341,8 +341,8 @@ def _has_nvrtc() -> bool:
 def _packed8_kernel(device: int, dim: int, types: tuple[str, ...], bf16: bool, window: bool, mass: bool):
     """``packed8_decode.cu`` compiled (once per device and variant) with its macros."""
     names = ("POSITION", "KEY_GROUP", "COLUMN", "RESIDUAL_START")
-    macros = dict(zip(names, types, strict=True), DIM=dim, BF16=int(bf16), HAS_WINDOW=int(window),
-                  WITH_MASS=int(mass))  # fmt: skip
+    macros = dict(zip(names, types, strict=True), THREADS=PACKED8_THREADS, DIM=dim, BF16=int(bf16),
+                  HAS_WINDOW=int(window), WITH_MASS=int(mass))  # fmt: skip
     source = resources.files("squeezekv.ops").joinpath("packed8_decode.cu").read_text()
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     with torch.cuda.device(device):
