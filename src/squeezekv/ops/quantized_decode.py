@@ -341,8 +341,8 @@ def _has_nvrtc() -> bool:
 def _packed8_kernel(device: int, dim: int, types: tuple[str, ...], bf16: bool, window: bool, mass: bool):
     """``packed8_decode.cu`` compiled (once per device and variant) with its macros."""
     names = ("POSITION", "KEY_GROUP", "COLUMN", "RESIDUAL_START")
-    macros = dict(zip(names, types, strict=True), THREADS=PACKED8_THREADS, DIM=dim, BF16=int(bf16),
-                  HAS_WINDOW=int(window), WITH_MASS=int(mass))  # fmt: skip
+    macros = dict(zip(names, types, strict=True), THREADS=PACKED8_THREADS, CHUNK=DECODE_CHUNK, DIM=dim,
+                  BF16=int(bf16), HAS_WINDOW=int(window), WITH_MASS=int(mass))  # fmt: skip
     source = resources.files("squeezekv.ops").joinpath("packed8_decode.cu").read_text()
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     with torch.cuda.device(device):
@@ -373,7 +373,7 @@ def _packed8_first_pass(
             query.stride(0), query.stride(1), *codes.key_codes.stride()[:2], *codes.key_scale.stride()[:3],
             *codes.key_group.stride()[:2], *codes.value_codes.stride()[:2], *codes.value_scale.stride()[:2],
             *residual_keys.stride()[:3], *residual_values.stride()[:3], positions.stride(0), position_heads,
-            keys, heads, partials.splits, DECODE_CHUNK, column, residual_start, sliding_window or 0,
+            keys, heads, partials.splits, column, residual_start, sliding_window or 0,
             float(scaling),
         ],
     )  # fmt: skip
