@@ -31,6 +31,7 @@ from squeezekv.policies import H2O, SnapKV, Streaming
         ),
         ({"budget": 0.2, "policy": "h2o:recent_ratio"}, "is not setting=value"),
         ({"budget": 0.2, "policy": 3}, "policy must be a Policy, a name or"),
+        ({"budget": 0.2, "kv_bits": 8, "kv_group": 48}, "kv_group=48 is not supported"),
     ],
 )
 def test_bad_config_is_rejected_with_the_value_named(kwargs, message):

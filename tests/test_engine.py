@@ -165,30 +165,35 @@ def test_decoding_stops_once_every_sequence_has_the_stop_token():
 
 
 @pytest.mark.parametrize(
-    ("policy", "bits"), [(policy, 4) for policy in UNIFORM_HEADS] + [("h2o", 8), ("window", 8)]
+    ("policy", "bits", "group"),
+    [(policy, 4, KEY_GROUP_TOKENS) for policy in UNIFORM_HEADS]
+    + [("h2o", 8, KEY_GROUP_TOKENS), ("window", 8, KEY_GROUP_TOKENS), ("h2o", 8, 16)],
 )
-def test_fast_engine_with_packed_keys_and_values_equals_simple_path(policy, bits):
+def test_fast_engine_with_packed_keys_and_values_equals_simple_path(policy, bits, group):
     """Past two residual windows, each quantized on the host between steps, with the micro-batches'
     key-group tables stacked: the same tokens kept, the same new tokens."""
     model = tiny_model("llama")
     ids, mask = left_pad(prompts([100, 85, 93], seed=1))
-    config = SqueezeConfig(0.5, short_policy(policy, window=4), "squeeze", kv_bits=bits)
-    new_tokens = 2 * KEY_GROUP_TOKENS + 12
+    config = SqueezeConfig(0.5, short_policy(policy, window=4), "squeeze", kv_bits=bits, kv_group=group)
+    new_tokens = 2 * group + 12
     simple, simple_cache, generator, fast = simple_and_fast(model, config, ids, mask, new_tokens)
     assert torch.equal(simple, fast.sequences)
     for dynamic, static in zip(simple_cache.layers, generator.cache.layers, strict=True):
         assert static.keys is None and static.packed.bits == bits
         assert_same_tokens_kept(dynamic, static, rows=3, heads=static.packed.heads)
-        assert static.packed.start == dynamic.packed.residual_start == 100 + 2 * KEY_GROUP_TOKENS
+        assert static.packed.start == dynamic.packed.residual_start == 100 + 2 * group
+        assert static.packed.residual_keys.shape[2] == group
     assert fast.stats.kv_bytes_kept == generator.cache.kv_bytes_kept()
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
-def test_bytes_per_sequence_are_what_the_fast_engine_allocates(bits):
+@pytest.mark.parametrize(
+    ("bits", "group"), [(16, KEY_GROUP_TOKENS), (8, KEY_GROUP_TOKENS), (4, KEY_GROUP_TOKENS), (8, 16)]
+)
+def test_bytes_per_sequence_are_what_the_fast_engine_allocates(bits, group):
     """The bench sizes its batches from this, before any run."""
     model = tiny_model("llama")
     ids = prompts([90, 90], seed=3)
-    config = SqueezeConfig(30, "h2o", "uniform", kv_bits=bits)
+    config = SqueezeConfig(30, "h2o", "uniform", kv_bits=bits, kv_group=group)
     generator = FastGenerator(model, config)
     generator.generate(torch.stack(ids), max_new_tokens=70, prefill_batch=1)
     expected = 2 * kv_bytes_per_sequence(model, config, 90, 70)

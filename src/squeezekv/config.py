@@ -9,7 +9,7 @@ import torch
 
 from squeezekv.allocators import Allocator, resolve_allocator
 from squeezekv.allocators.precision import PrecisionAllocator
-from squeezekv.ops.quantize import check_bits, tokens_within, window_error
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS, check_bits, check_group, tokens_within, window_error
 from squeezekv.policies import Policy, resolve_policy
 
 
@@ -38,6 +38,9 @@ class SqueezeConfig:
     (``squeeze-bits``) plans each layer's bits itself, its budget always in 16-bit bytes, and wants
     ``kv_bits`` left at 16 and runs on the simple path only; a fixed ``kv_bits`` runs on both
     engines. Quantized caches do not run with policies that give each head its own budget.
+    ``kv_group`` (16, 32, 64 or 128) is how many tokens share a key's scale and zero, and so how
+    many of the newest tokens wait unquantized: a smaller group costs more scale bytes a token and
+    a cheaper residual window, which pays at small budgets.
     """
 
     budget: float | int
@@ -45,6 +48,7 @@ class SqueezeConfig:
     allocator: Allocator | str = "squeeze"
     kv_bits: int = 16
     equal_bytes: bool = False
+    kv_group: int = KEY_GROUP_TOKENS
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -75,12 +79,18 @@ class SqueezeConfig:
         self.check_precision()
 
     def check_precision(self) -> None:
-        """Refuses a ``kv_bits`` or ``equal_bytes`` out of range, and what quantized caches cannot do."""
+        """Refuses a ``kv_bits``, ``equal_bytes`` or ``kv_group`` out of range, and what quantized caches
+        cannot do."""
         bits = self.kv_bits
         if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
             object.__setattr__(self, "kv_bits", check_bits(int(bits)))
         else:
             check_bits(bits)
+        group = self.kv_group
+        if isinstance(group, numbers.Integral) and not isinstance(group, bool):
+            object.__setattr__(self, "kv_group", check_group(int(group)))
+        else:
+            check_group(group)
         if not isinstance(self.equal_bytes, bool):
             raise ValueError(f"equal_bytes={self.equal_bytes!r} must be True or False")
         if isinstance(self.allocator, PrecisionAllocator) and self.kv_bits != 16:
@@ -110,7 +120,8 @@ class SqueezeConfig:
     ) -> SqueezeConfig:
         """A config whose policy and allocator take ``settings``, each routed to whichever of the
         two has that field (``p=0.5`` to squeeze, ``sinks=2`` to streaming)."""
-        precision = {name: settings.pop(name) for name in ("kv_bits", "equal_bytes") if name in settings}
+        names = ("kv_bits", "equal_bytes", "kv_group")
+        precision = {name: settings.pop(name) for name in names if name in settings}
         policy, allocator = resolve_policy(policy), resolve_allocator(allocator, settings)
         owners = {part: {field.name for field in fields(part)} for part in (policy, allocator)}
         unknown = [name for name in settings if not any(name in names for names in owners.values())]
@@ -137,8 +148,11 @@ class SqueezeConfig:
         return self.budget == 1.0 and self.is_fraction
 
     def to_dict(self) -> dict:
-        """JSON-able: the budget, each part's name and settings, and the precision when quantized."""
+        """JSON-able: the budget, each part's name and settings, and the precision when quantized
+        (its key group only when not the default, so that earlier records read the same)."""
         precision = {"kv_bits": self.kv_bits, "equal_bytes": self.equal_bytes} if self.plans_bits else {}
+        if self.plans_bits and self.kv_group != KEY_GROUP_TOKENS:
+            precision["kv_group"] = self.kv_group
         return {
             "budget": self.budget,
             "policy": self.policy.to_dict(),
@@ -206,13 +220,15 @@ class SqueezeConfig:
             if self.keeps_everything:
                 rows.append(caps)
             elif isinstance(self.allocator, PrecisionAllocator):
-                rows.append(self.allocator.plan_tokens(row, mean, floor, caps, head_dims))
+                rows.append(self.allocator.plan_tokens(row, mean, floor, caps, head_dims, self.kv_group))
             else:
                 if in_bytes:  # the cost is affine in the tokens: any split of the mean costs the same
                     bits = torch.tensor([float(self.kv_bits)])
-                    quantized = int(tokens_within(torch.tensor([float(mean)]), bits, head_dims))
+                    quantized = int(
+                        tokens_within(torch.tensor([float(mean)]), bits, head_dims, self.kv_group)
+                    )
                     if quantized < max(floor, 1):
-                        raise window_error(mean, self.kv_bits)
+                        raise window_error(mean, self.kv_bits, self.kv_group)
                     mean = quantized
                 rows.append(self.allocator.allocate(row, mean, floor, caps))
         return torch.stack(rows)

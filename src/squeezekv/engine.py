@@ -255,7 +255,9 @@ def kv_bytes_per_sequence(
     if config.kv_bits == 16:
         return (tokens + 1) * kv_bytes_per_token(model)
     dims = (head_dim, head_dim)
-    per_head = packed_bytes_per_head(config.kv_bits, dims, tokens + 1, tokens, new_tokens, element)
+    per_head = packed_bytes_per_head(
+        config.kv_bits, dims, tokens + 1, tokens, new_tokens, element, config.kv_group
+    )
     return layers * heads * per_head
 
 

@@ -4,7 +4,7 @@ import torch
 import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.allocators import resolve_allocator
-from squeezekv.ops.quantize import RESIDUAL_TOKENS, token_bytes
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS, token_bytes
 
 from models import left_pad, prompts, tiny_model
 
@@ -18,7 +18,7 @@ def test_precision_plan_spends_at_most_its_bytes(p):
         caps = torch.randint(30, 2000, (16,), generator=generator)
         tokens = allocator.plan_tokens(similarity, 200, 4, caps, (40, 40))
         bits = allocator.layer_bits(similarity)
-        window = RESIDUAL_TOKENS * token_bytes(16, 40, 40)  # each quantized layer's, unquantized
+        window = (KEY_GROUP_TOKENS - 1) * token_bytes(16, 40, 40)  # each quantized layer's, unquantized
         spent = sum(
             t * token_bytes(int(b), 40, 40) + window * (b < 16)
             for t, b in zip(tokens.tolist(), bits, strict=True)

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import squeezekv
 from squeezekv import SqueezeConfig
 from squeezekv.engine import FastGenerator
-from squeezekv.ops.quantize import KEY_GROUP_TOKENS, RESIDUAL_TOKENS, token_bytes
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS, token_bytes
 from squeezekv.reference import load_heldout, reference_model_path
 from squeezekv.serving.scheduler import ServingEngine
 
@@ -153,7 +153,7 @@ def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits_and_never_more_bytes(
             kept[bits, new_tokens] = session.cache.kv_bytes_kept()
     for bits in (8, 4):
         ratio = token_bytes(16, DIM, DIM) / token_bytes(bits, DIM, DIM)
-        assert (held[bits] == int((100 - RESIDUAL_TOKENS) * ratio)).all()
+        assert (held[bits] == int((100 - (KEY_GROUP_TOKENS - 1)) * ratio)).all()
         for new_tokens in (1, 30, 55):
             assert kept[bits, new_tokens] <= kept[16, new_tokens]
     assert (held[4] > held[16]).all()  # at this budget 8 bits buy fewer: the window costs most of it
@@ -161,6 +161,26 @@ def test_equal_bytes_budgets_buy_more_tokens_at_fewer_bits_and_never_more_bytes(
     refused = pytest.raises(ValueError, match="budget of 60 16-bit tokens per layer cannot hold kv_bits=4")
     with refused, squeezekv.compress(model, config):
         model(ids)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_smaller_key_group_holds_a_budget_its_window_would_take_at_64(bits):
+    """60 16-bit tokens cannot pay for a window of 63 columns, but can for one of 15: the layer
+    keeps more tokens than 16 bits do, flushes its window every 16 columns, and never holds more
+    bytes than the 16-bit cache."""
+    model = tiny_model("llama")
+    ids = prompts([200])[0][None]
+    kept, held = {}, {}
+    for stored in (16, bits):
+        config = SqueezeConfig(60, "h2o", "uniform", kv_bits=stored, equal_bytes=True, kv_group=16)
+        with squeezekv.compress(model, config, max_new_tokens=40) as session:
+            model.generate(ids, max_new_tokens=40, do_sample=False)
+        kept[stored], held[stored] = session.cache.kv_bytes_kept(), session.cache.budgets
+    assert kept[bits] <= kept[16]
+    assert (held[bits] == int(45 * token_bytes(16, DIM, DIM) / token_bytes(bits, DIM, DIM, 16))).all()
+    assert (held[bits] > held[16]).all()
+    layer = session.cache.layers[0]
+    assert layer.packed.residual_start == 200 + 32 and layer.packed.group_tokens == 16
 
 
 def unviewed_bytes(holders) -> list[tuple[str, int]]:

@@ -36,6 +36,16 @@ def test_a_16_bit_grid_records_and_keys_as_before():
     assert "kv_bits" not in to_json(config) and "equal_bytes" not in to_json(config)
     assert Cell("squeezekv", "h2o", "uniform", 0.2).key == "h2o/uniform/0.2"
     assert to_json(grid(kv_bits=(16, 8)))["kv_bits"] == [16, 8]
+    assert "kv_group" not in to_json(grid(kv_bits=(16, 8)))
+
+
+def test_a_key_group_reaches_every_quantized_cell_and_the_record():
+    config = grid(kv_bits=(16, 8), equal_bytes=True, kv_group=16)
+    assert to_json(config)["kv_group"] == 16
+    setting = config.cache_setting(config.cells()[-1])
+    assert (setting.kv_bits, setting.kv_group) == (8, 16)
+    assert setting.to_dict()["kv_group"] == 16
+    assert "kv_group" not in config.cache_setting(config.cells()[1]).to_dict()  # 16 bits: as before
 
 
 def test_bad_kv_bits_in_a_grid_are_refused_before_anything_runs():

@@ -3,6 +3,8 @@ import torch
 
 from squeezekv.ops.quantize import (
     check_bits,
+    check_group,
+    cost_in_16bit_tokens,
     dequantize_keys,
     dequantize_values,
     pack,
@@ -10,8 +12,10 @@ from squeezekv.ops.quantize import (
     quantize_values,
     token_bytes,
     tokens_per_16bit_token,
+    tokens_within,
     unpack,
     value_group,
+    window_error,
 )
 
 
@@ -60,6 +64,29 @@ def test_token_bytes_count_codes_scales_and_zeros():
     assert token_bytes(8, 40, 40) == 80 + 40 * 4 / 64 + 4
     assert token_bytes(4, 64, 64) == 64 + 64 * 4 / 64 + 4
     assert tokens_per_16bit_token(8, 128, 128) == pytest.approx(512 / 272)
+    # a key group of 16 tokens: four times the key scale bytes a token
+    assert token_bytes(8, 40, 40, group=16) == 80 + 40 * 4 / 16 + 4
+
+
+def test_a_smaller_key_group_makes_the_window_cheaper():
+    """At 76 16-bit tokens (the reference model at b = 0.1), groups of 64 leave 13 tokens' bytes
+    after their window and groups of 16 leave 61, for more tokens despite the scales."""
+    budget, bits = torch.tensor([76.0]), torch.tensor([8.0])
+    wide, narrow = tokens_within(budget, bits, (40, 40)), tokens_within(budget, bits, (40, 40), 16)
+    assert float(wide) == int(13 * 160 / token_bytes(8, 40, 40))
+    assert float(narrow) == int(61 * 160 / token_bytes(8, 40, 40, 16)) > 4 * float(wide)
+    for group, tokens in ((64, wide), (16, narrow)):  # and never cost more than the budget
+        assert float(cost_in_16bit_tokens(tokens, bits, (40, 40), group)) <= 76
+    assert "take a smaller kv_group (16, 32)" in str(window_error(60, 4, 64))
+    assert "smaller kv_group" not in str(window_error(10, 4, 16))
+
+
+@pytest.mark.parametrize("bad", [24, 0, "16", 16.0, True])
+def test_bad_key_groups_are_refused_naming_the_value_and_what_is_allowed(bad):
+    with pytest.raises(
+        ValueError, match=rf"kv_group={bad!r} is not supported; choose one of 16, 32, 64, 128"
+    ):
+        check_group(bad)
 
 
 @pytest.mark.parametrize("bad", [12, 2, 32, "8", 8.0, True])

@@ -14,10 +14,9 @@ import torch
 
 import squeezekv
 from squeezekv import SqueezeConfig
-from squeezekv.cache import quantized
 from squeezekv.cache.dynamic import SqueezeCache
 from squeezekv.cache.quantized import PackedStates
-from squeezekv.ops import common, quantized_decode
+from squeezekv.ops import common, quantize, quantized_decode
 from squeezekv.ops.prefill import prefill_attention_torch
 
 from models import left_pad, prompts, tiny_model
@@ -159,14 +158,14 @@ def test_generation_through_the_kernel_equals_the_transient_path(monkeypatch):
     model = copy.deepcopy(tiny_model("mistral")).float().to(DEVICE)  # a sliding window of 24
     ids, mask = left_pad(prompts([30, 21], seed=3))
     steps = 12
-    monkeypatch.setattr(quantized, "KEY_GROUP_TOKENS", 5)
+    monkeypatch.setattr(quantize, "KEY_GROUPS", (*quantize.KEY_GROUPS, 5))  # a group the tests alone take
     states = PackedStates.states
     transients = []
     monkeypatch.setattr(PackedStates, "states", lambda *args: transients.append(1) or states(*args))
 
     def generate() -> torch.Tensor:
         transients.clear()
-        config = SqueezeConfig(0.6, "h2o", kv_bits=8)
+        config = SqueezeConfig(0.6, "h2o", kv_bits=8, kv_group=5)
         with squeezekv.compress(model, config, max_new_tokens=steps) as session:
             tokens = model.generate(
                 ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=steps, do_sample=False

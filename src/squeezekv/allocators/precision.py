@@ -19,7 +19,7 @@ import torch
 
 from squeezekv.allocators.base import Allocator, conserve, register_allocator
 from squeezekv.allocators.squeeze import Squeeze
-from squeezekv.ops.quantize import BITS, cost_in_16bit_tokens, tokens_within, window_error
+from squeezekv.ops.quantize import BITS, KEY_GROUP_TOKENS, cost_in_16bit_tokens, tokens_within, window_error
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,10 @@ class PrecisionAllocator(Allocator):
         floor: int,
         caps: torch.Tensor,
         head_dims: tuple[int, int],
+        group: int = KEY_GROUP_TOKENS,
     ) -> torch.Tensor:
-        """Per-layer tokens whose bytes at :meth:`layer_bits` stay within ``layers * mean_budget``
-        16-bit tokens' bytes, each within ``[min(floor, cap), cap]``."""
+        """Per-layer tokens whose bytes at :meth:`layer_bits` (key groups of ``group`` tokens) stay
+        within ``layers * mean_budget`` 16-bit tokens' bytes, each within ``[min(floor, cap), cap]``."""
         similarity = similarity.double().cpu()
         bits = self.layer_bits(similarity).double()
         caps = caps.to(torch.float64).cpu()
@@ -55,12 +56,12 @@ class PrecisionAllocator(Allocator):
         budget = float(mean_budget * similarity.numel())
 
         def cost(tokens: torch.Tensor) -> torch.Tensor:
-            return cost_in_16bit_tokens(tokens, bits, head_dims)
+            return cost_in_16bit_tokens(tokens, bits, head_dims, group)
 
         if float(cost(floors).sum()) > budget:
-            raise window_error(mean_budget, int(bits.min()))
+            raise window_error(mean_budget, int(bits.min()), group)
         spent = conserve(targets, budget, cost(floors), cost(caps)).double()
-        tokens = torch.maximum(torch.minimum(tokens_within(spent, bits, head_dims), caps), floors)
+        tokens = torch.maximum(torch.minimum(tokens_within(spent, bits, head_dims, group), caps), floors)
         while float(cost(tokens).sum()) > budget + 1e-9:  # rounding overshot: trim the largest
             room = torch.where(tokens > floors, cost(tokens), -1.0)
             if float(room.max()) < 0:

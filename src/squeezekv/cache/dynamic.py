@@ -137,13 +137,16 @@ class SqueezeLayer(CacheLayerMixin):
             states = gather_slots([self.keys, self.values], [selection.chosen] * 2)
         self.keys, self.values = states
 
-    def settle(self, bits: torch.Tensor) -> None:
+    def settle(self, bits: torch.Tensor, group_tokens: int) -> None:
         """After an eviction round, with each row's ``bits`` (``[batch]``): quantizes the layer's
-        tokens the first time some row is below 16 bits, later the residual window once it is full."""
+        tokens (in key groups of ``group_tokens``) the first time some row is below 16 bits, later
+        the residual window once it is full."""
         if self.packed is not None:
             self.packed.settle(self.positions, self.valid, self.seen)
         elif self.is_initialized and not bool((bits == 16).all()):
-            self.packed = PackedStates(self.keys, self.values, self.positions, self.valid, self.seen, bits)
+            self.packed = PackedStates(
+                self.keys, self.values, self.positions, self.valid, self.seen, bits, group_tokens
+            )
             self.keys = self.values = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -448,7 +451,7 @@ class SqueezeCache(CompressedCache):
                 if isinstance(layer, SqueezeLayer) and layer.head_budgets is not None:  # heads differ: packed
                     self.layers[index] = RaggedLayer(layer, layer.head_budgets)
         for index, layer in enumerate(self.layers if self.layer_bits is not None else ()):
-            layer.settle(self.layer_bits[:, index])
+            layer.settle(self.layer_bits[:, index], self.config.kv_group)
 
     def eviction_plan(
         self, leaders: list[int], visible: list[torch.Tensor], budgets: list[torch.Tensor]

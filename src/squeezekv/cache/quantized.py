@@ -4,11 +4,12 @@ Layout (KIVI's, arXiv 2402.02750, adapted to a cache that evicts single tokens):
 
 - every slot holds packed codes for its key and its value (:mod:`squeezekv.ops.quantize`);
 - a value's float16 scale and zero are per token (per group of channels), stored with its slot;
-- a key's scale and zero are per channel, shared by a *group* of up to ``KEY_GROUP_TOKENS``
-  consecutive kept tokens of one (sequence, head); a group is a range of columns, stored as its
+- a key's scale and zero are per channel, shared by a *group* of up to ``group_tokens`` (the
+  config's ``kv_group``, 64 by default) consecutive kept tokens of one (sequence, head); a group is
+  a range of columns, stored as its
   first column, so a slot finds its group by its column (no per-slot index);
 - the newest tokens wait unquantized in a residual window, indexed by column: once
-  ``KEY_GROUP_TOKENS`` columns have arrived, the ones still kept are quantized as a new group.
+  ``group_tokens`` columns have arrived, the ones still kept are quantized as a new group.
 
 A kept token is quantized once and never again: eviction gathers codes and value scales, and drops
 the key groups none of whose tokens is left (each (sequence, head) renumbers its own groups).
@@ -61,8 +62,12 @@ class PackedRows:
     each group's first column, ascending; a head with fewer groups than the widest starts with
     unused ones (``NO_GROUP``, scale 0)."""
 
-    def __init__(self, rows: torch.Tensor, bits: int, heads: int, dims: tuple[int, int], like: torch.Tensor):
+    def __init__(
+        self, rows: torch.Tensor, bits: int, heads: int, dims: tuple[int, int], like: torch.Tensor,
+        group_tokens: int,
+    ) -> None:  # fmt: skip
         self.rows, self.bits, self.heads, self.dims = rows, bits, heads, dims
+        self.group_tokens = group_tokens
         self.dtype = like.dtype  # not a view of ``like``: it would keep its storage alive
         batch, device = rows.numel(), like.device
         self.key_codes, self.value_codes = self.slots(dims[0], 0), self.slots(dims[1], 0)
@@ -98,7 +103,7 @@ class PackedRows:
     ) -> None:  # fmt: skip
         """Quantizes the ``chosen`` slots (``[rows, heads, slots]``, all later than every group so
         far) from their full-precision ``keys`` and ``values``, as new groups of up to
-        ``KEY_GROUP_TOKENS`` tokens in column order; then keeps only the groups that some ``held``
+        ``group_tokens`` tokens in column order; then keeps only the groups that some ``held``
         slot uses."""
         mask = chosen.unsqueeze(-1)
         if self.bits == 16:
@@ -106,7 +111,7 @@ class PackedRows:
             self.value_codes = torch.where(mask, values, self.value_codes)
             return
         rank = chosen.long().cumsum(-1) - 1  # slots are in column order
-        group = torch.where(chosen, rank // KEY_GROUP_TOKENS, -1)
+        group = torch.where(chosen, rank // self.group_tokens, -1)
         count = int(group.max()) + 1 if group.numel() else 0
         if count == 0:
             return
@@ -183,12 +188,12 @@ class PackedStates:
     """The keys and values of a :class:`~squeezekv.cache.dynamic.SqueezeLayer` whose rows keep
     ``bits`` (``[batch]``: 16, 8 or 4 per sequence), packed (see the module); the layer keeps the
     columns and validity of its slots and passes them in. Built from the layer's full-precision
-    ``keys`` and ``values``, whose ``held`` slots it quantizes; its residual window starts empty
-    at column ``seen``."""
+    ``keys`` and ``values``, whose ``held`` slots it quantizes in key groups of ``group_tokens``; its
+    residual window starts empty at column ``seen``."""
 
     def __init__(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, held: torch.Tensor,
-        seen: int, bits: torch.Tensor,
+        seen: int, bits: torch.Tensor, group_tokens: int = KEY_GROUP_TOKENS,
     ) -> None:  # fmt: skip
         self.dtype, self.heads = keys.dtype, keys.shape[1]
         self.dims = (keys.shape[-1], values.shape[-1])
@@ -196,11 +201,13 @@ class PackedStates:
             raise ValueError(
                 f"kv_bits=4 packs two channels a byte and needs even head sizes, not {self.dims}"
             )
-        self.residual_start = seen
+        self.residual_start, self.group_tokens = seen, group_tokens
         self.residual_keys, self.residual_values = empty_window(keys), empty_window(values)
         bits = bits.to(keys.device)
         self.parts = [
-            PackedRows(torch.nonzero(bits == value).view(-1), value, self.heads, self.dims, keys)
+            PackedRows(
+                torch.nonzero(bits == value).view(-1), value, self.heads, self.dims, keys, group_tokens
+            )
             for value in sorted(set(bits.tolist()))
         ]
         for part in self.parts:
@@ -272,8 +279,8 @@ class PackedStates:
             part.keep(chosen[part.rows])
 
     def settle(self, positions: torch.Tensor, valid: torch.Tensor, seen: int) -> None:
-        """Quantizes the residual window's kept tokens once ``KEY_GROUP_TOKENS`` columns have arrived."""
-        if seen - self.residual_start < KEY_GROUP_TOKENS:
+        """Quantizes the residual window's kept tokens once ``group_tokens`` columns have arrived."""
+        if seen - self.residual_start < self.group_tokens:
             return
         columns, held = self.per_head(positions), self.per_head(valid)
         keys = residual_laid_out(self.residual_keys, columns, self.residual_start)
@@ -290,10 +297,10 @@ class PackedStates:
         return unquantized_bytes(batch, self.heads, seen, self.dims, self.dtype)
 
 
-def table_groups(prefilled_groups: int, new_columns: int) -> int:
+def table_groups(prefilled_groups: int, new_columns: int, group_tokens: int) -> int:
     """Entries of a :class:`StaticPackedStates` key-group table: the prefilled groups, then one per
     residual window ``new_columns`` columns can flush (and one for a window already part full)."""
-    return prefilled_groups + -(-new_columns // KEY_GROUP_TOKENS) + 1
+    return prefilled_groups + -(-new_columns // group_tokens) + 1
 
 
 def group_index_dtype(groups: int) -> torch.dtype:
@@ -302,16 +309,17 @@ def group_index_dtype(groups: int) -> torch.dtype:
 
 
 def packed_bytes_per_head(
-    bits: int, dims: tuple[int, int], slots: int, prefilled_tokens: int, new_columns: int, element: int
-) -> int:
+    bits: int, dims: tuple[int, int], slots: int, prefilled_tokens: int, new_columns: int, element: int,
+    group_tokens: int,
+) -> int:  # fmt: skip
     """Bytes one (sequence, head) takes in a :class:`StaticPackedStates` of ``slots`` slots whose
-    ``prefilled_tokens`` were quantized at once (their groups of ``KEY_GROUP_TOKENS``), for a
-    decode of ``new_columns`` columns, with model states of ``element`` bytes."""
+    ``prefilled_tokens`` were quantized at once (their groups of ``group_tokens``), for a decode of
+    ``new_columns`` columns, with model states of ``element`` bytes."""
     scale = SCALE_DTYPE.itemsize
-    groups = table_groups(-(-prefilled_tokens // KEY_GROUP_TOKENS), new_columns)
+    groups = table_groups(-(-prefilled_tokens // group_tokens), new_columns, group_tokens)
     group_index = group_index_dtype(groups).itemsize
     slot = sum(dims) * bits // 8 + 2 * scale * (dims[1] // value_group(dims[1])) + group_index
-    return slots * slot + groups * 2 * scale * dims[0] + KEY_GROUP_TOKENS * sum(dims) * element
+    return slots * slot + groups * 2 * scale * dims[0] + group_tokens * sum(dims) * element
 
 
 class StaticPackedStates:
@@ -324,7 +332,7 @@ class StaticPackedStates:
     - a table of key scales and zeros: the prefilled rows' groups (right-aligned, as
       :class:`PackedRows` keeps them), then one entry for each residual window the decode will
       quantize, sized at build from its new columns and never compacted;
-    - the residual window, ``KEY_GROUP_TOKENS`` columns, column ``c`` at row ``c - residual_start``.
+    - the residual window, ``group_tokens`` columns, column ``c`` at row ``c - residual_start``.
 
     A decode step writes the new token into the window (:meth:`write`) and attends over codes and
     window (:meth:`decode_attention`), reading the window's start from the device. Between steps,
@@ -339,9 +347,12 @@ class StaticPackedStates:
         each one's slot columns) into buffers of ``slots`` slots."""
         if any(len(part.parts) != 1 for part in parts) or len({part.parts[0].bits for part in parts}) > 1:
             raise ValueError("the fast engine stores every sequence of a layer at one precision")
-        if len({part.residual_start for part in parts}) > 1:
-            raise ValueError("micro-batches of one decode batch must have seen the same columns")
+        if len({(part.residual_start, part.group_tokens) for part in parts}) > 1:
+            raise ValueError(
+                "micro-batches of one decode batch must have seen the same columns in one key group size"
+            )
         first = parts[0]
+        self.group_tokens = first.group_tokens
         self.bits, self.dtype = first.parts[0].bits, first.dtype
         self.heads, self.dims = first.heads, first.dims
         self.start = first.residual_start  # on the host; the device's copy is residual_start
@@ -349,7 +360,7 @@ class StaticPackedStates:
         batch = sum(part.parts[0].rows.numel() for part in parts)
         prefilled = max(part.parts[0].group_start.shape[-1] for part in parts)
         self.next_group = prefilled
-        groups = table_groups(prefilled, new_columns)
+        groups = table_groups(prefilled, new_columns, self.group_tokens)
         self.key_codes, self.value_codes = (
             torch.zeros(batch, self.heads, slots, dim * self.bits // 8, dtype=torch.uint8, device=device)
             for dim in self.dims
@@ -362,7 +373,7 @@ class StaticPackedStates:
         self.key_zero = torch.zeros_like(self.key_scale)
         group_dtype = group_index_dtype(groups)
         self.key_group = torch.zeros(batch, self.heads, slots, dtype=group_dtype, device=device)
-        window = (batch, self.heads, KEY_GROUP_TOKENS)
+        window = (batch, self.heads, self.group_tokens)
         self.residual_keys = first.residual_keys.new_zeros(*window, self.dims[0])
         self.residual_values = first.residual_values.new_zeros(*window, self.dims[1])
         self.residual_start = torch.tensor([self.start], device=device)
@@ -412,9 +423,9 @@ class StaticPackedStates:
         )  # fmt: skip
 
     def settle(self, positions: torch.Tensor, valid: torch.Tensor, seen: int) -> None:
-        """Quantizes the window's kept tokens as the next key group once ``KEY_GROUP_TOKENS`` columns
+        """Quantizes the window's kept tokens as the next key group once ``group_tokens`` columns
         have arrived (``seen``: the columns so far), in place."""
-        if seen - self.start < KEY_GROUP_TOKENS:
+        if seen - self.start < self.group_tokens:
             return
         if self.next_group == self.key_scale.shape[2]:
             raise RuntimeError(

@@ -7,10 +7,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from squeezekv.loading import DEVICES
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS
 
 BUDGET_HELP = "a fraction of the prompt in (0, 1] (e.g. 0.2), or whole tokens per layer (e.g. 512)"
 KV_BITS_HELP = (
     "key-value precision: 16 (the model's dtype, default), 8 or 4 (packed codes; the simple path only)"
+)
+KV_GROUP_HELP = (
+    "tokens sharing a key scale when quantized, also the residual window's unquantized columns: 16, "
+    "32, 64 (default) or 128; a smaller group costs more scale bytes and a cheaper window"
 )
 EQUAL_BYTES_HELP = (
     "the budget counts 16-bit tokens' bytes: a quantized cache keeps as many tokens as fit in them "
@@ -111,6 +116,7 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kv-bits", type=int, default=16, help=KV_BITS_HELP)
     parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
+    parser.add_argument("--kv-group", type=int, default=KEY_GROUP_TOKENS, help=KV_GROUP_HELP)
     for setting, (kind, owners) in setting_flags().items():
         parser.add_argument(
             f"--{setting.replace('_', '-')}", dest=setting, type=kind, help=f"setting of {', '.join(owners)}"
@@ -138,6 +144,7 @@ def config_from(args: argparse.Namespace):
         allocator=args.allocator,
         kv_bits=args.kv_bits,
         equal_bytes=args.equal_bytes,
+        kv_group=args.kv_group,
         **settings,
     )
 

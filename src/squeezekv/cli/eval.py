@@ -7,6 +7,7 @@ import sys
 
 from squeezekv.cli.common import (
     EQUAL_BYTES_HELP,
+    KV_GROUP_HELP,
     add_model_arguments,
     budgets,
     model_name,
@@ -16,6 +17,7 @@ from squeezekv.cli.common import (
 )
 from squeezekv.evaluation.decoding import ENGINES
 from squeezekv.loading import load_model, resolve_device
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS
 
 DEFAULT_POLICIES = "window,streaming,h2o,snapkv"
 DEFAULT_ALLOCATORS = "uniform,squeeze,pyramid"
@@ -51,6 +53,7 @@ def add_parser(commands) -> None:
         help="comma-separated key-value precisions, a grid axis: 16 (default), 8, 4",
     )
     parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
+    parser.add_argument("--kv-group", type=int, default=KEY_GROUP_TOKENS, help=KV_GROUP_HELP)
     parser.add_argument(
         "--quantized-cache",
         help="comma-separated bits (2, 4): also run transformers' QuantizedCache (quanto backend, every "
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> None:
         peer_python=args.peer_python,
         kv_bits=numbers(args.kv_bits, int),
         equal_bytes=args.equal_bytes,
+        kv_group=args.kv_group,
         quantized_cache=numbers(args.quantized_cache, int) or (),
     )
     if not args.no_progress:  # what the bar will count, before the model loads

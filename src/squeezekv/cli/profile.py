@@ -10,6 +10,7 @@ from pathlib import Path
 from squeezekv.cli.common import (
     EQUAL_BYTES_HELP,
     KV_BITS_HELP,
+    KV_GROUP_HELP,
     add_model_arguments,
     budgets,
     read_prompt,
@@ -17,6 +18,7 @@ from squeezekv.cli.common import (
 )
 from squeezekv.cli.eval import DEFAULT_ALLOCATORS
 from squeezekv.loading import load_model, resolve_device
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS
 
 
 def add_parser(commands) -> None:
@@ -49,6 +51,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--policy", default="window", help="its floor bounds budgets; similarity ignores it")
     parser.add_argument("--kv-bits", type=int, default=16, help=KV_BITS_HELP)
     parser.add_argument("--equal-bytes", action="store_true", help=EQUAL_BYTES_HELP)
+    parser.add_argument("--kv-group", type=int, default=KEY_GROUP_TOKENS, help=KV_GROUP_HELP)
     parser.add_argument(
         "--allocators", default=DEFAULT_ALLOCATORS, help="comma-separated names or specs (squeeze:p=0.5)"
     )
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> None:
         allocator="uniform",
         kv_bits=args.kv_bits,
         equal_bytes=args.equal_bytes,
+        kv_group=args.kv_group,
     )
     if args.context < 2:
         raise ValueError(f"--context {args.context} must be >= 2")

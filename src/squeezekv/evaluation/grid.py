@@ -13,6 +13,7 @@ from squeezekv.allocators.precision import PrecisionAllocator
 from squeezekv.engine import check_fast_engine
 from squeezekv.evaluation.decoding import QuantizedFullCache
 from squeezekv.evaluation.tasks import TaskOptions
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS
 
 FULL = "full"
 OWN = "squeezekv"
@@ -74,8 +75,9 @@ class EvalConfig:
     ``kv_bits`` is a grid axis (every policy × allocator × budget at each precision; an allocator
     that plans bits itself, such as ``squeeze-bits``, gets one cell per budget). With
     ``equal_bytes`` every budget counts 16-bit tokens' bytes, so quantized cells keep more tokens
-    (:class:`~squeezekv.SqueezeConfig`). ``quantized_cache``: the bits of transformers'
-    ``QuantizedCache`` cells, the peer of ``kv_bits`` (every token kept at 2 or 4 bits).
+    (:class:`~squeezekv.SqueezeConfig`); ``kv_group`` is every quantized cell's key group (and
+    residual window). ``quantized_cache``: the bits of transformers' ``QuantizedCache`` cells, the
+    peer of ``kv_bits`` (every token kept at 2 or 4 bits).
     """
 
     task: str
@@ -93,6 +95,7 @@ class EvalConfig:
     peer_python: str | None = None
     kv_bits: tuple[int, ...] = (16,)
     equal_bytes: bool = False
+    kv_group: int = KEY_GROUP_TOKENS
     quantized_cache: tuple[int, ...] = ()
 
     RUNTIME: ClassVar[tuple[str, ...]] = ("limit", "device", "batch_size", "peer_python")
@@ -138,8 +141,9 @@ class EvalConfig:
     ) -> SqueezeConfig:
         """``policy`` and ``allocator`` are names or specs (``squeeze:p=0.5``)."""
         return SqueezeConfig(
-            budget=budget, policy=policy, allocator=allocator, kv_bits=kv_bits, equal_bytes=self.equal_bytes
-        )
+            budget=budget, policy=policy, allocator=allocator, kv_bits=kv_bits, equal_bytes=self.equal_bytes,
+            kv_group=self.kv_group,
+        )  # fmt: skip
 
     def identity(self) -> dict:
         """The fields that decide what a run measures (JSON-shaped, for comparing with a stored run)."""
@@ -156,6 +160,8 @@ def to_json(config: EvalConfig) -> dict:
         del record["kv_bits"]
     if not record["equal_bytes"]:
         del record["equal_bytes"]
+    if record["kv_group"] == KEY_GROUP_TOKENS:
+        del record["kv_group"]
     if not record["quantized_cache"]:
         del record["quantized_cache"]
     return record

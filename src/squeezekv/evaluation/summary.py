@@ -16,6 +16,7 @@ import numpy as np
 from squeezekv.evaluation.grid import FULL, OWN, Cell, EvalConfig, plans_bits
 from squeezekv.evaluation.metrics import paired_bootstrap
 from squeezekv.evaluation.tasks import Task
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,8 @@ def precision_note(config: EvalConfig) -> list[str]:
         else "budgets count tokens at any precision, so quantized cells hold fewer bytes"
     )
     note = f"- key-value precision: {bits} bits (rows marked × 8-bit, × 4-bit; unmarked: 16); {unit}"
+    if config.kv_group != KEY_GROUP_TOKENS:
+        note += f"; key groups (and residual windows) of {config.kv_group} tokens"
     return [note, *(peer if config.quantized_cache else [])]
 
 

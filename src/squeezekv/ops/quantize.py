@@ -1,7 +1,8 @@
 """Integer codes for cached keys and values, in KIVI's layout (arXiv 2402.02750), and what they cost.
 
 Keys vary most across channels (a few channels carry large values), so a key's scale and zero are
-per channel, shared by a group of up to :data:`KEY_GROUP_TOKENS` consecutive kept tokens; values
+per channel, shared by a group of up to ``group`` consecutive kept tokens (``kv_group``, 64 by
+default; the newest tokens wait unquantized until a group's columns have arrived); values
 vary most across tokens, so a value's scale and zero are per token, over groups of
 :func:`value_group` channels. Codes are asymmetric and unsigned (``x ≈ code * scale + zero``),
 scales and zeros float16, and 4-bit codes are packed two to a byte (the even channel in the low
@@ -18,8 +19,8 @@ from __future__ import annotations
 import torch
 
 BITS = (16, 8, 4)
-KEY_GROUP_TOKENS = 64  # tokens sharing a key scale and zero per channel; also the residual window
-RESIDUAL_TOKENS = KEY_GROUP_TOKENS - 1  # the most a layer holds unquantized, waiting for its group
+KEY_GROUP_TOKENS = 64  # the default key group (tokens sharing a key scale and zero per channel)
+KEY_GROUPS = (16, 32, 64, 128)  # the key groups a cache may take; each is also its residual window
 VALUE_GROUP_LIMIT = 64  # the widest channel group sharing a value scale and zero
 SCALE_DTYPE = torch.float16
 
@@ -31,59 +32,74 @@ def check_bits(bits: object) -> int:
     return bits
 
 
+def check_group(group: object) -> int:
+    """``group`` (tokens a key group) as an int, or a ValueError naming the value and what is allowed."""
+    if isinstance(group, bool) or not isinstance(group, int) or group not in KEY_GROUPS:
+        raise ValueError(
+            f"kv_group={group!r} is not supported; choose one of {', '.join(map(str, KEY_GROUPS))} "
+            "(tokens sharing a key scale, also the residual window's columns)"
+        )
+    return group
+
+
 def value_group(dim: int) -> int:
     """The channels sharing a value's scale and zero: the largest divisor of ``dim`` up to
     :data:`VALUE_GROUP_LIMIT` (40 for a head of 40, 64 for 128)."""
     return max(size for size in range(1, min(dim, VALUE_GROUP_LIMIT) + 1) if dim % size == 0)
 
 
-def token_bytes(bits: int, key_dim: int, value_dim: int) -> float:
+def token_bytes(bits: int, key_dim: int, value_dim: int, group: int = KEY_GROUP_TOKENS) -> float:
     """Bytes one quantized token costs per key-value head at ``bits``, scales and zeros included
-    (a key group's are shared by :data:`KEY_GROUP_TOKENS` tokens); 16 bits is two bytes an element.
-    Each group's first column (4 bytes) is left out: under 0.1 % of a group."""
+    (a key group's are shared by ``group`` tokens); 16 bits is two bytes an element. Each group's
+    first column (4 bytes) is left out: under 0.4 % of a group of 16."""
     if bits == 16:
         return 2.0 * (key_dim + value_dim)
     scale_bytes = 2 * torch.finfo(SCALE_DTYPE).bits // 8  # a scale and a zero
-    keys = key_dim * bits / 8 + key_dim * scale_bytes / KEY_GROUP_TOKENS
+    keys = key_dim * bits / 8 + key_dim * scale_bytes / group
     values = value_dim * bits / 8 + value_dim // value_group(value_dim) * scale_bytes
     return keys + values
 
 
-def tokens_per_16bit_token(bits: int, key_dim: int, value_dim: int) -> float:
+def tokens_per_16bit_token(bits: int, key_dim: int, value_dim: int, group: int = KEY_GROUP_TOKENS) -> float:
     """How many quantized tokens at ``bits`` cost what one 16-bit token costs (1.85 at 8 bits and
-    3.44 at 4 for heads of 40; 1.88 and 3.56 for heads of 64 or 128)."""
-    return token_bytes(16, key_dim, value_dim) / token_bytes(bits, key_dim, value_dim)
+    3.44 at 4 for heads of 40 in groups of 64; 1.88 and 3.56 for heads of 64 or 128)."""
+    return token_bytes(16, key_dim, value_dim) / token_bytes(bits, key_dim, value_dim, group)
 
 
 def cost_in_16bit_tokens(
-    tokens: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int]
+    tokens: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int], group: int = KEY_GROUP_TOKENS
 ) -> torch.Tensor:
     """The most that layers holding ``tokens`` at ``bits`` (float64 tensors of one shape) can cost,
-    in 16-bit tokens: every slot's codes and scales, plus a residual window of up to
-    :data:`RESIDUAL_TOKENS` columns waiting unquantized (their slots hold empty codes meanwhile, and a
-    column evicted from the window keeps its bytes until the window is flushed)."""
-    return torch.where(bits == 16, tokens, tokens / ratios(bits, head_dims) + RESIDUAL_TOKENS)
+    in 16-bit tokens: every slot's codes and scales, plus a residual window of up to ``group - 1``
+    columns waiting unquantized (their slots hold empty codes meanwhile, and a column evicted from
+    the window keeps its bytes until the window is flushed)."""
+    return torch.where(bits == 16, tokens, tokens / ratios(bits, head_dims, group) + (group - 1))
 
 
-def tokens_within(budget: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int]) -> torch.Tensor:
+def tokens_within(
+    budget: torch.Tensor, bits: torch.Tensor, head_dims: tuple[int, int], group: int = KEY_GROUP_TOKENS
+) -> torch.Tensor:
     """The most tokens at ``bits`` whose :func:`cost_in_16bit_tokens` stays within ``budget``
     16-bit tokens (float64 tensors of one shape; whole tokens as float64, below 1 where the residual
     window alone takes the budget)."""
-    quantized = (budget - RESIDUAL_TOKENS) * ratios(bits, head_dims)
+    quantized = (budget - (group - 1)) * ratios(bits, head_dims, group)
     return torch.floor(torch.where(bits == 16, budget, quantized) + 1e-9)
 
 
-def ratios(bits: torch.Tensor, head_dims: tuple[int, int]) -> torch.Tensor:
+def ratios(bits: torch.Tensor, head_dims: tuple[int, int], group: int = KEY_GROUP_TOKENS) -> torch.Tensor:
     """:func:`tokens_per_16bit_token` of every entry of ``bits`` (float64, the shape of ``bits``)."""
-    flat = [tokens_per_16bit_token(int(b), *head_dims) for b in bits.flatten().tolist()]
+    flat = [tokens_per_16bit_token(int(b), *head_dims, group) for b in bits.flatten().tolist()]
     return torch.tensor(flat, dtype=torch.float64).view(bits.shape)
 
 
-def window_error(budget: float, bits: int) -> ValueError:
+def window_error(budget: float, bits: int, group: int = KEY_GROUP_TOKENS) -> ValueError:
     """The one error for an equal-bytes budget that cannot pay for a quantized layer's window."""
+    smaller = [g for g in KEY_GROUPS if g < group]
     return ValueError(
         f"a budget of {budget:g} 16-bit tokens per layer cannot hold kv_bits={bits}: its residual window "
-        f"alone may take {RESIDUAL_TOKENS} unquantized tokens; raise the budget or leave kv_bits at 16"
+        f"alone may take {group - 1} unquantized tokens; raise the budget"
+        + (f", take a smaller kv_group ({', '.join(map(str, smaller))})" if smaller else "")
+        + " or leave kv_bits at 16"
     )
 
 
