@@ -14,21 +14,26 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # every policy unquantized; packed codes in float64 (eager attention: the kernel's torch twin) and in
 # float32 (the Triton kernel), past two residual windows quantized on the host between graph replays
-CASES = [(policy, 16, torch.float64) for policy in sorted(squeezekv.POLICIES)] + [
-    (policy, bits, dtype)
-    for policy, bits in (("h2o", 8), ("window", 4), ("snapkv", 4))
-    for dtype in (torch.float64, torch.float32)
-]
+# (key groups of 64; and h2o at 8 bits in groups of 16, so that nine windows are quantized)
+CASES = (
+    [(policy, 16, torch.float64, 64) for policy in sorted(squeezekv.POLICIES)]
+    + [
+        (policy, bits, dtype, 64)
+        for policy, bits in (("h2o", 8), ("window", 4), ("snapkv", 4))
+        for dtype in (torch.float64, torch.float32)
+    ]
+    + [("h2o", 8, torch.float32, 16)]
+)
 
 
-@pytest.mark.parametrize(("policy", "bits", "dtype"), CASES)
-def test_graphed_decode_equals_simple_path_on_the_gpu(policy, bits, dtype):
+@pytest.mark.parametrize(("policy", "bits", "dtype", "group"), CASES)
+def test_graphed_decode_equals_simple_path_on_the_gpu(policy, bits, dtype, group):
     """float64 where slot order must not flip a greedy tie between the paths."""
     model = tiny_model("llama", "eager" if dtype == torch.float64 else "sdpa").to("cuda", dtype)
     ids, mask = left_pad(prompts([60, 41, 52], seed=7))
     ids, mask = ids.cuda(), mask.cuda()
     budget, new_tokens = (0.3, 24) if bits == 16 else (0.5, 150)
-    config = SqueezeConfig(budget, short_policy(policy, window=8), "squeeze", kv_bits=bits)
+    config = SqueezeConfig(budget, short_policy(policy, window=8), "squeeze", kv_bits=bits, kv_group=group)
     try:
         simple = squeezekv.generate(
             model, ids, config, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False
@@ -41,7 +46,7 @@ def test_graphed_decode_equals_simple_path_on_the_gpu(policy, bits, dtype):
     assert torch.equal(simple.stats.layer_tokens_held, fast.stats.layer_tokens_held)
     assert generator.steady_step_seconds is not None
     if bits < 16:
-        assert generator.cache.layers[0].packed.start == 60 + 2 * 64
+        assert generator.cache.layers[0].packed.start == 60 + (new_tokens - 1) // group * group
 
 
 def test_h2o_decode_equals_simple_path_with_three_query_heads_per_key_head():

@@ -18,6 +18,7 @@ from squeezekv.cache.dynamic import SqueezeCache
 from squeezekv.cache.quantized import PackedStates
 from squeezekv.ops import common, quantize, quantized_decode
 from squeezekv.ops.prefill import prefill_attention_torch
+from squeezekv.ops.quantize import KEY_GROUP_TOKENS
 
 from models import left_pad, prompts, tiny_model
 
@@ -31,10 +32,11 @@ needs_gpu = pytest.mark.skipif(
 
 def quantized_layer(
     bits: list[int], group: int, per_head: bool, seed: int, prompt: int = 150, dtype=torch.float32,
-    dim: int = DIM,
+    dim: int = DIM, key_group: int = KEY_GROUP_TOKENS,
 ):  # fmt: skip
     """A layer of ``len(bits)`` rows quantized after a ``prompt`` of which about 70 % is kept (each
-    head its own columns when ``per_head``: heads get different numbers of key groups), then 6
+    head its own columns when ``per_head``: heads get different numbers of key groups of
+    ``key_group`` tokens), then 6
     decode tokens waiting in the residual window (one of them evicted); a query at the last column.
     Returns the query, the packed states and the layer's positions, validity and query column."""
     generator = torch.Generator().manual_seed(seed)
@@ -52,7 +54,9 @@ def quantized_layer(
     valid = valid.to(DEVICE)
     prompt_positions, prompt_valid = positions[..., :prompt], valid[..., :prompt]
     keys = states(prompt, torch.linspace(0.5, 4, dim))  # channels of different ranges
-    packed = PackedStates(keys, states(prompt), prompt_positions, prompt_valid, prompt, torch.tensor(bits))
+    packed = PackedStates(
+        keys, states(prompt), prompt_positions, prompt_valid, prompt, torch.tensor(bits), key_group
+    )
     packed.store(states(new), states(new))
     query = torch.randn(batch, KV_HEADS * group, 1, dim, generator=generator).to(DEVICE, dtype)
     return query, packed, positions, valid, prompt + new - 1
@@ -205,22 +209,23 @@ def test_the_column_and_the_window_start_may_be_device_tensors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA pass needs a GPU")
 @pytest.mark.parametrize(
-    ("dtype", "dim", "per_head", "window", "mass", "prompt"),
+    ("dtype", "dim", "per_head", "window", "mass", "prompt", "key_group"),
     [
-        (torch.bfloat16, 128, False, None, "added", 150),
-        (torch.bfloat16, 128, True, 40, "returned", quantized_decode.DECODE_CHUNK + 40),
-        (torch.float16, 64, True, None, "returned", quantized_decode.DECODE_CHUNK + 40),
-        (torch.float16, 64, False, 40, "none", 150),
+        (torch.bfloat16, 128, False, None, "added", 150, KEY_GROUP_TOKENS),
+        (torch.bfloat16, 128, True, 40, "returned", quantized_decode.DECODE_CHUNK + 40, KEY_GROUP_TOKENS),
+        (torch.float16, 64, True, None, "returned", quantized_decode.DECODE_CHUNK + 40, KEY_GROUP_TOKENS),
+        (torch.float16, 64, False, 40, "none", 150, KEY_GROUP_TOKENS),
+        (torch.bfloat16, 128, True, None, "returned", quantized_decode.DECODE_CHUNK + 40, 16),
     ],
 )
 def test_the_cuda_pass_matches_the_triton_pass_and_the_twin(
-    monkeypatch, dtype, dim, per_head, window, mass, prompt
+    monkeypatch, dtype, dim, per_head, window, mass, prompt, key_group
 ):
     """8 bits, one query head a key head: the CUDA first pass serves the call, and gives what the
     Triton pass and the torch twin (in float32 over the same codes) give, within float16 rounding;
-    split over chunks, with the residual window, a sliding window and the mass."""
+    split over chunks, with the residual window, a sliding window, the mass, and key groups of 16."""
     query, packed, positions, valid, column = quantized_layer(
-        [8, 8], 1, per_head, seed=dim, prompt=prompt, dtype=dtype, dim=dim
+        [8, 8], 1, per_head, seed=dim, prompt=prompt, dtype=dtype, dim=dim, key_group=key_group
     )
     codes, residual_keys, residual_values, start = arguments(packed, positions)
     start_at, column_at = (torch.tensor([value], device=DEVICE) for value in (start, column))
