@@ -6,8 +6,8 @@ Layout (KIVI's, arXiv 2402.02750, adapted to a cache that evicts single tokens):
 - a value's float16 scale and zero are per token (per group of channels), stored with its slot;
 - a key's scale and zero are per channel, shared by a *group* of up to ``group_tokens`` (the
   config's ``kv_group``, 64 by default) consecutive kept tokens of one (sequence, head); a group is
-  a range of columns, stored as its
-  first column, so a slot finds its group by its column (no per-slot index);
+  a range of columns, stored as its first column, so a slot finds its group by its column (no
+  per-slot index);
 - the newest tokens wait unquantized in a residual window, indexed by column: once
   ``group_tokens`` columns have arrived, the ones still kept are quantized as a new group.
 
