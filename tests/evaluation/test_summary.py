@@ -83,6 +83,24 @@ def precision_grid(changed: dict[tuple[str, int], list[float]] | None = None) ->
     return markdown(config, task, summaries, samples, records, len(samples))
 
 
+def test_a_grid_of_fewer_bits_alone_is_summarized_without_16_bit_comparisons():
+    """``--kv-bits 8,4`` runs no 16-bit cell: the summary has its tables, and no comparison that
+    would need one (this once failed with a KeyError after the first batch)."""
+    config = EvalConfig(
+        "passkey", "m", (0.2,), ("h2o",), ("uniform", "squeeze"), kv_bits=(8, 4), equal_bytes=True
+    )
+    samples = [f"s{i}" for i in range(6)]
+    records = {
+        (sample, cell.key): {"metrics": {"accuracy": float(i % 2)}, "kv_tokens": 1.0}
+        for cell in config.cells()
+        for i, sample in enumerate(samples)
+    }
+    task = task_named("passkey", TaskOptions())
+    text = markdown(config, task, summarize(task, config.cells(), samples, records), samples, records, 6)
+    assert "| h2o × uniform × 8-bit |" in text and "| h2o × squeeze × 4-bit |" in text
+    assert "16-bit" not in text.split("### accuracy")[1] and " vs " not in text
+
+
 def best_mix_row(changed: dict[tuple[str, int], list[float]] | None = None) -> str:
     text = precision_grid(changed)
     return text.split("### best fewer-bit cell vs best 16-bit cell")[1].splitlines()[4]

@@ -285,14 +285,15 @@ def markdown(
         lines += share_of_full(config, task, summaries, samples, records)
     lines += ["### KV tokens held per layer (mean, end of run)", ""]
     lines += [*table(config, summaries, lambda s, _: f"{s.kv_tokens:.1f}"), ""]
-    baselines = [base for base in BASELINES if base in config.allocators]
+    sixteen = 16 in config.kv_bits  # a grid of fewer bits alone has no 16-bit cell to compare with
+    baselines = [base for base in BASELINES if base in config.allocators] if sixteen else []
     for rank, base in enumerate(baselines):
         for allocator in config.allocators:
             if allocator not in baselines[: rank + 1]:
                 ours = (allocator, allocator, 16)
                 lines += versus(config, task, samples, records, ours, (base, base, 16))
     if config.equal_bytes:  # fewer bits, more tokens, against 16 bits at the same bytes
-        for allocator in config.allocators:
+        for allocator in config.allocators if sixteen else ():
             if plans_bits(allocator):
                 continue
             full_precision = (f"16-bit {allocator}", allocator, 16)
@@ -300,6 +301,6 @@ def markdown(
                 if bits != 16:
                     quantized = (f"{bits}-bit {allocator}", allocator, bits)
                     lines += versus(config, task, samples, records, quantized, full_precision)
-        if len(config.kv_bits) > 1 or any(plans_bits(allocator) for allocator in config.allocators):
+        if sixteen and (len(config.kv_bits) > 1 or any(plans_bits(a) for a in config.allocators)):
             lines += best_mix(config, task, summaries, samples, records)
     return "\n".join(lines)
