@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -81,16 +82,8 @@ class SqueezeConfig:
     def check_precision(self) -> None:
         """Refuses a ``kv_bits``, ``equal_bytes`` or ``kv_group`` out of range, and what quantized caches
         cannot do."""
-        bits = self.kv_bits
-        if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
-            object.__setattr__(self, "kv_bits", check_bits(int(bits)))
-        else:
-            check_bits(bits)
-        group = self.kv_group
-        if isinstance(group, numbers.Integral) and not isinstance(group, bool):
-            object.__setattr__(self, "kv_group", check_group(int(group)))
-        else:
-            check_group(group)
+        object.__setattr__(self, "kv_bits", integral(self.kv_bits, check_bits))
+        object.__setattr__(self, "kv_group", integral(self.kv_group, check_group))
         if not isinstance(self.equal_bytes, bool):
             raise ValueError(f"equal_bytes={self.equal_bytes!r} must be True or False")
         if isinstance(self.allocator, PrecisionAllocator) and self.kv_bits != 16:
@@ -240,3 +233,10 @@ class SqueezeConfig:
         if isinstance(self.allocator, PrecisionAllocator):
             return torch.stack([self.allocator.layer_bits(row.double().cpu()) for row in similarity])
         return torch.full(similarity.shape, self.kv_bits, dtype=torch.int64)
+
+
+def integral(value: object, check: Callable[[object], int]) -> int:
+    """``value`` through ``check`` (which names it in its error), a NumPy integer as a Python one."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return check(int(value))
+    return check(value)

@@ -62,12 +62,8 @@ class PackedRows:
     each group's first column, ascending; a head with fewer groups than the widest starts with
     unused ones (``NO_GROUP``, scale 0)."""
 
-    def __init__(
-        self, rows: torch.Tensor, bits: int, heads: int, dims: tuple[int, int], like: torch.Tensor,
-        group_tokens: int,
-    ) -> None:  # fmt: skip
+    def __init__(self, rows: torch.Tensor, bits: int, heads: int, dims: tuple[int, int], like: torch.Tensor):
         self.rows, self.bits, self.heads, self.dims = rows, bits, heads, dims
-        self.group_tokens = group_tokens
         self.dtype = like.dtype  # not a view of ``like``: it would keep its storage alive
         batch, device = rows.numel(), like.device
         self.key_codes, self.value_codes = self.slots(dims[0], 0), self.slots(dims[1], 0)
@@ -99,7 +95,7 @@ class PackedRows:
 
     def quantize(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, chosen: torch.Tensor,
-        held: torch.Tensor,
+        held: torch.Tensor, group_tokens: int,
     ) -> None:  # fmt: skip
         """Quantizes the ``chosen`` slots (``[rows, heads, slots]``, all later than every group so
         far) from their full-precision ``keys`` and ``values``, as new groups of up to
@@ -111,7 +107,7 @@ class PackedRows:
             self.value_codes = torch.where(mask, values, self.value_codes)
             return
         rank = chosen.long().cumsum(-1) - 1  # slots are in column order
-        group = torch.where(chosen, rank // self.group_tokens, -1)
+        group = torch.where(chosen, rank // group_tokens, -1)
         count = int(group.max()) + 1 if group.numel() else 0
         if count == 0:
             return
@@ -205,9 +201,7 @@ class PackedStates:
         self.residual_keys, self.residual_values = empty_window(keys), empty_window(values)
         bits = bits.to(keys.device)
         self.parts = [
-            PackedRows(
-                torch.nonzero(bits == value).view(-1), value, self.heads, self.dims, keys, group_tokens
-            )
+            PackedRows(torch.nonzero(bits == value).view(-1), value, self.heads, self.dims, keys)
             for value in sorted(set(bits.tolist()))
         ]
         for part in self.parts:
@@ -225,7 +219,9 @@ class PackedStates:
         """Quantizes the ``chosen`` slots, then drops the key groups no ``held`` slot uses."""
         for part in self.parts:
             rows = part.rows
-            part.quantize(keys[rows], values[rows], columns[rows], chosen[rows], held[rows])
+            part.quantize(
+                keys[rows], values[rows], columns[rows], chosen[rows], held[rows], self.group_tokens
+            )
 
     def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The new tokens wait in the residual window; their slots get empty codes."""
