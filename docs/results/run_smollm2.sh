@@ -129,3 +129,36 @@ for limit in 330 660 1100; do
         --budgets 0.1,0.2 --policies h2o,snapkv --allocators "uniform,squeeze,pyramid,oracle:profile=$sensitivity" \
         --limit "$limit" >/dev/null
 done
+# 11. key groups (and residual windows) of 16 tokens at equal bytes (issue 18), on the fast engine:
+#     every policy x allocator x bits on the tuning samples, shuffled with random.Random(0) like the
+#     seed-1 file (TUNE_SHUFFLED) and grown in steps so that a cut run holds one random subset; the best
+#     16-bit and the best fewer-bit cell by mean score there; those two reported on the held-out
+#     samples, then transformers' QuantizedCache (optimum-quanto, the quanto extra) added beside them
+tune_shuffled=${TUNE_SHUFFLED:-ruler4k-seed2-shuffled.jsonl}
+group16() {
+    python3 -m squeezekv.cli eval --model "$model" --dtype bfloat16 --device cuda --task ruler --engine fast \
+        --batch-size 256 --budgets 0.2 --equal-bytes --kv-group 16 --no-progress "$@" >/dev/null
+}
+tuning=$out/smollm2-ruler4k-tuning-bits-group16
+for limit in 110 220 330; do
+    group16 --samples-file "$tune_shuffled" --limit "$limit" --out "$tuning" --kv-bits 16,8,4 \
+        --policies h2o,snapkv,chunkkv:chunk=40 --allocators uniform,squeeze,pyramid
+done
+read -r policies allocators kv_bits < <(python3 - "$tuning/results.jsonl" <<'EOF_PY'
+import collections, json, sys
+
+scores = collections.defaultdict(list)
+for line in open(sys.argv[1], encoding="utf-8"):
+    record = json.loads(line)
+    if record["method"] == "squeezekv":
+        scores[record["policy"], record["allocator"], record.get("kv_bits", 16)].append(record["metrics"]["score"])
+mean = {cell: sum(values) / len(values) for cell, values in scores.items()}
+best16 = max((cell for cell in mean if cell[2] == 16), key=mean.get)
+fewer = max((cell for cell in mean if cell[2] < 16), key=mean.get)
+print(",".join(dict.fromkeys([best16[0], fewer[0]])), ",".join(dict.fromkeys([best16[1], fewer[1]])), f"16,{fewer[2]}")
+EOF_PY
+)
+for limit in 550 1100; do
+    group16 --samples-file "$samples" --limit "$limit" --out "$out/smollm2-ruler4k-bits-group16" \
+        --policies "$policies" --allocators "$allocators" --kv-bits "$kv_bits" --quantized-cache 4,2
+done
